@@ -1,0 +1,557 @@
+//! The configuration file: parsed and validated here, once, so that the rest of the agent works
+//! only with values that are known to be good. Errors name the file, line and key, on one line.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The configuration used when no file exists: the Raspberry Pi at `rpi.local`.
+pub const EMBEDDED_DEFAULT: &str = r#"[[host]]
+name = "rpi"
+hostname = "rpi.local"
+"#;
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub hosts: Vec<HostConfig>,
+    pub probe: ProbeSettings,
+}
+
+/// One host to follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostConfig {
+    /// `[a-z0-9-]`, unique; names the D-Bus object and the default target.
+    pub name: String,
+    /// The mDNS name, without the trailing dot (`rpi.local`).
+    pub hostname: String,
+    /// The systemd user unit kept started while the host is reachable.
+    pub target: String,
+    /// When set, the host is reachable only if this TCP port accepts a connection.
+    pub port: Option<u16>,
+    /// When not empty, the host is reachable only while one of these NetworkManager connection
+    /// UUIDs is active.
+    pub connections: Vec<String>,
+}
+
+impl HostConfig {
+    /// The hostname as mdns-sd wants it, with the trailing dot.
+    pub fn fqdn(&self) -> String {
+        format!("{}.", self.hostname)
+    }
+
+    /// The user manager's environment variable that carries the resolved address:
+    /// `REACHD_<NAME>_ADDRESS`, the name upper-cased with `-` as `_`.
+    pub fn address_variable(&self) -> String {
+        format!(
+            "REACHD_{}_ADDRESS",
+            self.name.to_ascii_uppercase().replace('-', "_")
+        )
+    }
+}
+
+/// How hosts are checked. Every field has a default; see README.md for the reasoning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeSettings {
+    /// How often a reachable host is checked again.
+    pub present_interval: Duration,
+    /// Consecutive failed checks before a reachable host is declared unreachable.
+    pub failures: u32,
+    /// The deadline of one check (mDNS answer, then TCP connect).
+    pub timeout: Duration,
+    /// How often an unreachable host is checked again at first.
+    pub absent_interval: Duration,
+    /// The longest interval between checks of a host that stays unreachable.
+    pub absent_max_interval: Duration,
+}
+
+impl Default for ProbeSettings {
+    fn default() -> Self {
+        ProbeSettings {
+            present_interval: Duration::from_millis(3000),
+            failures: 2,
+            timeout: Duration::from_millis(1000),
+            absent_interval: Duration::from_millis(2000),
+            absent_max_interval: Duration::from_millis(60_000),
+        }
+    }
+}
+
+/// A configuration error, already located: `FILE:LINE:COLUMN: key `K`: message`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{location}: {message}")]
+    Invalid { location: Location, message: String },
+}
+
+/// Where in which file an error is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.column)
+    }
+}
+
+/// Where the configuration comes from, for messages and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Embedded,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(path) => write!(f, "{}", path.display()),
+            Source::Embedded => f.write_str("the embedded default configuration"),
+        }
+    }
+}
+
+/// The default file: `$XDG_CONFIG_HOME/reachd/config.toml`, or `~/.config/reachd/config.toml`.
+pub fn default_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")))?;
+    Some(base.join("reachd").join("config.toml"))
+}
+
+/// Loads the configuration: an explicit path must exist; without one, the default file is used
+/// if it exists, else the embedded default.
+pub fn load(explicit: Option<&Path>) -> Result<(Config, Source), ConfigError> {
+    let path = match explicit {
+        Some(path) => path.to_path_buf(),
+        None => match default_path().filter(|p| p.exists()) {
+            Some(path) => path,
+            None => return Ok((parse(EMBEDDED_DEFAULT, "<embedded>")?, Source::Embedded)),
+        },
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let config = parse(&text, &path.display().to_string())?;
+    Ok((config, Source::File(path)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    host: Vec<Spanned<RawHost>>,
+    probe: Option<RawProbe>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    name: Spanned<String>,
+    hostname: Spanned<String>,
+    target: Option<Spanned<String>>,
+    port: Option<Spanned<u16>>,
+    #[serde(default)]
+    connections: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    present_interval_ms: Option<Spanned<u64>>,
+    failures: Option<Spanned<u32>>,
+    timeout_ms: Option<Spanned<u64>>,
+    absent_interval_ms: Option<Spanned<u64>>,
+    absent_max_interval_ms: Option<Spanned<u64>>,
+}
+
+/// Parses and validates configuration text; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let at = |span: Range<usize>, message: String| ConfigError::Invalid {
+        location: locate(text, file, span.start),
+        message,
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|err| {
+        // toml's own message is several lines with a source excerpt; keep it to one line.
+        at(
+            err.span().unwrap_or(0..0),
+            err.message().trim().replace('\n', " "),
+        )
+    })?;
+
+    if raw.host.is_empty() {
+        return Err(at(
+            0..0,
+            "no [[host]] configured: add at least one host (see README.md)".into(),
+        ));
+    }
+    let mut hosts: Vec<HostConfig> = Vec::with_capacity(raw.host.len());
+    for spanned in raw.host {
+        let raw = spanned.into_inner();
+        let name_span = raw.name.span();
+        let target_span = raw.target.as_ref().map_or(name_span.clone(), Spanned::span);
+        let host = validate_host(raw, |span, message| at(span, message))?;
+        if hosts.iter().any(|h| h.name == host.name) {
+            return Err(at(
+                name_span,
+                format!("key `name`: duplicate host name {:?}", host.name),
+            ));
+        }
+        if let Some(other) = hosts.iter().find(|h| h.target == host.target) {
+            return Err(at(
+                target_span,
+                format!(
+                    "key `target`: {:?} is already the target of host {:?}",
+                    host.target, other.name
+                ),
+            ));
+        }
+        hosts.push(host);
+    }
+    let probe = match raw.probe {
+        Some(raw) => validate_probe(raw, |span, message| at(span, message))?,
+        None => ProbeSettings::default(),
+    };
+    Ok(Config { hosts, probe })
+}
+
+fn validate_host(
+    raw: RawHost,
+    at: impl Fn(Range<usize>, String) -> ConfigError,
+) -> Result<HostConfig, ConfigError> {
+    let name = raw.name.get_ref();
+    if !is_host_name(name) {
+        return Err(at(
+            raw.name.span(),
+            format!(
+                "key `name`: {name:?} must be 1 to 32 characters of a-z, 0-9 and -, not starting or ending with -"
+            ),
+        ));
+    }
+    let hostname = raw.hostname.get_ref().trim_end_matches('.').to_string();
+    if !is_mdns_hostname(&hostname) {
+        return Err(at(
+            raw.hostname.span(),
+            format!(
+                "key `hostname`: {:?} is not an mDNS name: it must end in .local (e.g. \"rpi.local\")",
+                raw.hostname.get_ref()
+            ),
+        ));
+    }
+    let target = match raw.target {
+        Some(target) => {
+            if !is_target_name(target.get_ref()) {
+                return Err(at(
+                    target.span(),
+                    format!(
+                        "key `target`: {:?} must be a systemd unit name ending in .target",
+                        target.get_ref()
+                    ),
+                ));
+            }
+            target.into_inner()
+        }
+        None => format!("{name}-accessible.target"),
+    };
+    let port = match raw.port {
+        Some(port) if *port.get_ref() == 0 => {
+            return Err(at(
+                port.span(),
+                "key `port`: must be from 1 to 65535".into(),
+            ))
+        }
+        other => other.map(Spanned::into_inner),
+    };
+    let mut connections = Vec::with_capacity(raw.connections.len());
+    for uuid in raw.connections {
+        if !is_uuid(uuid.get_ref()) {
+            return Err(at(
+                uuid.span(),
+                format!(
+                    "key `connections`: {:?} is not a NetworkManager connection UUID (see `nmcli -f NAME,UUID connection`)",
+                    uuid.get_ref()
+                ),
+            ));
+        }
+        connections.push(uuid.into_inner().to_ascii_lowercase());
+    }
+    Ok(HostConfig {
+        name: raw.name.into_inner(),
+        hostname,
+        target,
+        port,
+        connections,
+    })
+}
+
+fn validate_probe(
+    raw: RawProbe,
+    at: impl Fn(Range<usize>, String) -> ConfigError,
+) -> Result<ProbeSettings, ConfigError> {
+    let defaults = ProbeSettings::default();
+    let millis = |value: Option<Spanned<u64>>,
+                  key: &str,
+                  range: Range<u64>,
+                  default: Duration|
+     -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) if range.contains(v.get_ref()) => Ok(Duration::from_millis(*v.get_ref())),
+            Some(v) => Err(at(
+                v.span(),
+                format!(
+                    "key `{key}`: must be from {} to {} milliseconds",
+                    range.start,
+                    range.end - 1
+                ),
+            )),
+        }
+    };
+    let settings = ProbeSettings {
+        present_interval: millis(
+            raw.present_interval_ms,
+            "present_interval_ms",
+            100..3_600_001,
+            defaults.present_interval,
+        )?,
+        timeout: millis(raw.timeout_ms, "timeout_ms", 10..60_001, defaults.timeout)?,
+        absent_interval: millis(
+            raw.absent_interval_ms,
+            "absent_interval_ms",
+            100..3_600_001,
+            defaults.absent_interval,
+        )?,
+        absent_max_interval: millis(
+            raw.absent_max_interval_ms,
+            "absent_max_interval_ms",
+            100..86_400_001,
+            defaults.absent_max_interval,
+        )?,
+        failures: match raw.failures {
+            None => defaults.failures,
+            Some(v) if (1..=100).contains(v.get_ref()) => *v.get_ref(),
+            Some(v) => return Err(at(v.span(), "key `failures`: must be from 1 to 100".into())),
+        },
+    };
+    if settings.absent_max_interval < settings.absent_interval {
+        return Err(at(
+            0..0,
+            "key `absent_max_interval_ms`: must not be less than absent_interval_ms".into(),
+        ));
+    }
+    Ok(settings)
+}
+
+fn locate(text: &str, file: &str, offset: usize) -> Location {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    Location {
+        file: file.to_string(),
+        line,
+        column,
+    }
+}
+
+fn is_host_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+fn is_mdns_hostname(hostname: &str) -> bool {
+    let Some(stem) = hostname.strip_suffix(".local") else {
+        return false;
+    };
+    hostname.len() <= 253
+        && !stem.is_empty()
+        && stem.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+fn is_target_name(unit: &str) -> bool {
+    unit.strip_suffix(".target").is_some_and(|stem| {
+        !stem.is_empty()
+            && unit.len() <= 255
+            && stem
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
+    })
+}
+
+fn is_uuid(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, len)| g.len() == len && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(text: &str) -> String {
+        parse(text, "config.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn embedded_default_is_the_pi() {
+        let config = parse(EMBEDDED_DEFAULT, "<embedded>").unwrap();
+        assert_eq!(
+            config.hosts,
+            vec![HostConfig {
+                name: "rpi".into(),
+                hostname: "rpi.local".into(),
+                target: "rpi-accessible.target".into(),
+                port: None,
+                connections: vec![],
+            }]
+        );
+        assert_eq!(config.probe, ProbeSettings::default());
+        assert_eq!(config.hosts[0].fqdn(), "rpi.local.");
+        assert_eq!(config.hosts[0].address_variable(), "REACHD_RPI_ADDRESS");
+    }
+
+    #[test]
+    fn full_host_and_probe_settings() {
+        let config = parse(
+            r#"
+[probe]
+present_interval_ms = 5000
+failures = 3
+timeout_ms = 500
+absent_interval_ms = 1000
+absent_max_interval_ms = 10000
+
+[[host]]
+name = "nas-2"
+hostname = "nas.local."
+target = "storage.target"
+port = 22
+connections = ["0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0"]
+"#,
+            "c.toml",
+        )
+        .unwrap();
+        let host = &config.hosts[0];
+        assert_eq!(host.hostname, "nas.local");
+        assert_eq!(host.target, "storage.target");
+        assert_eq!(host.port, Some(22));
+        assert_eq!(host.connections, ["0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"]);
+        assert_eq!(host.address_variable(), "REACHD_NAS_2_ADDRESS");
+        assert_eq!(config.probe.failures, 3);
+        assert_eq!(config.probe.timeout, Duration::from_millis(500));
+        assert_eq!(config.probe.absent_max_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let msg = error("[[host]]\nname = \"rpi\"\nhostnme = \"rpi.local\"\n");
+        assert!(msg.starts_with("config.toml:3:1: "), "{msg}");
+        assert!(msg.contains("hostnme"), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_their_line() {
+        let cases = [
+            (
+                "[[host]]\nname = \"Rpi\"\nhostname = \"rpi.local\"\n",
+                "2:8",
+                "`name`",
+            ),
+            (
+                "[[host]]\nname = \"rpi\"\nhostname = \"rpi.lan\"\n",
+                "3:12",
+                "`hostname`",
+            ),
+            (
+                "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\ntarget = \"rpi.service\"\n",
+                "4:10",
+                "`target`",
+            ),
+            (
+                "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\nport = 0\n",
+                "4:8",
+                "`port`",
+            ),
+            (
+                "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\nconnections = [\"home\"]\n",
+                "4:16",
+                "`connections`",
+            ),
+            (
+                "[probe]\nfailures = 0\n[[host]]\nname = \"a\"\nhostname = \"a.local\"\n",
+                "2:12",
+                "`failures`",
+            ),
+            (
+                "[probe]\ntimeout_ms = 5\n[[host]]\nname = \"a\"\nhostname = \"a.local\"\n",
+                "2:14",
+                "`timeout_ms`",
+            ),
+        ];
+        for (text, place, key) in cases {
+            let msg = error(text);
+            assert!(
+                msg.starts_with(&format!("config.toml:{place}: key {key}")),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicates_and_empty_configs_are_rejected() {
+        let msg = error(
+            "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n[[host]]\nname = \"rpi\"\nhostname = \"b.local\"\n",
+        );
+        assert!(msg.contains("duplicate host name \"rpi\""), "{msg}");
+        assert!(msg.starts_with("config.toml:5:8: "), "{msg}");
+        let msg = error(
+            "[[host]]\nname = \"a\"\nhostname = \"a.local\"\ntarget = \"t.target\"\n[[host]]\nname = \"b\"\nhostname = \"b.local\"\ntarget = \"t.target\"\n",
+        );
+        assert!(msg.contains("already the target of host \"a\""), "{msg}");
+        assert!(error("").contains("no [[host]] configured"));
+    }
+
+    #[test]
+    fn type_errors_stay_on_one_line() {
+        let msg = error("[[host]]\nname = 3\nhostname = \"rpi.local\"\n");
+        assert!(msg.starts_with("config.toml:2:8: "), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let err = load(Some(Path::new("/nonexistent/reachd.toml"))).unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("cannot read /nonexistent/reachd.toml"));
+    }
+}

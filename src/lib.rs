@@ -1,0 +1,10 @@
+//! reachd keeps a systemd user target started exactly while a LAN host is reachable: it follows
+//! NetworkManager, finds the host by mDNS, checks that it answers, and starts or stops the
+//! target through the user manager, publishing what it holds on the session bus.
+//!
+//! The shape: I/O at the edges ([`network`], [`probe`], [`units`], [`status`]), a pure core in
+//! the middle ([`reconcile`]), and [`agent`] as the loop that joins them.
+
+pub mod address;
+pub mod config;
+pub mod reconcile;

@@ -1,0 +1,679 @@
+//! The decisions, and nothing else: plain functions on plain data, no I/O, no async, the clock
+//! passed in. Every event only says "look again"; these functions compare what is with what
+//! should be, so a burst of events costs one decision per host and a lost event is repaired by
+//! the next one. The agent feeds them and carries out what they return.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::address::HostAddress;
+use crate::config::{HostConfig, ProbeSettings};
+
+/// How long a host that was just lost (or a network that just came up) is re-checked at the
+/// fast `absent_interval` before the interval starts doubling towards `absent_max_interval`.
+pub const ABSENT_FAST_PERIOD: Duration = Duration::from_secs(120);
+/// How long to wait for mDNS to find a host that has no known address before calling it
+/// unreachable, after the network comes up.
+pub const RESOLVE_GRACE: Duration = Duration::from_secs(3);
+/// How soon a failed check of a reachable host is repeated, before it counts as lost.
+pub const RETRY_DELAY: Duration = Duration::from_millis(500);
+/// How long after a failed job the same job is tried again (when still wanted).
+pub const JOB_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// What NetworkManager says, reduced to what decisions need.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NetworkView {
+    /// NetworkManager's State is 50, 60 or 70 (connected local, site or global). On a LAN
+    /// without internet it stays at 50 or 60, so 70 is never required.
+    pub connected: bool,
+    /// UUIDs of the connections in state "activated", lower case.
+    pub active_uuids: BTreeSet<String>,
+}
+
+impl NetworkView {
+    /// Whether this network may carry the host, and if not, why.
+    pub fn verdict(&self, host: &HostConfig) -> Result<(), String> {
+        if !self.connected {
+            return Err("network disconnected".into());
+        }
+        if !host.connections.is_empty()
+            && !host
+                .connections
+                .iter()
+                .any(|u| self.active_uuids.contains(u))
+        {
+            return Err("not on one of the host's configured connections".into());
+        }
+        Ok(())
+    }
+}
+
+/// What reachd holds about a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    Unknown,
+    Reachable,
+    Unreachable,
+}
+
+impl Reach {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reach::Unknown => "unknown",
+            Reach::Reachable => "reachable",
+            Reach::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// The outcome of one check of a host, as the probe reports it.
+pub type CheckOutcome = Result<HostAddress, String>;
+
+/// A change of a host's reachability, for the log and the status objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub from: Reach,
+    pub to: Reach,
+    pub reason: String,
+}
+
+/// What the agent must do for a host now.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// Start a check against these addresses (empty: none known; the check fails at once).
+    pub check: Option<Vec<HostAddress>>,
+    /// Call `plan` again no later than this.
+    pub wake: Option<Instant>,
+}
+
+/// The decision state of one host.
+#[derive(Debug, Clone)]
+pub struct HostTracker {
+    pub reach: Reach,
+    /// The address that answered the last successful check.
+    pub address: Option<HostAddress>,
+    pub reason: String,
+    /// When `reach` last changed.
+    pub since: Instant,
+    /// Addresses mDNS currently reports for the host.
+    mdns_addresses: BTreeSet<HostAddress>,
+    /// Whether the network may carry the host (see [`NetworkView::verdict`]).
+    network_ok: bool,
+    /// When the network last became usable for this host.
+    network_since: Instant,
+    /// Failed checks in a row while reachable.
+    failures: u32,
+    /// A goodbye or a network change casts doubt: the next failed check is final.
+    suspect: bool,
+    /// When the next check is due (None: none scheduled).
+    check_due: Option<Instant>,
+    /// Set while a check runs; its result is only accepted with a matching epoch.
+    check_running: bool,
+    /// Bumped when the network changes, so that results of checks started before are dropped.
+    epoch: u64,
+    /// The current interval between checks of an unreachable host, and since when it is absent.
+    absent_interval: Duration,
+    absent_since: Instant,
+}
+
+impl HostTracker {
+    pub fn new(now: Instant) -> Self {
+        HostTracker {
+            reach: Reach::Unknown,
+            address: None,
+            reason: "starting".into(),
+            since: now,
+            mdns_addresses: BTreeSet::new(),
+            network_ok: false,
+            network_since: now,
+            failures: 0,
+            suspect: false,
+            check_due: None,
+            check_running: false,
+            epoch: 0,
+            absent_interval: Duration::ZERO,
+            absent_since: now,
+        }
+    }
+
+    /// The epoch to tag a check with when starting it.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The addresses a check should try: what mDNS reports, and the last address that answered
+    /// (mDNS keeps stale records for their TTL and forgets a host that stopped answering; the
+    /// last address is where a returning host most likely is).
+    pub fn candidates(&self) -> Vec<HostAddress> {
+        let mut all = self.mdns_addresses.clone();
+        all.extend(self.address.clone());
+        all.into_iter().collect()
+    }
+
+    /// NetworkManager's view changed (or was read for the first time).
+    pub fn on_network(&mut self, verdict: Result<(), String>, now: Instant) -> Option<Transition> {
+        self.epoch += 1;
+        self.check_running = false;
+        self.failures = 0;
+        match verdict {
+            Err(reason) => {
+                self.network_ok = false;
+                self.check_due = None;
+                self.suspect = false;
+                self.set(Reach::Unreachable, reason, now)
+            }
+            Ok(()) => {
+                if !self.network_ok {
+                    self.network_since = now;
+                    self.absent_since = now;
+                    self.absent_interval = Duration::ZERO;
+                }
+                self.network_ok = true;
+                // Whatever was true on the old network must be confirmed on this one.
+                self.suspect = self.reach == Reach::Reachable;
+                self.check_due = Some(now);
+                None
+            }
+        }
+    }
+
+    /// mDNS reported new addresses for the host.
+    pub fn on_addresses_found(
+        &mut self,
+        found: impl IntoIterator<Item = HostAddress>,
+        now: Instant,
+    ) {
+        let before = self.mdns_addresses.len();
+        self.mdns_addresses.extend(found);
+        if self.mdns_addresses.len() != before && self.reach != Reach::Reachable {
+            self.check_due = Some(now);
+        }
+    }
+
+    /// mDNS reported addresses gone: a goodbye packet or the end of their TTL.
+    pub fn on_addresses_removed(&mut self, removed: &[HostAddress], now: Instant) {
+        for address in removed {
+            self.mdns_addresses.remove(address);
+        }
+        if self.reach == Reach::Reachable
+            && self.address.as_ref().is_some_and(|a| removed.contains(a))
+        {
+            self.suspect = true;
+            self.check_due = Some(now);
+        }
+    }
+
+    /// Someone asked to look again now (`reachd refresh`, the dispatcher hook).
+    pub fn on_refresh(&mut self, now: Instant) {
+        if self.network_ok {
+            self.check_due = Some(now);
+        }
+    }
+
+    /// A check finished. Results of checks started before the last network change are dropped.
+    pub fn on_check(
+        &mut self,
+        epoch: u64,
+        outcome: CheckOutcome,
+        settings: &ProbeSettings,
+        now: Instant,
+    ) -> Option<Transition> {
+        if epoch != self.epoch || !self.check_running {
+            return None;
+        }
+        self.check_running = false;
+        match outcome {
+            Ok(address) => {
+                self.failures = 0;
+                self.suspect = false;
+                self.absent_interval = Duration::ZERO;
+                self.check_due = Some(now + settings.present_interval);
+                let reason = format!("answered at {address}");
+                self.address = Some(address);
+                self.set(Reach::Reachable, reason, now)
+            }
+            Err(reason) => {
+                if self.reach == Reach::Reachable {
+                    self.failures += 1;
+                    if !self.suspect && self.failures < settings.failures {
+                        self.check_due = Some(now + RETRY_DELAY);
+                        return None;
+                    }
+                    self.absent_since = now;
+                    self.absent_interval = Duration::ZERO;
+                }
+                self.failures = 0;
+                self.suspect = false;
+                self.check_due = Some(now + self.next_absent_interval(settings, now));
+                self.set(Reach::Unreachable, reason, now)
+            }
+        }
+    }
+
+    /// Whether a check should start now, and when to look again.
+    pub fn plan(&mut self, now: Instant) -> Plan {
+        if !self.network_ok || self.check_running {
+            return Plan::default();
+        }
+        let mut due = self.check_due;
+        if self.reach == Reach::Unknown && self.mdns_addresses.is_empty() && self.address.is_none()
+        {
+            // Give mDNS a moment to find the host before calling it unreachable.
+            due = due.map(|d| d.max(self.network_since + RESOLVE_GRACE));
+        }
+        match due {
+            Some(due) if due <= now => {
+                self.check_due = None;
+                self.check_running = true;
+                Plan {
+                    check: Some(self.candidates()),
+                    wake: None,
+                }
+            }
+            wake => Plan { check: None, wake },
+        }
+    }
+
+    /// The unit state reachd wants for the host's target.
+    pub fn wants_target(&self) -> bool {
+        self.reach == Reach::Reachable
+    }
+
+    fn next_absent_interval(&mut self, settings: &ProbeSettings, now: Instant) -> Duration {
+        self.absent_interval = if now.duration_since(self.absent_since) < ABSENT_FAST_PERIOD
+            || self.absent_interval.is_zero()
+        {
+            settings.absent_interval
+        } else {
+            (self.absent_interval * 2).min(settings.absent_max_interval)
+        };
+        self.absent_interval
+    }
+
+    fn set(&mut self, to: Reach, reason: String, now: Instant) -> Option<Transition> {
+        let from = self.reach;
+        self.reason = reason.clone();
+        if from == to {
+            return None;
+        }
+        self.reach = to;
+        self.since = now;
+        Some(Transition { from, to, reason })
+    }
+}
+
+/// A unit's state as systemd reports it, reduced to what decisions need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitState {
+    /// Not read yet.
+    Unknown,
+    NotFound,
+    Inactive,
+    Activating,
+    Active,
+    Deactivating,
+    Failed,
+}
+
+impl UnitState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnitState::Unknown => "unknown",
+            UnitState::NotFound => "not-found",
+            UnitState::Inactive => "inactive",
+            UnitState::Activating => "activating",
+            UnitState::Active => "active",
+            UnitState::Deactivating => "deactivating",
+            UnitState::Failed => "failed",
+        }
+    }
+}
+
+/// The two jobs reachd sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    Start,
+    Stop,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Start => "start",
+            JobKind::Stop => "stop",
+        }
+    }
+}
+
+/// What reachd knows about a host's target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetView {
+    pub state: UnitState,
+    /// The job reachd sent and is waiting for.
+    pub job_running: Option<JobKind>,
+    /// The last job that did not succeed, and when it ended.
+    pub last_failure: Option<(JobKind, Instant)>,
+}
+
+impl TargetView {
+    pub fn new() -> Self {
+        TargetView {
+            state: UnitState::Unknown,
+            job_running: None,
+            last_failure: None,
+        }
+    }
+}
+
+impl Default for TargetView {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The job to send so that the target matches `want_active`, if any; else when to look again
+/// (a failed job is retried after [`JOB_RETRY_DELAY`]). No job is sent while one runs, while the
+/// unit's state is unknown, or when the unit is already where it should be.
+pub fn target_action(
+    want_active: bool,
+    target: &TargetView,
+    now: Instant,
+) -> (Option<JobKind>, Option<Instant>) {
+    use UnitState::*;
+    if target.job_running.is_some() || target.state == Unknown {
+        return (None, None);
+    }
+    let job = match (want_active, target.state) {
+        (true, Activating | Active) => return (None, None),
+        (true, _) => JobKind::Start,
+        (false, Active | Activating) => JobKind::Stop,
+        (false, _) => return (None, None),
+    };
+    match target.last_failure {
+        Some((failed, at)) if failed == job && now < at + JOB_RETRY_DELAY => {
+            (None, Some(at + JOB_RETRY_DELAY))
+        }
+        _ => (Some(job), None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(connections: &[&str]) -> HostConfig {
+        HostConfig {
+            name: "rpi".into(),
+            hostname: "rpi.local".into(),
+            target: "rpi-accessible.target".into(),
+            port: None,
+            connections: connections.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn pi() -> HostAddress {
+        HostAddress::v4("192.0.2.10".parse().unwrap())
+    }
+
+    fn connected() -> NetworkView {
+        NetworkView {
+            connected: true,
+            active_uuids: ["aaaa".to_string()].into(),
+        }
+    }
+
+    /// A tracker on a connected network with the Pi's address known from mDNS.
+    fn tracker_with_pi(now: Instant) -> HostTracker {
+        let mut t = HostTracker::new(now);
+        t.on_network(Ok(()), now);
+        t.on_addresses_found([pi()], now);
+        t
+    }
+
+    /// Runs the check the plan asks for, with `outcome`.
+    fn check(t: &mut HostTracker, outcome: CheckOutcome, now: Instant) -> Option<Transition> {
+        let plan = t.plan(now);
+        assert!(plan.check.is_some(), "a check was due at {now:?}: {plan:?}");
+        t.on_check(t.epoch(), outcome, &ProbeSettings::default(), now)
+    }
+
+    #[test]
+    fn verdict_needs_connected_and_an_allowed_connection() {
+        let mut net = NetworkView::default();
+        assert!(net.verdict(&host(&[])).is_err());
+        net.connected = true;
+        assert!(net.verdict(&host(&[])).is_ok());
+        assert!(net.verdict(&host(&["bbbb"])).is_err());
+        net.active_uuids.insert("bbbb".into());
+        assert!(net.verdict(&host(&["bbbb"])).is_ok());
+    }
+
+    #[test]
+    fn first_success_makes_reachable() {
+        let t0 = Instant::now();
+        let mut t = tracker_with_pi(t0);
+        let plan = t.plan(t0);
+        assert_eq!(plan.check, Some(vec![pi()]));
+        let tr = t
+            .on_check(t.epoch(), Ok(pi()), &ProbeSettings::default(), t0)
+            .unwrap();
+        assert_eq!((tr.from, tr.to), (Reach::Unknown, Reach::Reachable));
+        assert!(t.wants_target());
+        assert_eq!(t.address, Some(pi()));
+        // Checked again after the present interval, not before.
+        assert_eq!(
+            t.plan(t0 + Duration::from_secs(1)).wake,
+            Some(t0 + Duration::from_secs(3))
+        );
+    }
+
+    #[test]
+    fn disconnect_is_unreachable_at_once_without_a_check() {
+        let t0 = Instant::now();
+        let mut t = tracker_with_pi(t0);
+        check(&mut t, Ok(pi()), t0);
+        let tr = t
+            .on_network(Err("network disconnected".into()), t0)
+            .unwrap();
+        assert_eq!(tr.to, Reach::Unreachable);
+        assert_eq!(t.plan(t0 + Duration::from_secs(100)), Plan::default());
+        assert!(!t.wants_target());
+    }
+
+    #[test]
+    fn a_check_started_before_a_network_change_is_ignored() {
+        let t0 = Instant::now();
+        let mut t = tracker_with_pi(t0);
+        assert!(t.plan(t0).check.is_some());
+        let old = t.epoch();
+        t.on_network(Err("network disconnected".into()), t0);
+        assert_eq!(
+            t.on_check(old, Ok(pi()), &ProbeSettings::default(), t0),
+            None
+        );
+        assert_eq!(t.reach, Reach::Unreachable);
+    }
+
+    #[test]
+    fn vanishing_host_is_lost_after_the_configured_failures_within_ten_seconds() {
+        let settings = ProbeSettings::default();
+        let t0 = Instant::now();
+        let mut t = tracker_with_pi(t0);
+        check(&mut t, Ok(pi()), t0);
+        // The host dies just after t0; run the schedule, each check taking the full timeout.
+        let mut now = t0;
+        let lost_at = loop {
+            let wake = t.plan(now).wake.expect("a reachable host is re-checked");
+            now = wake;
+            assert!(t.plan(now).check.is_some());
+            now += settings.timeout;
+            if let Some(tr) = t.on_check(t.epoch(), Err("no answer".into()), &settings, now) {
+                assert_eq!(tr.to, Reach::Unreachable);
+                break now;
+            }
+        };
+        assert!(
+            lost_at - t0 <= Duration::from_secs(10),
+            "lost after {:?}",
+            lost_at - t0
+        );
+        assert!(
+            lost_at - t0 >= settings.present_interval,
+            "one failure is not enough"
+        );
+    }
+
+    #[test]
+    fn goodbye_confirmed_by_one_failed_check_is_final() {
+        let t0 = Instant::now();
+        let mut t = tracker_with_pi(t0);
+        check(&mut t, Ok(pi()), t0);
+        t.on_addresses_removed(&[pi()], t0);
+        let tr = check(&mut t, Err("no answer".into()), t0).unwrap();
+        assert_eq!(tr.to, Reach::Unreachable);
+        // The last address stays a candidate for the host's return.
+        assert_eq!(t.candidates(), vec![pi()]);
+    }
+
+    #[test]
+    fn goodbye_contradicted_by_a_check_changes_nothing() {
+        let t0 = Instant::now();
+        let mut t = tracker_with_pi(t0);
+        check(&mut t, Ok(pi()), t0);
+        t.on_addresses_removed(&[pi()], t0);
+        assert_eq!(check(&mut t, Ok(pi()), t0), None);
+        assert_eq!(t.reach, Reach::Reachable);
+    }
+
+    #[test]
+    fn absent_host_is_rechecked_fast_then_with_backoff() {
+        let settings = ProbeSettings::default();
+        let t0 = Instant::now();
+        let mut t = tracker_with_pi(t0);
+        check(&mut t, Err("no answer".into()), t0);
+        assert_eq!(t.reach, Reach::Unreachable);
+        let mut now = t0;
+        let mut intervals = vec![];
+        for _ in 0..80 {
+            let wake = t.plan(now).wake.unwrap();
+            intervals.push(wake - now);
+            now = wake;
+            assert!(t.plan(now).check.is_some());
+            assert_eq!(
+                t.on_check(t.epoch(), Err("no answer".into()), &settings, now),
+                None
+            );
+        }
+        // Fast for the first two minutes: a returning host is seen within absent_interval.
+        assert!(intervals[..50]
+            .iter()
+            .all(|i| *i == settings.absent_interval));
+        // Then doubling up to the cap, so idle cost falls towards zero.
+        assert_eq!(*intervals.last().unwrap(), settings.absent_max_interval);
+        assert!(intervals.windows(2).all(|w| w[1] >= w[0]));
+        // And it comes back at the first success.
+        now += Duration::from_secs(1);
+        t.on_refresh(now);
+        assert_eq!(check(&mut t, Ok(pi()), now).unwrap().to, Reach::Reachable);
+    }
+
+    #[test]
+    fn unknown_host_without_address_waits_for_mdns_then_gives_up() {
+        let t0 = Instant::now();
+        let mut t = HostTracker::new(t0);
+        t.on_network(Ok(()), t0);
+        assert_eq!(t.plan(t0).wake, Some(t0 + RESOLVE_GRACE));
+        // mDNS finds it within the grace: checked at once.
+        t.on_addresses_found([pi()], t0 + Duration::from_millis(40));
+        assert!(t.plan(t0 + Duration::from_millis(40)).check.is_some());
+
+        let mut t = HostTracker::new(t0);
+        t.on_network(Ok(()), t0);
+        let plan = t.plan(t0 + RESOLVE_GRACE);
+        assert_eq!(plan.check, Some(vec![]));
+    }
+
+    #[test]
+    fn network_change_makes_a_reachable_host_suspect() {
+        let t0 = Instant::now();
+        let mut t = tracker_with_pi(t0);
+        check(&mut t, Ok(pi()), t0);
+        assert_eq!(t.on_network(Ok(()), t0), None);
+        let tr = check(&mut t, Err("no answer".into()), t0).unwrap();
+        assert_eq!(tr.to, Reach::Unreachable);
+    }
+
+    #[test]
+    fn a_burst_of_events_costs_one_check() {
+        let t0 = Instant::now();
+        let mut t = tracker_with_pi(t0);
+        for _ in 0..50 {
+            t.on_network(Ok(()), t0);
+            t.on_refresh(t0);
+            t.on_addresses_found([pi()], t0);
+        }
+        assert!(t.plan(t0).check.is_some());
+        assert_eq!(t.plan(t0), Plan::default(), "one check at a time");
+    }
+
+    #[test]
+    fn target_jobs_follow_the_wanted_state() {
+        let now = Instant::now();
+        let view = |state| TargetView {
+            state,
+            ..TargetView::new()
+        };
+        assert_eq!(
+            target_action(true, &view(UnitState::Inactive), now).0,
+            Some(JobKind::Start)
+        );
+        assert_eq!(
+            target_action(true, &view(UnitState::Failed), now).0,
+            Some(JobKind::Start)
+        );
+        assert_eq!(
+            target_action(true, &view(UnitState::NotFound), now).0,
+            Some(JobKind::Start)
+        );
+        assert_eq!(target_action(true, &view(UnitState::Active), now).0, None);
+        assert_eq!(
+            target_action(false, &view(UnitState::Active), now).0,
+            Some(JobKind::Stop)
+        );
+        assert_eq!(
+            target_action(false, &view(UnitState::Activating), now).0,
+            Some(JobKind::Stop)
+        );
+        assert_eq!(
+            target_action(false, &view(UnitState::Inactive), now).0,
+            None
+        );
+        assert_eq!(target_action(false, &view(UnitState::Failed), now).0, None);
+        assert_eq!(target_action(true, &view(UnitState::Unknown), now).0, None);
+        let running = TargetView {
+            job_running: Some(JobKind::Start),
+            ..view(UnitState::Inactive)
+        };
+        assert_eq!(target_action(false, &running, now).0, None);
+    }
+
+    #[test]
+    fn failed_job_is_retried_later_not_in_a_loop() {
+        let now = Instant::now();
+        let view = TargetView {
+            state: UnitState::Failed,
+            job_running: None,
+            last_failure: Some((JobKind::Start, now)),
+        };
+        assert_eq!(
+            target_action(true, &view, now + Duration::from_secs(1)),
+            (None, Some(now + JOB_RETRY_DELAY))
+        );
+        assert_eq!(
+            target_action(true, &view, now + JOB_RETRY_DELAY).0,
+            Some(JobKind::Start)
+        );
+    }
+}
