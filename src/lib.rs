@@ -8,3 +8,10 @@
 pub mod address;
 pub mod config;
 pub mod reconcile;
+pub mod agent;
+pub mod client;
+pub mod logging;
+pub mod network;
+pub mod probe;
+pub mod status;
+pub mod units;

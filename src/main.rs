@@ -1,0 +1,168 @@
+//! The `reachd` command: wires the library up and maps outcomes to exit codes. Nothing here
+//! decides anything.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use reachd::client::{Client, ClientError};
+use reachd::{agent, config, logging};
+
+/// Keeps systemd user targets started exactly while LAN hosts are reachable.
+///
+/// reachd follows NetworkManager, finds each configured host by mDNS, checks that it answers,
+/// and starts `<host>-accessible.target` (or the configured target) while it does, stopping it
+/// when the host or the network goes away. Its state is on the session bus as
+/// org.reachd.Reachd1.
+#[derive(Parser)]
+#[command(name = "reachd", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent in the foreground (what reachd.service runs).
+    ///
+    /// Without --config it reads $XDG_CONFIG_HOME/reachd/config.toml, or runs the embedded
+    /// default (host "rpi", rpi.local, rpi-accessible.target) when that file does not exist.
+    Run {
+        /// Configuration file (TOML); it must exist.
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Check the configuration, print it, and exit.
+        #[arg(long)]
+        check_config: bool,
+    },
+    /// Print each host's state as the running agent holds it.
+    Status {
+        /// Print JSON: {"hosts": [{"name", "reachable", "state", "address", ...}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exit 0 if the agent holds HOST reachable, 1 if not; 2 with a message if it cannot tell.
+    ///
+    /// Instant: it reads the agent's state and does not probe. Replaces `rpi-available`.
+    Check {
+        /// The host's name in the configuration (e.g. rpi).
+        host: String,
+    },
+    /// Ask the running agent to re-evaluate every host now (what the dispatcher hook calls).
+    Refresh,
+}
+
+/// Exit code when the CLI cannot tell (agent not running, unknown host, bad config...).
+const CANNOT_TELL: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("reachd: cannot start the async runtime: {err}");
+            return ExitCode::from(CANNOT_TELL);
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Run { config, check_config } => run(config, check_config).await,
+            Command::Status { json } => report(status(json).await),
+            Command::Check { host } => match check(&host).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(err) => report(Err(err)),
+            },
+            Command::Refresh => report(refresh().await),
+        }
+    })
+}
+
+fn report(result: Result<(), ClientError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("reachd: {err}");
+            ExitCode::from(CANNOT_TELL)
+        }
+    }
+}
+
+async fn run(path: Option<PathBuf>, check_only: bool) -> ExitCode {
+    let (config, source) = match config::load(path.as_deref()) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("reachd: {err}");
+            return ExitCode::from(CANNOT_TELL);
+        }
+    };
+    if check_only {
+        println!("{source}: OK");
+        for host in &config.hosts {
+            println!(
+                "host {}: {} -> {}{}{}",
+                host.name,
+                host.hostname,
+                host.target,
+                host.port.map(|p| format!(", TCP port {p}")).unwrap_or_default(),
+                if host.connections.is_empty() { String::new() } else { format!(", only on {}", host.connections.join(", ")) },
+            );
+        }
+        return ExitCode::SUCCESS;
+    }
+    logging::init();
+    tracing::info!("configuration: {source}");
+    match agent::run(config, agent::Buses::default(), shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("reachd: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM (how systemd stops services) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        (Err(err), _) | (_, Err(err)) => {
+            tracing::error!("cannot catch SIGTERM/SIGINT ({err}); stop reachd with SIGKILL");
+            std::future::pending::<()>().await
+        }
+    }
+}
+
+async fn status(json: bool) -> Result<(), ClientError> {
+    let hosts = Client::connect().await?.hosts().await?;
+    if json {
+        let doc = serde_json::json!({ "hosts": hosts });
+        println!("{doc}");
+        return Ok(());
+    }
+    for h in hosts {
+        let address = if h.address.is_empty() { "-" } else { &h.address };
+        println!(
+            "{}\t{}\t{}\t{} {}\t{}",
+            h.name, h.state, address, h.target, h.target_state, h.reason
+        );
+    }
+    Ok(())
+}
+
+async fn check(host: &str) -> Result<bool, ClientError> {
+    Ok(Client::connect().await?.host_named(host).await?.reachable)
+}
+
+async fn refresh() -> Result<(), ClientError> {
+    Client::connect().await?.refresh().await
+}

@@ -1,0 +1,144 @@
+//! NetworkManager, seen from the system bus: the agent gets a fresh [`NetworkView`] whenever
+//! NetworkManager's state, primary connection or active connections change.
+//!
+//! Level-triggered: every signal only says "read again", and a burst of signals costs one read.
+//! Signals are subscribed to before the first read (coldplug), so no change falls between the
+//! two. If NetworkManager leaves the bus, the last view stays (its links do not go down because
+//! it restarted) and it is read again as soon as it comes back.
+
+// Generated once from the XML in dbus-interfaces/ with zbus-xmlgen 5.4.1 (a 5.x generator, for
+// zbus 5): `zbus-xmlgen file dbus-interfaces/org.freedesktop.NetworkManager.xml` and likewise for
+// Connection.Active. Edits by hand, where generated names clashed: NetworkManager's deprecated
+// `state()` method became `state_method`, and both `StateChanged` signals `state_changed_signal`
+// (the `State` properties' change streams already take `receive_state_changed`).
+#[allow(clippy::all, dead_code)]
+mod active_proxy;
+#[allow(clippy::all, dead_code)]
+mod nm_proxy;
+
+use std::collections::BTreeSet;
+
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use zbus::fdo::DBusProxy;
+use zbus::message::Type as MessageType;
+use zbus::proxy::CacheProperties;
+use zbus::zvariant::OwnedObjectPath;
+use zbus::{Connection, MatchRule, MessageStream};
+
+use self::active_proxy::ActiveProxy;
+use self::nm_proxy::NetworkManagerProxy;
+use crate::reconcile::NetworkView;
+
+const NM_NAME: &str = "org.freedesktop.NetworkManager";
+const NM_PATH: &str = "/org/freedesktop/NetworkManager";
+/// NM_STATE_CONNECTED_LOCAL; 60 is SITE and 70 GLOBAL. A LAN without internet stays at 50/60.
+const NM_STATE_CONNECTED_LOCAL: u32 = 50;
+const NM_STATE_CONNECTED_GLOBAL: u32 = 70;
+/// NM_ACTIVE_CONNECTION_STATE_ACTIVATED.
+const NM_ACTIVE_CONNECTION_ACTIVATED: u32 = 2;
+
+/// The view used when NetworkManager has never been seen: assume a network, let the checks
+/// decide. Hosts restricted to connections are then never reachable, as none can be confirmed.
+pub fn assumed_view() -> NetworkView {
+    NetworkView {
+        connected: true,
+        active_uuids: BTreeSet::new(),
+    }
+}
+
+/// Follows NetworkManager on `system` until the bus connection fails, publishing each new view.
+pub async fn follow(system: Connection, views: watch::Sender<NetworkView>) -> zbus::Result<()> {
+    // Subscribe first: NetworkManager's property changes, and its owner coming and going.
+    let rule = MatchRule::builder()
+        .msg_type(MessageType::Signal)
+        .interface("org.freedesktop.DBus.Properties")?
+        .member("PropertiesChanged")?
+        .path_namespace(NM_PATH)?
+        .build();
+    let properties = MessageStream::for_match_rule(rule, &system, Some(256)).await?;
+    let dbus = DBusProxy::new(&system).await?;
+    let owners = dbus
+        .receive_name_owner_changed_with_args(&[(0, NM_NAME)])
+        .await?;
+    let mut triggers = std::pin::pin!(futures_util::stream::select(
+        properties.filter_map(|msg| async move {
+            let msg = msg.ok()?;
+            let path = msg.header().path()?.to_string();
+            // Device statistics and the like are noise; the manager and active connections count.
+            (path == NM_PATH || path.starts_with("/org/freedesktop/NetworkManager/ActiveConnection/")).then_some(())
+        }),
+        owners.map(|_| ()),
+    ));
+
+    let manager = NetworkManagerProxy::builder(&system)
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await?;
+    let mut present = None;
+    loop {
+        match read(&system, &manager).await {
+            Ok(view) => {
+                if present != Some(true) {
+                    info!("NetworkManager is on the system bus");
+                }
+                present = Some(true);
+                views.send_if_modified(|old| {
+                    let changed = *old != view;
+                    *old = view;
+                    changed
+                });
+            }
+            Err(err) => {
+                if present != Some(false) {
+                    warn!("NetworkManager cannot be read ({err}); keeping the last network state until it returns");
+                }
+                present = Some(false);
+            }
+        }
+        // Wait for a change, then take every signal already queued: one read for the burst.
+        if triggers.next().await.is_none() {
+            return Err(zbus::Error::Failure("system bus signal stream ended".into()));
+        }
+        while let Some(Some(())) = futures_util::FutureExt::now_or_never(triggers.next()) {}
+    }
+}
+
+async fn read(system: &Connection, manager: &NetworkManagerProxy<'_>) -> zbus::Result<NetworkView> {
+    let state = manager.state().await?;
+    let primary = manager.primary_connection().await?;
+    let mut active_uuids = BTreeSet::new();
+    let mut primary_uuid = None;
+    for path in manager.active_connections().await? {
+        // An active connection may vanish between the list and the read: skip it.
+        match read_active(system, &path).await {
+            Ok((uuid, activated)) => {
+                if path == primary {
+                    primary_uuid = Some(uuid.clone());
+                }
+                if activated {
+                    active_uuids.insert(uuid);
+                }
+            }
+            Err(err) => debug!(%path, "active connection not read: {err}"),
+        }
+    }
+    debug!(state, ?primary_uuid, ?active_uuids, "NetworkManager read");
+    Ok(NetworkView {
+        connected: (NM_STATE_CONNECTED_LOCAL..=NM_STATE_CONNECTED_GLOBAL).contains(&state),
+        active_uuids,
+    })
+}
+
+async fn read_active(system: &Connection, path: &OwnedObjectPath) -> zbus::Result<(String, bool)> {
+    let active = ActiveProxy::builder(system)
+        .destination(NM_NAME)?
+        .path(path)?
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await?;
+    let uuid = active.uuid().await?.to_ascii_lowercase();
+    let activated = active.state().await? == NM_ACTIVE_CONNECTION_ACTIVATED;
+    Ok((uuid, activated))
+}

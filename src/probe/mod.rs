@@ -1,0 +1,195 @@
+//! Finding hosts and checking that they answer.
+//!
+//! Finding: one long-lived mdns-sd daemon for the whole process, one open-ended hostname
+//! resolution per host. mdns-sd retransmits its question with a doubling delay (so idle cost
+//! falls towards zero) and passes on announcements of a host that boots or changes address as
+//! soon as they arrive; its `AddressesRemoved` comes on a goodbye packet or at TTL expiry.
+//!
+//! Checking: a one-shot unicast mDNS question to each candidate address (see [`query`]), then,
+//! when the host has a `port`, a TCP connect. This is what decides "reachable", because mdns-sd's
+//! cache keeps answering for a host that lost power until the records' TTL runs out.
+
+pub mod query;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use futures_util::future::select_ok;
+use mdns_sd::{HostnameResolutionEvent, IfKind, ScopedIp, ServiceDaemon};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+use tracing::{debug, warn};
+
+use crate::address::HostAddress;
+
+/// The mDNS port, where a responder listens for questions.
+const MDNS_PORT: u16 = 5353;
+/// After a closed subscription, wait this long before asking mdns-sd again.
+const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
+
+/// Addresses mDNS found or lost for the host at `index` in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddressEvent {
+    Found(usize, Vec<HostAddress>),
+    Removed(usize, Vec<HostAddress>),
+}
+
+/// The process's one mdns-sd daemon.
+pub struct Resolver {
+    daemon: ServiceDaemon,
+}
+
+impl Resolver {
+    pub fn new() -> Result<Self, mdns_sd::Error> {
+        Ok(Resolver {
+            daemon: ServiceDaemon::new()?,
+        })
+    }
+
+    /// Follows `hostname` (with its trailing dot) for as long as the process runs, sending
+    /// what mDNS finds and loses to `events`, tagged with `index`. A subscription that mdns-sd
+    /// closes (it does so silently when a receiver falls behind) is opened again.
+    pub fn follow(&self, index: usize, hostname: String, events: mpsc::Sender<AddressEvent>) {
+        let daemon = self.daemon.clone();
+        tokio::spawn(async move {
+            loop {
+                match daemon.resolve_hostname(&hostname, None) {
+                    Ok(receiver) => {
+                        while let Ok(event) = receiver.recv_async().await {
+                            let event = match event {
+                                HostnameResolutionEvent::AddressesFound(_, found) => {
+                                    AddressEvent::Found(index, found.iter().map(to_host_address).collect())
+                                }
+                                HostnameResolutionEvent::AddressesRemoved(_, removed) => {
+                                    AddressEvent::Removed(index, removed.iter().map(to_host_address).collect())
+                                }
+                                other => {
+                                    debug!(hostname, ?other, "mdns-sd");
+                                    continue;
+                                }
+                            };
+                            if events.send(event).await.is_err() {
+                                return; // The agent is gone.
+                            }
+                        }
+                        debug!(hostname, "mdns-sd closed the resolution; asking again");
+                    }
+                    Err(err) => warn!(hostname, "mdns-sd refused to resolve: {err}"),
+                }
+                if events.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+            }
+        });
+    }
+
+    /// Tells mdns-sd to look at the machine's interfaces now: NetworkManager just changed
+    /// something, and mdns-sd's own check only runs every few seconds, so its first questions
+    /// on a new link would otherwise go nowhere. (Each call adds one entry to mdns-sd's list of
+    /// interface selections; a few bytes per network change.)
+    pub fn interfaces_changed(&self) {
+        if let Err(err) = self.daemon.enable_interface(IfKind::All) {
+            warn!("cannot tell mdns-sd about new interfaces: {err}");
+        }
+    }
+
+    /// Stops the daemon's thread.
+    pub fn shutdown(&self) {
+        let _ = self.daemon.shutdown();
+    }
+}
+
+fn to_host_address(scoped: &ScopedIp) -> HostAddress {
+    match scoped {
+        ScopedIp::V6(v6) if v6.addr().is_unicast_link_local() => HostAddress {
+            ip: IpAddr::V6(*v6.addr()),
+            scope: Some((v6.scope_id().index, v6.scope_id().name.clone())),
+        },
+        other => HostAddress {
+            ip: other.to_ip_addr(),
+            scope: None,
+        },
+    }
+}
+
+/// One check of a host: the first candidate address that answers the mDNS question (and then
+/// accepts a TCP connection on `port`, if given), each step within `limit`.
+pub async fn check(
+    hostname: &str,
+    candidates: &[HostAddress],
+    port: Option<u16>,
+    limit: Duration,
+) -> Result<HostAddress, String> {
+    if candidates.is_empty() {
+        return Err(format!("{hostname} not found by mDNS"));
+    }
+    let asks = candidates
+        .iter()
+        .map(|address| Box::pin(ask(hostname, address, limit)));
+    let address = select_ok(asks)
+        .await
+        .map_err(|_| {
+            let list: Vec<String> = candidates.iter().map(ToString::to_string).collect();
+            format!(
+                "no mDNS answer for {hostname} from {} within {} ms",
+                list.join(", "),
+                limit.as_millis()
+            )
+        })?
+        .0;
+    if let Some(port) = port {
+        let target = address.socket(port);
+        match timeout(limit, TcpStream::connect(target)).await {
+            Ok(Ok(_stream)) => {}
+            Ok(Err(err)) => return Err(format!("TCP port {port} at {address}: {err}")),
+            Err(_) => {
+                return Err(format!(
+                    "TCP port {port} at {address}: no answer within {} ms",
+                    limit.as_millis()
+                ))
+            }
+        }
+    }
+    Ok(address)
+}
+
+/// Sends the question to `address` and waits up to `limit` for its answer, asking a second
+/// time halfway in case the first packet was lost.
+async fn ask(hostname: &str, address: &HostAddress, limit: Duration) -> Result<HostAddress, ()> {
+    let target = address.socket(MDNS_PORT);
+    let any: SocketAddr = match target {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let fail = |err: std::io::Error| debug!(%address, "mDNS question not sent: {err}");
+    let socket = UdpSocket::bind(any).await.map_err(fail)?;
+    // A connected socket only receives from the target: answers from anyone else are dropped.
+    socket.connect(target).await.map_err(fail)?;
+    let question = query::build(next_id(), hostname, target.is_ipv6());
+    let deadline = Instant::now() + limit;
+    let mut buffer = [0u8; 1500];
+    for resend_at in [Instant::now() + limit / 2, deadline] {
+        socket.send(&question).await.map_err(fail)?;
+        while let Ok(received) = tokio::time::timeout_at(resend_at, socket.recv(&mut buffer)).await {
+            match received {
+                Ok(len) if query::answers(&question, &buffer[..len]) => return Ok(address.clone()),
+                Ok(_) => continue,
+                // An ICMP error (host or port unreachable) is an answer too: not there.
+                Err(err) => {
+                    fail(err);
+                    return Err(());
+                }
+            }
+        }
+    }
+    Err(())
+}
+
+/// Question IDs only need to differ between questions in flight.
+fn next_id() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0x5244);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
