@@ -1,0 +1,360 @@
+//! Network namespaces and mDNS responders for root-only tests, so that no test traffic (mDNS,
+//! TCP probes, ssh) ever leaves the machine's loopback or the test's own namespaces.
+//!
+//! The small API, for a test that needs "a host answering `NAME.local` over mDNS":
+//!
+//! ```ignore
+//! mod common;
+//! use common::netns::{MdnsPair, SERVER_ADDR};
+//!
+//! let mut pair = MdnsPair::start("rm-", "rpi")?;   // namespaces rm-client and rm-server
+//! // Resolve from inside the client namespace (a fresh thread that setns()es into it):
+//! let addr = pair.client.run_in(|| my_resolver("rpi.local."))?;
+//! assert_eq!(addr, SERVER_ADDR);
+//! pair.stop_avahi();           // clean shutdown: avahi sends goodbye packets
+//! pair.unplug_server()?;       // or: the server "loses power" (link down, no goodbye)
+//! drop(pair);                  // stops avahi by PID, deletes both namespaces
+//! ```
+//!
+//! `prefix` names everything the pair creates; `start` first removes leftovers with that prefix
+//! (namespaces, and avahi processes recorded by an earlier run that died halfway). Use a prefix of
+//! your own (the end-to-end lab uses `rl-`). Requires root, `ip` (iproute2), `unshare`
+//! (util-linux) and `avahi-daemon`.
+//!
+//! Facts that bite (checked on the project's VM kind): avahi needs its own `/run/avahi-daemon`
+//! per namespace (a tmpfs in a private mount namespace), `enable-dbus=no` when no system bus
+//! runs, and `--no-drop-root --no-chroot`. Taking the server's link *down* sends no goodbye; a
+//! SIGTERM to avahi does. A bare veth pair drops the client's carrier together with the server's
+//! (the lab puts a bridge in between when that matters).
+
+use std::fs;
+use std::io;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::process::{Daemon, Spawn, Tracker};
+
+/// Client side address of an [`MdnsPair`].
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// Server side address of an [`MdnsPair`], the address `NAME.local` resolves to.
+pub const SERVER_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const CMD_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A network namespace this test created (`ip netns add`), deleted when dropped.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates namespace `name` (deleting a leftover of that name first) with `lo` up.
+    pub fn create(name: &str) -> io::Result<Netns> {
+        delete_netns(name);
+        ip(&["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `/run/netns/NAME`, for `setns`, `nsenter --net=` or [`Spawn::netns`].
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// Runs `ip -n NAME ARGS...`.
+    pub fn ip(&self, args: &[&str]) -> io::Result<()> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// Moves the calling thread into this namespace, for good: use a thread of its own (see
+    /// [`Netns::run_in`]). Sockets opened afterwards by this thread belong to the namespace.
+    pub fn enter_current_thread(&self) -> io::Result<()> {
+        let f = fs::File::open(self.path())?;
+        // SAFETY: setns on an fd we own; only affects the calling thread.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a new thread inside this namespace and returns its result. A tokio runtime
+    /// built inside `f` (current-thread flavour) keeps all its sockets in the namespace.
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+        thread::scope(|s| {
+            s.spawn(|| {
+                self.enter_current_thread()?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| io::Error::other("thread inside the namespace panicked"))?
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        delete_netns(&self.name);
+    }
+}
+
+fn ip(args: &[&str]) -> io::Result<()> {
+    Spawn::new("ip").args(args).ok(CMD_TIMEOUT).map(drop)
+}
+
+fn delete_netns(name: &str) {
+    if Path::new("/run/netns").join(name).exists() {
+        let _ = ip(&["netns", "delete", name]);
+    }
+}
+
+/// Deletes every namespace whose name starts with `prefix` (leftovers of an interrupted run).
+pub fn remove_stale(prefix: &str) {
+    if let Ok(entries) = fs::read_dir("/run/netns") {
+        for e in entries.flatten() {
+            if let Some(name) = e.file_name().to_str() {
+                if name.starts_with(prefix) {
+                    delete_netns(name);
+                }
+            }
+        }
+    }
+}
+
+/// Creates a veth pair: `a_if` in `a`, `b_if` in `b`, both down. It never exists in the
+/// machine's own namespace under a name that could clash.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> io::Result<()> {
+    ip(&[
+        "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
+        &b.name,
+    ])
+}
+
+/// An avahi-daemon publishing `HOST.local` on one interface of a namespace.
+pub struct Avahi {
+    daemon: Daemon,
+}
+
+impl Avahi {
+    /// Starts avahi in `ns`, announcing `host_name` on `iface` only; `dir` holds its config and
+    /// log. Returns once the daemon reports startup complete (or fails after 20 s).
+    pub fn start(
+        ns: &Netns,
+        host_name: &str,
+        iface: &str,
+        dir: &Path,
+        tracker: Option<&Tracker>,
+    ) -> io::Result<Avahi> {
+        fs::create_dir_all(dir)?;
+        let conf = dir.join("avahi-daemon.conf");
+        fs::write(
+            &conf,
+            format!(
+                "[server]\nhost-name={host_name}\ndomain-name=local\nuse-ipv4=yes\nuse-ipv6=no\n\
+                 allow-interfaces={iface}\nenable-dbus=no\nratelimit-interval-usec=1000000\n\
+                 ratelimit-burst=1000\n[wide-area]\nenable-wide-area=no\n[publish]\n\
+                 publish-hinfo=no\npublish-workstation=no\n[reflector]\n[rlimits]\n"
+            ),
+        )?;
+        let log = dir.join("avahi.log");
+        let _ = fs::remove_file(&log);
+        // `ip netns exec` gives the daemon a /sys of the namespace; `unshare -m` a private
+        // /run/avahi-daemon (pid file, socket) so several avahis can run. Both exec, so the PID
+        // is avahi's.
+        let daemon = Spawn::new("ip")
+            .args(["netns", "exec", ns.name(), "unshare", "-m", "sh", "-c"])
+            .arg(
+                "mkdir -p /run/avahi-daemon && mount -t tmpfs tmpfs /run/avahi-daemon && \
+                 exec avahi-daemon --no-drop-root --no-chroot -f \"$1\"",
+            )
+            .arg("sh")
+            .arg(&conf)
+            .start(&format!("avahi-{}", ns.name()), &log, tracker)?;
+        let mut avahi = Avahi { daemon };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("Server startup complete") {
+                return Ok(avahi);
+            }
+            if let Some(status) = avahi.daemon.exited() {
+                return Err(io::Error::other(format!(
+                    "avahi-daemon in {} exited ({status}): {}",
+                    ns.name(),
+                    text.trim()
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::other(format!(
+                    "avahi-daemon in {} not ready after 20 s: {}",
+                    ns.name(),
+                    text.trim()
+                )));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.daemon.pid()
+    }
+
+    /// Clean shutdown (SIGTERM): avahi sends goodbye packets for its records.
+    pub fn stop(&mut self) {
+        self.daemon.stop();
+    }
+}
+
+/// Two namespaces `PREFIXclient` (192.0.2.1, `mc0`) and `PREFIXserver` (192.0.2.2, `ms0`) joined
+/// by a veth, with avahi in the server publishing `HOST.local`. Dropping it cleans up.
+pub struct MdnsPair {
+    // Field order is drop order: avahi first, then the namespaces, then the files.
+    avahi: Avahi,
+    pub server: Netns,
+    pub client: Netns,
+    _tracker: Tracker,
+    _dir: tempfile::TempDir,
+}
+
+impl MdnsPair {
+    /// Builds the pair and waits until `HOST.local` answers from the client namespace.
+    pub fn start(prefix: &str, host: &str) -> io::Result<MdnsPair> {
+        let tracker = Tracker::open(&Path::new("/run").join(format!("{prefix}mdns-pids")))?;
+        remove_stale(prefix);
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let client = Netns::create(&format!("{prefix}client"))?;
+        let server = Netns::create(&format!("{prefix}server"))?;
+        veth(&client, "mc0", &server, "ms0")?;
+        client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "mc0"])?;
+        server.ip(&["addr", "add", &format!("{SERVER_ADDR}/24"), "dev", "ms0"])?;
+        client.ip(&["link", "set", "mc0", "up"])?;
+        server.ip(&["link", "set", "ms0", "up"])?;
+        let avahi = Avahi::start(&server, host, "ms0", dir.path(), Some(&tracker))?;
+        let name = format!("{host}.local");
+        let got = client
+            .run_in(|| resolve_once(&name, CLIENT_ADDR, Duration::from_secs(5)))?
+            .map_err(|e| io::Error::new(e.kind(), format!("{name} from the client: {e}")))?;
+        if got != SERVER_ADDR {
+            return Err(io::Error::other(format!("{name} resolved to {got}")));
+        }
+        Ok(MdnsPair {
+            avahi,
+            server,
+            client,
+            _tracker: tracker,
+            _dir: dir,
+        })
+    }
+
+    /// Stops the server's avahi cleanly (goodbye packets).
+    pub fn stop_avahi(&mut self) {
+        self.avahi.stop();
+    }
+
+    /// The server "loses power": its link goes down, nothing is said on the wire. (With a bare
+    /// veth this also drops the client's carrier.)
+    pub fn unplug_server(&self) -> io::Result<()> {
+        self.server.ip(&["link", "set", "ms0", "down"])
+    }
+}
+
+/// Asks once for `name`'s IPv4 address with an mDNS "legacy unicast" query (from an ephemeral
+/// port, so the responder answers us directly) sent out of the interface that has `via`. Call it
+/// inside a namespace ([`Netns::run_in`]). A check of the lab itself, not a resolver under test.
+pub fn resolve_once(name: &str, via: Ipv4Addr, timeout: Duration) -> io::Result<Ipv4Addr> {
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let ifaddr = libc::in_addr {
+        s_addr: u32::from(via).to_be(),
+    };
+    // SAFETY: setsockopt with a correctly sized in_addr on our socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MULTICAST_IF,
+            (&ifaddr as *const libc::in_addr).cast(),
+            std::mem::size_of::<libc::in_addr>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let id: u16 = 0x5eed;
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+    let deadline = Instant::now() + timeout;
+    let mut next_send = Instant::now();
+    let mut buf = [0u8; 1500];
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no mDNS answer for {name} within {timeout:?}"),
+            ));
+        }
+        if now >= next_send {
+            sock.send_to(&q, ("224.0.0.251", 5353))?;
+            next_send = now + Duration::from_millis(500);
+        }
+        sock.set_read_timeout(Some((deadline - now).min(Duration::from_millis(200))))?;
+        match sock.recv_from(&mut buf) {
+            Ok((n, _)) => {
+                if let Some(a) = parse_a_answer(&buf[..n], id) {
+                    return Ok(a);
+                }
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The first A record in the answers of DNS message `m` with id `id`.
+fn parse_a_answer(m: &[u8], id: u16) -> Option<Ipv4Addr> {
+    let be16 = |i: usize| Some(u16::from_be_bytes([*m.get(i)?, *m.get(i + 1)?]));
+    if be16(0)? != id {
+        return None;
+    }
+    let (qd, an) = (be16(4)?, be16(6)?);
+    let mut i = 12;
+    for _ in 0..qd {
+        i = skip_name(m, i)? + 4;
+    }
+    for _ in 0..an {
+        i = skip_name(m, i)?;
+        let (rtype, len) = (be16(i)?, usize::from(be16(i + 8)?));
+        let data = m.get(i + 10..i + 10 + len)?;
+        if rtype == 1 && len == 4 {
+            return Some(Ipv4Addr::new(data[0], data[1], data[2], data[3]));
+        }
+        i += 10 + len;
+    }
+    None
+}
+
+fn skip_name(m: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        let len = *m.get(i)?;
+        match len {
+            0 => return Some(i + 1),
+            l if l & 0xc0 == 0xc0 => return Some(i + 2),
+            l => i += 1 + usize::from(l),
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! reachd's finding and checking of hosts against a real mDNS responder (avahi), inside network
+//! namespaces this test creates, so that nothing is sent on the machine's own interfaces.
+//! Needs root, iproute2, util-linux and avahi-daemon; it fails (never skips) without them.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::time::Duration;
+
+use common::netns::{MdnsPair, SERVER_ADDR};
+use reachd::address::HostAddress;
+use reachd::probe::{self, AddressEvent, Resolver};
+use tokio::sync::mpsc;
+
+const LIMIT: Duration = Duration::from_millis(1000);
+
+/// Builds the two namespaces with avahi publishing `rpi.local`, then runs `body` on a thread of
+/// its own inside the client namespace (a current-thread runtime there, so every socket the
+/// resolver and the checks open belongs to that namespace).
+fn in_lab(prefix: &str, body: impl AsyncFnOnce(&mut MdnsPair) + Send) {
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "the mDNS tests create network namespaces: run them as root"
+    );
+    let mut pair = MdnsPair::start(prefix, "rpi").unwrap_or_else(|err| {
+        panic!("cannot build the mDNS lab ({err}); install the Debian packages iproute2 util-linux avahi-daemon")
+    });
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                pair.client.enter_current_thread().expect("setns into the client namespace");
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime");
+                runtime.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(60), body(&mut pair))
+                        .await
+                        .expect("the test took over 60 s");
+                });
+            })
+            .join()
+            .expect("the test thread panicked");
+    });
+}
+
+fn pi() -> HostAddress {
+    HostAddress::v4(SERVER_ADDR)
+}
+
+/// Waits for the next address event, failing after `within`.
+async fn next_event(events: &mut mpsc::Receiver<AddressEvent>, within: Duration) -> AddressEvent {
+    tokio::time::timeout(within, events.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no mDNS event within {within:?}"))
+        .expect("the resolver stopped")
+}
+
+#[test]
+fn resolver_finds_the_host_and_the_check_confirms_it() {
+    in_lab("rm1-", async |_pair| {
+        let resolver = Resolver::new().expect("mdns-sd daemon");
+        let (tx, mut events) = mpsc::channel(16);
+        resolver.follow(0, "rpi.local.".into(), tx);
+        let found = next_event(&mut events, Duration::from_secs(5)).await;
+        match found {
+            AddressEvent::Found(0, addresses) => assert!(addresses.contains(&pi()), "{addresses:?}"),
+            other => panic!("expected the Pi's address, got {other:?}"),
+        }
+        let answered = probe::check("rpi.local", &[pi()], None, LIMIT).await;
+        assert_eq!(answered, Ok(pi()));
+        // Another name is not answered by the Pi's responder.
+        let other = probe::check("nas.local", &[pi()], None, LIMIT).await;
+        assert!(other.unwrap_err().contains("no mDNS answer for nas.local"));
+        resolver.shutdown();
+    });
+}
+
+#[test]
+fn check_fails_at_once_when_the_host_loses_power_though_mdns_still_caches_it() {
+    in_lab("rm2-", async |pair| {
+        let resolver = Resolver::new().expect("mdns-sd daemon");
+        let (tx, mut events) = mpsc::channel(16);
+        resolver.follow(0, "rpi.local.".into(), tx);
+        assert!(matches!(
+            next_event(&mut events, Duration::from_secs(5)).await,
+            AddressEvent::Found(..)
+        ));
+        pair.unplug_server().expect("link down");
+        let started = tokio::time::Instant::now();
+        let outcome = probe::check("rpi.local", &[pi()], None, LIMIT).await;
+        let took = started.elapsed();
+        assert!(outcome.is_err(), "a host without power must not answer: {outcome:?}");
+        assert!(took <= LIMIT + Duration::from_millis(200), "took {took:?}");
+        // mdns-sd says nothing for the records' TTL: that is why reachd checks on its own.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(2), events.recv()).await.is_err(),
+            "mdns-sd reported a loss it cannot know of yet"
+        );
+        resolver.shutdown();
+    });
+}
+
+#[test]
+fn goodbye_is_reported_and_the_check_confirms_it() {
+    in_lab("rm3-", async |pair| {
+        let resolver = Resolver::new().expect("mdns-sd daemon");
+        let (tx, mut events) = mpsc::channel(16);
+        resolver.follow(0, "rpi.local.".into(), tx);
+        assert!(matches!(
+            next_event(&mut events, Duration::from_secs(5)).await,
+            AddressEvent::Found(..)
+        ));
+        pair.stop_avahi();
+        match next_event(&mut events, Duration::from_secs(5)).await {
+            AddressEvent::Removed(0, removed) => assert!(removed.contains(&pi()), "{removed:?}"),
+            other => panic!("expected a goodbye, got {other:?}"),
+        }
+        let outcome = probe::check("rpi.local", &[pi()], None, LIMIT).await;
+        assert!(outcome.is_err(), "{outcome:?}");
+        resolver.shutdown();
+    });
+}
+
+#[test]
+fn tcp_port_is_part_of_the_check() {
+    in_lab("rm4-", async |pair| {
+        // A listener on the Pi's side, opened from a thread inside its namespace.
+        let listener = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    pair.server.enter_current_thread().expect("setns into the server namespace");
+                    TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), 2222)).expect("listen on 2222")
+                })
+                .join()
+                .expect("listener thread")
+        });
+        assert_eq!(probe::check("rpi.local", &[pi()], Some(2222), LIMIT).await, Ok(pi()));
+        drop(listener);
+        let refused = probe::check("rpi.local", &[pi()], Some(2222), LIMIT).await;
+        let why = refused.unwrap_err();
+        assert!(why.starts_with("TCP port 2222 at 192.0.2.2:"), "{why}");
+        let none = probe::check("rpi.local", &[], Some(2222), LIMIT).await;
+        assert_eq!(none, Err("rpi.local not found by mDNS".into()));
+    });
+}
