@@ -30,6 +30,8 @@ use crate::units::{UnitEvent, Units};
 
 /// After losing the system bus, try to connect again this often.
 const SYSTEM_BUS_RETRY: Duration = Duration::from_secs(2);
+/// How long to wait at start for NetworkManager's first view before assuming a network.
+const FIRST_NETWORK_VIEW: Duration = Duration::from_secs(3);
 
 /// Where the agent finds its buses: `None` is the default system or session bus.
 #[derive(Debug, Clone, Default)]
@@ -140,8 +142,15 @@ pub async fn run(config: Config, buses: Buses, shutdown: impl Future<Output = ()
     let resolver = Resolver::new().context("cannot start the mDNS resolver")?;
 
     let (network_tx, mut network_rx) = watch::channel(network::assumed_view());
-    network_rx.mark_changed();
     tokio::spawn(follow_network(buses.system.clone(), network_tx));
+    // Decide on NetworkManager's word, not on a guess: wait briefly for its first view.
+    if tokio::time::timeout(FIRST_NETWORK_VIEW, network_rx.changed()).await.is_err() {
+        warn!(
+            "no word from NetworkManager within {} s: assuming a network until it answers",
+            FIRST_NETWORK_VIEW.as_secs()
+        );
+    }
+    network_rx.mark_changed(); // The loop handles the first view like any other.
 
     let (address_tx, mut address_rx) = mpsc::channel(256);
     let (unit_tx, mut unit_rx) = mpsc::channel(64);

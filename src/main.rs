@@ -119,7 +119,6 @@ async fn run(path: Option<PathBuf>, check_only: bool) -> ExitCode {
         }
         Err(err) => {
             tracing::error!("{err:#}");
-            eprintln!("reachd: {err:#}");
             ExitCode::FAILURE
         }
     }
