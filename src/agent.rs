@@ -77,7 +77,12 @@ impl Host {
             target: self.config.target.clone(),
             reachable: self.tracker.reach == Reach::Reachable,
             state: self.tracker.reach.as_str().into(),
-            address: self.tracker.address.as_ref().map(ToString::to_string).unwrap_or_default(),
+            address: self
+                .tracker
+                .address
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
             reason: self.tracker.reason.clone(),
             since: self.since,
             target_state: self.target.state.as_str().into(),
@@ -112,7 +117,11 @@ fn wall_clock_micros() -> u64 {
 }
 
 /// Runs the agent until `shutdown` completes (Ok) or the session bus is lost (Err).
-pub async fn run(config: Config, buses: Buses, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    buses: Buses,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let now = Instant::now();
     let mut hosts: Vec<Host> = config
         .hosts
@@ -132,9 +141,12 @@ pub async fn run(config: Config, buses: Buses, shutdown: impl Future<Output = ()
         Some(address) => connection::Builder::address(address.as_str())?,
         None => connection::Builder::session()?,
     };
-    let (publisher, mut refreshes) = status::serve(session, hosts.iter().map(Host::status).collect())
-        .await
-        .context("cannot serve org.reachd.Reachd1 on the session bus (is reachd already running?)")?;
+    let (publisher, mut refreshes) =
+        status::serve(session, hosts.iter().map(Host::status).collect())
+            .await
+            .context(
+                "cannot serve org.reachd.Reachd1 on the session bus (is reachd already running?)",
+            )?;
     let session = publisher.connection().clone();
     let units = Units::new(&session)
         .await
@@ -144,7 +156,10 @@ pub async fn run(config: Config, buses: Buses, shutdown: impl Future<Output = ()
     let (network_tx, mut network_rx) = watch::channel(network::assumed_view());
     tokio::spawn(follow_network(buses.system.clone(), network_tx));
     // Decide on NetworkManager's word, not on a guess: wait briefly for its first view.
-    if tokio::time::timeout(FIRST_NETWORK_VIEW, network_rx.changed()).await.is_err() {
+    if tokio::time::timeout(FIRST_NETWORK_VIEW, network_rx.changed())
+        .await
+        .is_err()
+    {
         warn!(
             "no word from NetworkManager within {} s: assuming a network until it answers",
             FIRST_NETWORK_VIEW.as_secs()
@@ -163,11 +178,17 @@ pub async fn run(config: Config, buses: Buses, shutdown: impl Future<Output = ()
     let mut session_lost = Box::pin(session_lost(&session).await?);
     let mut shutdown = std::pin::pin!(shutdown);
     let settings = config.probe;
-    info!(hosts = hosts.len(), "reachd {} running", env!("CARGO_PKG_VERSION"));
+    info!(
+        hosts = hosts.len(),
+        "reachd {} running",
+        env!("CARGO_PKG_VERSION")
+    );
 
     let mut wake: Option<Instant> = None;
     let result = loop {
-        let sleep = tokio::time::sleep_until(wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)));
+        let sleep = tokio::time::sleep_until(
+            wake.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+        );
         tokio::select! {
             () = &mut shutdown => break Ok(()),
             err = &mut session_lost => break Err(err),
@@ -207,7 +228,9 @@ pub async fn run(config: Config, buses: Buses, shutdown: impl Future<Output = ()
 }
 
 /// Resolves when the session bus connection is gone, with the error to exit with.
-async fn session_lost(session: &zbus::Connection) -> anyhow::Result<impl Future<Output = anyhow::Error>> {
+async fn session_lost(
+    session: &zbus::Connection,
+) -> anyhow::Result<impl Future<Output = anyhow::Error>> {
     let dbus = zbus::fdo::DBusProxy::new(session).await?;
     let mut owner = dbus
         .receive_name_owner_changed_with_args(&[(0, status::BUS_NAME)])
@@ -216,7 +239,10 @@ async fn session_lost(session: &zbus::Connection) -> anyhow::Result<impl Future<
         while let Some(signal) = owner.next().await {
             if let Ok(args) = signal.args() {
                 if args.new_owner.is_none() {
-                    return anyhow::anyhow!("lost the name {} on the session bus", status::BUS_NAME);
+                    return anyhow::anyhow!(
+                        "lost the name {} on the session bus",
+                        status::BUS_NAME
+                    );
                 }
             }
         }
@@ -261,7 +287,9 @@ fn on_address(hosts: &mut [Host], event: AddressEvent) {
     let now = Instant::now();
     match event {
         AddressEvent::Found(index, found) => hosts[index].tracker.on_addresses_found(found, now),
-        AddressEvent::Removed(index, removed) => hosts[index].tracker.on_addresses_removed(&removed, now),
+        AddressEvent::Removed(index, removed) => {
+            hosts[index].tracker.on_addresses_removed(&removed, now)
+        }
     }
 }
 
@@ -271,7 +299,9 @@ fn on_unit(hosts: &mut [Host], event: UnitEvent) {
 
 fn on_check(hosts: &mut [Host], done: CheckDone, settings: &crate::config::ProbeSettings) {
     let host = &mut hosts[done.index];
-    let transition = host.tracker.on_check(done.epoch, done.outcome, settings, Instant::now());
+    let transition = host
+        .tracker
+        .on_check(done.epoch, done.outcome, settings, Instant::now());
     host.log(transition, Some(done.took));
 }
 
@@ -338,7 +368,13 @@ fn decide(
     wake
 }
 
-fn spawn_check(index: usize, host: &Host, candidates: Vec<HostAddress>, limit: Duration, done: mpsc::Sender<CheckDone>) {
+fn spawn_check(
+    index: usize,
+    host: &Host,
+    candidates: Vec<HostAddress>,
+    limit: Duration,
+    done: mpsc::Sender<CheckDone>,
+) {
     let epoch = host.tracker.epoch();
     let hostname = host.config.hostname.clone();
     let port = host.config.port;
@@ -346,7 +382,14 @@ fn spawn_check(index: usize, host: &Host, candidates: Vec<HostAddress>, limit: D
         let started = Instant::now();
         let outcome = probe::check(&hostname, &candidates, port, limit).await;
         let took = started.elapsed();
-        let _ = done.send(CheckDone { index, epoch, outcome, took }).await;
+        let _ = done
+            .send(CheckDone {
+                index,
+                epoch,
+                outcome,
+                took,
+            })
+            .await;
     });
 }
 
@@ -364,7 +407,10 @@ fn spawn_job(
         let mut result = Ok(());
         if let (JobKind::Start, Some(address)) = (kind, address) {
             // Units started by the target read the address from the manager's environment.
-            if let Err(err) = units.set_environment(&format!("{variable}={address}")).await {
+            if let Err(err) = units
+                .set_environment(&format!("{variable}={address}"))
+                .await
+            {
                 result = Err(format!("cannot set {variable}: {err}"));
             }
         }
@@ -372,6 +418,13 @@ fn spawn_job(
             result = units.run_job(kind, &unit).await;
         }
         let state = units.state(&unit).await.ok();
-        let _ = done.send(JobDone { index, kind, result, state }).await;
+        let _ = done
+            .send(JobDone {
+                index,
+                kind,
+                result,
+                state,
+            })
+            .await;
     });
 }

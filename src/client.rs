@@ -19,7 +19,10 @@ trait Reachd1 {
     fn hosts(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
 }
 
-#[proxy(interface = "org.reachd.Reachd1.Host", default_service = "org.reachd.Reachd1")]
+#[proxy(
+    interface = "org.reachd.Reachd1.Host",
+    default_service = "org.reachd.Reachd1"
+)]
 trait Host {
     #[zbus(property)]
     fn name(&self) -> zbus::Result<String>;
@@ -89,7 +92,12 @@ impl Client {
 
     /// Every host's state, in configuration order.
     pub async fn hosts(&self) -> Result<Vec<HostStatus>, ClientError> {
-        let paths = self.root().await?.hosts().await.map_err(ClientError::Read)?;
+        let paths = self
+            .root()
+            .await?
+            .hosts()
+            .await
+            .map_err(ClientError::Read)?;
         let mut hosts = Vec::with_capacity(paths.len());
         for path in paths {
             hosts.push(self.host(path).await.map_err(ClientError::Read)?);
@@ -100,7 +108,11 @@ impl Client {
     /// One host's state, by name.
     pub async fn host_named(&self, name: &str) -> Result<HostStatus, ClientError> {
         let hosts = self.hosts().await?;
-        let known = hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", ");
+        let known = hosts
+            .iter()
+            .map(|h| h.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         hosts
             .iter()
             .find(|h| h.name == name)
@@ -113,11 +125,18 @@ impl Client {
 
     /// Asks the agent to re-evaluate every host now.
     pub async fn refresh(&self) -> Result<(), ClientError> {
-        self.root().await?.refresh().await.map_err(ClientError::Read)
+        self.root()
+            .await?
+            .refresh()
+            .await
+            .map_err(ClientError::Read)
     }
 
     async fn host(&self, path: OwnedObjectPath) -> zbus::Result<HostStatus> {
-        let p = HostProxy::builder(&self.connection).path(path)?.build().await?;
+        let p = HostProxy::builder(&self.connection)
+            .path(path)?
+            .build()
+            .await?;
         Ok(HostStatus {
             name: p.name().await?,
             hostname: p.hostname().await?,

@@ -205,7 +205,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let raw = spanned.into_inner();
         let name_span = raw.name.span();
         let target_span = raw.target.as_ref().map_or(name_span.clone(), Spanned::span);
-        let host = validate_host(raw, |span, message| at(span, message))?;
+        let host = validate_host(raw, at)?;
         if hosts.iter().any(|h| h.name == host.name) {
             return Err(at(
                 name_span,
@@ -224,7 +224,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         hosts.push(host);
     }
     let probe = match raw.probe {
-        Some(raw) => validate_probe(raw, |span, message| at(span, message))?,
+        Some(raw) => validate_probe(raw, at)?,
         None => ProbeSettings::default(),
     };
     Ok(Config { hosts, probe })

@@ -6,12 +6,12 @@
 //! the middle ([`reconcile`]), and [`agent`] as the loop that joins them.
 
 pub mod address;
-pub mod config;
-pub mod reconcile;
 pub mod agent;
 pub mod client;
+pub mod config;
 pub mod logging;
 pub mod network;
 pub mod probe;
+pub mod reconcile;
 pub mod status;
 pub mod units;

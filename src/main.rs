@@ -57,7 +57,10 @@ const CANNOT_TELL: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("reachd: cannot start the async runtime: {err}");
@@ -66,7 +69,10 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Run { config, check_config } => run(config, check_config).await,
+            Command::Run {
+                config,
+                check_config,
+            } => run(config, check_config).await,
             Command::Status { json } => report(status(json).await),
             Command::Check { host } => match check(&host).await {
                 Ok(true) => ExitCode::SUCCESS,
@@ -104,8 +110,14 @@ async fn run(path: Option<PathBuf>, check_only: bool) -> ExitCode {
                 host.name,
                 host.hostname,
                 host.target,
-                host.port.map(|p| format!(", TCP port {p}")).unwrap_or_default(),
-                if host.connections.is_empty() { String::new() } else { format!(", only on {}", host.connections.join(", ")) },
+                host.port
+                    .map(|p| format!(", TCP port {p}"))
+                    .unwrap_or_default(),
+                if host.connections.is_empty() {
+                    String::new()
+                } else {
+                    format!(", only on {}", host.connections.join(", "))
+                },
             );
         }
         return ExitCode::SUCCESS;
@@ -127,7 +139,10 @@ async fn run(path: Option<PathBuf>, check_only: bool) -> ExitCode {
 /// SIGTERM (how systemd stops services) or SIGINT (Ctrl-C).
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -149,7 +164,11 @@ async fn status(json: bool) -> Result<(), ClientError> {
         return Ok(());
     }
     for h in hosts {
-        let address = if h.address.is_empty() { "-" } else { &h.address };
+        let address = if h.address.is_empty() {
+            "-"
+        } else {
+            &h.address
+        };
         println!(
             "{}\t{}\t{}\t{} {}\t{}",
             h.name, h.state, address, h.target, h.target_state, h.reason

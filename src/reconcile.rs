@@ -417,13 +417,6 @@ mod tests {
         HostAddress::v4("192.0.2.10".parse().unwrap())
     }
 
-    fn connected() -> NetworkView {
-        NetworkView {
-            connected: true,
-            active_uuids: ["aaaa".to_string()].into(),
-        }
-    }
-
     /// A tracker on a connected network with the Pi's address known from mDNS.
     fn tracker_with_pi(now: Instant) -> HostTracker {
         let mut t = HostTracker::new(now);

@@ -98,7 +98,10 @@ impl HostObject {
 }
 
 /// The properties that differ between `old` and `new`, by their D-Bus names.
-fn changed_properties<'a>(old: &HostStatus, new: &'a HostStatus) -> HashMap<&'static str, Value<'a>> {
+fn changed_properties<'a>(
+    old: &HostStatus,
+    new: &'a HostStatus,
+) -> HashMap<&'static str, Value<'a>> {
     let mut changed = HashMap::new();
     let mut text = |name, old: &String, new: &'a String| {
         if old != new {
@@ -137,7 +140,9 @@ impl RootObject {
         // A full queue already holds a refresh that has not run yet: this one adds nothing.
         match self.refresh.try_send(()) {
             Ok(()) | Err(mpsc::error::TrySendError::Full(())) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(())) => Err(fdo::Error::Failed("reachd is stopping".into())),
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                Err(fdo::Error::Failed("reachd is stopping".into()))
+            }
         }
     }
 
@@ -233,7 +238,10 @@ mod tests {
 
     #[test]
     fn host_paths_map_dashes() {
-        assert_eq!(host_path("my-pi").as_str(), "/org/reachd/Reachd1/host/my_pi");
+        assert_eq!(
+            host_path("my-pi").as_str(),
+            "/org/reachd/Reachd1/host/my_pi"
+        );
     }
 
     #[test]

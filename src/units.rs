@@ -80,13 +80,23 @@ impl Units {
         });
     }
 
-    async fn follow_once(&self, index: usize, unit: &str, events: &mpsc::Sender<UnitEvent>) -> zbus::Result<()> {
+    async fn follow_once(
+        &self,
+        index: usize,
+        unit: &str,
+        events: &mpsc::Sender<UnitEvent>,
+    ) -> zbus::Result<()> {
         let connection = self.manager.inner().connection();
         // The object path of a unit depends only on its name, so the subscription outlives the
         // unit being unloaded and loaded again.
         let path = self.manager.load_unit(unit).await?;
-        let properties = PropertiesProxy::builder(connection).destination("org.freedesktop.systemd1")?.path(path)?.build().await?;
-        let unit_interface = InterfaceName::from_static_str_unchecked("org.freedesktop.systemd1.Unit");
+        let properties = PropertiesProxy::builder(connection)
+            .destination("org.freedesktop.systemd1")?
+            .path(path)?
+            .build()
+            .await?;
+        let unit_interface =
+            InterfaceName::from_static_str_unchecked("org.freedesktop.systemd1.Unit");
         let mut changes = properties.receive_properties_changed().await?;
         loop {
             let state = self.state(unit).await?;
@@ -98,7 +108,10 @@ impl Units {
                 let Some(signal) = changes.next().await else {
                     return Err(zbus::Error::Failure("unit property signals ended".into()));
                 };
-                if signal.args().is_ok_and(|a| a.interface_name == unit_interface) {
+                if signal
+                    .args()
+                    .is_ok_and(|a| a.interface_name == unit_interface)
+                {
                     break;
                 }
             }
@@ -131,7 +144,9 @@ impl Units {
         let result = tokio::time::timeout(JOB_RESULT_TIMEOUT, async {
             while let Some(signal) = removed.next().await {
                 match signal.args() {
-                    Ok(args) if args.job.as_str() == job.as_str() => return Some(args.result.to_string()),
+                    Ok(args) if args.job.as_str() == job.as_str() => {
+                        return Some(args.result.to_string())
+                    }
                     _ => continue,
                 }
             }
@@ -144,7 +159,10 @@ impl Units {
             Ok(None) => Err("the session bus closed before the job ended".into()),
             Err(_) => {
                 debug!(unit, %job, "no JobRemoved in time");
-                Err(format!("no result within {} s", JOB_RESULT_TIMEOUT.as_secs()))
+                Err(format!(
+                    "no result within {} s",
+                    JOB_RESULT_TIMEOUT.as_secs()
+                ))
             }
         }
     }

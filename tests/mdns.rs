@@ -28,7 +28,9 @@ fn in_lab(prefix: &str, body: impl AsyncFnOnce(&mut MdnsPair) + Send) {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                pair.client.enter_current_thread().expect("setns into the client namespace");
+                pair.client
+                    .enter_current_thread()
+                    .expect("setns into the client namespace");
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -64,7 +66,9 @@ fn resolver_finds_the_host_and_the_check_confirms_it() {
         resolver.follow(0, "rpi.local.".into(), tx);
         let found = next_event(&mut events, Duration::from_secs(5)).await;
         match found {
-            AddressEvent::Found(0, addresses) => assert!(addresses.contains(&pi()), "{addresses:?}"),
+            AddressEvent::Found(0, addresses) => {
+                assert!(addresses.contains(&pi()), "{addresses:?}")
+            }
             other => panic!("expected the Pi's address, got {other:?}"),
         }
         let answered = probe::check("rpi.local", &[pi()], None, LIMIT).await;
@@ -90,11 +94,16 @@ fn check_fails_at_once_when_the_host_loses_power_though_mdns_still_caches_it() {
         let started = tokio::time::Instant::now();
         let outcome = probe::check("rpi.local", &[pi()], None, LIMIT).await;
         let took = started.elapsed();
-        assert!(outcome.is_err(), "a host without power must not answer: {outcome:?}");
+        assert!(
+            outcome.is_err(),
+            "a host without power must not answer: {outcome:?}"
+        );
         assert!(took <= LIMIT + Duration::from_millis(200), "took {took:?}");
         // mdns-sd says nothing for the records' TTL: that is why reachd checks on its own.
         assert!(
-            tokio::time::timeout(Duration::from_secs(2), events.recv()).await.is_err(),
+            tokio::time::timeout(Duration::from_secs(2), events.recv())
+                .await
+                .is_err(),
             "mdns-sd reported a loss it cannot know of yet"
         );
         resolver.shutdown();
@@ -129,13 +138,19 @@ fn tcp_port_is_part_of_the_check() {
         let listener = std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    pair.server.enter_current_thread().expect("setns into the server namespace");
-                    TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), 2222)).expect("listen on 2222")
+                    pair.server
+                        .enter_current_thread()
+                        .expect("setns into the server namespace");
+                    TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), 2222))
+                        .expect("listen on 2222")
                 })
                 .join()
                 .expect("listener thread")
         });
-        assert_eq!(probe::check("rpi.local", &[pi()], Some(2222), LIMIT).await, Ok(pi()));
+        assert_eq!(
+            probe::check("rpi.local", &[pi()], Some(2222), LIMIT).await,
+            Ok(pi())
+        );
         drop(listener);
         let refused = probe::check("rpi.local", &[pi()], Some(2222), LIMIT).await;
         let why = refused.unwrap_err();

@@ -67,7 +67,9 @@ pub async fn follow(system: Connection, views: watch::Sender<NetworkView>) -> zb
             let msg = msg.ok()?;
             let path = msg.header().path()?.to_string();
             // Device statistics and the like are noise; the manager and active connections count.
-            (path == NM_PATH || path.starts_with("/org/freedesktop/NetworkManager/ActiveConnection/")).then_some(())
+            (path == NM_PATH
+                || path.starts_with("/org/freedesktop/NetworkManager/ActiveConnection/"))
+            .then_some(())
         }),
         owners.map(|_| ()),
     ));
@@ -99,7 +101,9 @@ pub async fn follow(system: Connection, views: watch::Sender<NetworkView>) -> zb
         }
         // Wait for a change, then take every signal already queued: one read for the burst.
         if triggers.next().await.is_none() {
-            return Err(zbus::Error::Failure("system bus signal stream ended".into()));
+            return Err(zbus::Error::Failure(
+                "system bus signal stream ended".into(),
+            ));
         }
         while let Some(Some(())) = futures_util::FutureExt::now_or_never(triggers.next()) {}
     }

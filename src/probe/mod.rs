@@ -59,10 +59,16 @@ impl Resolver {
                         while let Ok(event) = receiver.recv_async().await {
                             let event = match event {
                                 HostnameResolutionEvent::AddressesFound(_, found) => {
-                                    AddressEvent::Found(index, found.iter().map(to_host_address).collect())
+                                    AddressEvent::Found(
+                                        index,
+                                        found.iter().map(to_host_address).collect(),
+                                    )
                                 }
                                 HostnameResolutionEvent::AddressesRemoved(_, removed) => {
-                                    AddressEvent::Removed(index, removed.iter().map(to_host_address).collect())
+                                    AddressEvent::Removed(
+                                        index,
+                                        removed.iter().map(to_host_address).collect(),
+                                    )
                                 }
                                 other => {
                                     debug!(hostname, ?other, "mdns-sd");
@@ -172,7 +178,8 @@ async fn ask(hostname: &str, address: &HostAddress, limit: Duration) -> Result<H
     let mut buffer = [0u8; 1500];
     for resend_at in [Instant::now() + limit / 2, deadline] {
         socket.send(&question).await.map_err(fail)?;
-        while let Ok(received) = tokio::time::timeout_at(resend_at, socket.recv(&mut buffer)).await {
+        while let Ok(received) = tokio::time::timeout_at(resend_at, socket.recv(&mut buffer)).await
+        {
             match received {
                 Ok(len) if query::answers(&question, &buffer[..len]) => return Ok(address.clone()),
                 Ok(_) => continue,

@@ -72,8 +72,8 @@ mod tests {
         assert_eq!(
             q,
             [
-                0x12, 0x34, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'r', b'p', b'i', 5, b'l', b'o',
-                b'c', b'a', b'l', 0, 0, 1, 0, 1
+                0x12, 0x34, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'r', b'p', b'i', 5, b'l', b'o', b'c',
+                b'a', b'l', 0, 0, 1, 0, 1
             ]
         );
         assert_eq!(build(1, "rpi.local.", true)[23..25], [0, 28]);
@@ -97,7 +97,10 @@ mod tests {
         error[3] |= 3;
         assert!(!answers(&q, &error), "NXDOMAIN");
         let other_name = build(7, "rpj.local", false);
-        assert!(!answers(&other_name, &avahi_response(7)), "another question");
+        assert!(
+            !answers(&other_name, &avahi_response(7)),
+            "another question"
+        );
         assert!(!answers(&q, &avahi_response(7)[..20]), "truncated");
     }
 }
