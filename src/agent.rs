@@ -8,9 +8,11 @@
 //! re-evaluates every host at once.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -38,6 +40,48 @@ const FIRST_NETWORK_VIEW: Duration = Duration::from_secs(3);
 pub struct Buses {
     pub system: Option<String>,
     pub session: Option<String>,
+}
+
+/// How the agent finds hosts and checks that they answer. [`run`] uses mDNS and the network
+/// ([`Resolver`] and [`probe::check`]); tests give [`run_with`] a fake, so that a host can be
+/// made reachable, and lost, on private buses without mDNS.
+pub trait Probe: Send + Sync + 'static {
+    /// Follows `hostname` (with its trailing dot) for as long as the process runs, sending what
+    /// is found and lost, tagged with `index`, to `events`.
+    fn follow(&self, index: usize, hostname: String, events: mpsc::Sender<AddressEvent>);
+    /// NetworkManager changed something: look at the machine's interfaces again.
+    fn interfaces_changed(&self);
+    /// One check of a host, as [`probe::check`].
+    fn check(
+        &self,
+        hostname: String,
+        candidates: Vec<HostAddress>,
+        port: Option<u16>,
+        limit: Duration,
+    ) -> BoxFuture<'static, CheckOutcome>;
+    /// The agent is stopping.
+    fn shutdown(&self);
+}
+
+impl Probe for Resolver {
+    fn follow(&self, index: usize, hostname: String, events: mpsc::Sender<AddressEvent>) {
+        Resolver::follow(self, index, hostname, events);
+    }
+    fn interfaces_changed(&self) {
+        Resolver::interfaces_changed(self);
+    }
+    fn check(
+        &self,
+        hostname: String,
+        candidates: Vec<HostAddress>,
+        port: Option<u16>,
+        limit: Duration,
+    ) -> BoxFuture<'static, CheckOutcome> {
+        Box::pin(async move { probe::check(&hostname, &candidates, port, limit).await })
+    }
+    fn shutdown(&self) {
+        Resolver::shutdown(self);
+    }
 }
 
 /// A finished check, tagged with the epoch it was started in.
@@ -122,6 +166,17 @@ pub async fn run(
     buses: Buses,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let resolver = Resolver::new().context("cannot start the mDNS resolver")?;
+    run_with(config, buses, Arc::new(resolver), shutdown).await
+}
+
+/// [`run`], finding and checking hosts with `resolver`.
+pub async fn run_with(
+    config: Config,
+    buses: Buses,
+    resolver: Arc<dyn Probe>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let now = Instant::now();
     let mut hosts: Vec<Host> = config
         .hosts
@@ -151,7 +206,6 @@ pub async fn run(
     let units = Units::new(&session)
         .await
         .context("cannot reach the systemd user manager on the session bus")?;
-    let resolver = Resolver::new().context("cannot start the mDNS resolver")?;
 
     let (network_tx, mut network_rx) = watch::channel(network::assumed_view());
     tokio::spawn(follow_network(buses.system.clone(), network_tx));
@@ -216,7 +270,7 @@ pub async fn run(
         if network_rx.has_changed().unwrap_or(false) {
             on_network(&mut hosts, &network_rx.borrow_and_update(), &resolver);
         }
-        wake = decide(&mut hosts, &units, &settings, &check_tx, &job_tx);
+        wake = decide(&mut hosts, &units, &resolver, &settings, &check_tx, &job_tx);
         for host in &hosts {
             if let Err(err) = publisher.update(&host.status()).await {
                 warn!(host = %host.config.name, "cannot publish status: {err}");
@@ -224,6 +278,9 @@ pub async fn run(
         }
     };
     resolver.shutdown();
+    // Tasks that follow units still hold the connection: give the name up now, so that a
+    // successor (or a test's next agent) can take it at once.
+    let _ = session.release_name(status::BUS_NAME).await;
     result
 }
 
@@ -274,7 +331,7 @@ async fn follow_network(address: Option<String>, views: watch::Sender<NetworkVie
     }
 }
 
-fn on_network(hosts: &mut [Host], view: &NetworkView, resolver: &Resolver) {
+fn on_network(hosts: &mut [Host], view: &NetworkView, resolver: &Arc<dyn Probe>) {
     resolver.interfaces_changed();
     let now = Instant::now();
     for host in hosts {
@@ -341,6 +398,7 @@ fn on_refresh(hosts: &mut [Host]) {
 fn decide(
     hosts: &mut [Host],
     units: &Units,
+    probe: &Arc<dyn Probe>,
     settings: &crate::config::ProbeSettings,
     checks: &mpsc::Sender<CheckDone>,
     jobs: &mpsc::Sender<JobDone>,
@@ -350,7 +408,14 @@ fn decide(
     for (index, host) in hosts.iter_mut().enumerate() {
         let plan = host.tracker.plan(now);
         if let Some(candidates) = plan.check {
-            spawn_check(index, host, candidates, settings.timeout, checks.clone());
+            spawn_check(
+                index,
+                host,
+                probe,
+                candidates,
+                settings.timeout,
+                checks.clone(),
+            );
         }
         let (job, target_wake) = target_action(host.tracker.wants_target(), &host.target, now);
         host.target_wake = target_wake;
@@ -371,16 +436,21 @@ fn decide(
 fn spawn_check(
     index: usize,
     host: &Host,
+    probe: &Arc<dyn Probe>,
     candidates: Vec<HostAddress>,
     limit: Duration,
     done: mpsc::Sender<CheckDone>,
 ) {
     let epoch = host.tracker.epoch();
-    let hostname = host.config.hostname.clone();
-    let port = host.config.port;
+    let check = probe.check(
+        host.config.hostname.clone(),
+        candidates,
+        host.config.port,
+        limit,
+    );
     tokio::spawn(async move {
         let started = Instant::now();
-        let outcome = probe::check(&hostname, &candidates, port, limit).await;
+        let outcome = check.await;
         let took = started.elapsed();
         let _ = done
             .send(CheckDone {

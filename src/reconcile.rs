@@ -276,9 +276,15 @@ impl HostTracker {
         }
     }
 
-    /// The unit state reachd wants for the host's target.
-    pub fn wants_target(&self) -> bool {
-        self.reach == Reach::Reachable
+    /// Whether reachd wants the host's target active; `None` while the host is undecided
+    /// (just started): a running target is then left alone until the first check says more,
+    /// so that restarting reachd does not interrupt tunnels and mounts.
+    pub fn wants_target(&self) -> Option<bool> {
+        match self.reach {
+            Reach::Unknown => None,
+            Reach::Reachable => Some(true),
+            Reach::Unreachable => Some(false),
+        }
     }
 
     fn next_absent_interval(&mut self, settings: &ProbeSettings, now: Instant) -> Duration {
@@ -374,14 +380,18 @@ impl Default for TargetView {
 }
 
 /// The job to send so that the target matches `want_active`, if any; else when to look again
-/// (a failed job is retried after [`JOB_RETRY_DELAY`]). No job is sent while one runs, while the
-/// unit's state is unknown, or when the unit is already where it should be.
+/// (a failed job is retried after [`JOB_RETRY_DELAY`]). No job is sent while the host is
+/// undecided, while a job runs, while the unit's state is unknown, or when the unit is already
+/// where it should be.
 pub fn target_action(
-    want_active: bool,
+    want_active: Option<bool>,
     target: &TargetView,
     now: Instant,
 ) -> (Option<JobKind>, Option<Instant>) {
     use UnitState::*;
+    let Some(want_active) = want_active else {
+        return (None, None);
+    };
     if target.job_running.is_some() || target.state == Unknown {
         return (None, None);
     }
@@ -453,7 +463,7 @@ mod tests {
             .on_check(t.epoch(), Ok(pi()), &ProbeSettings::default(), t0)
             .unwrap();
         assert_eq!((tr.from, tr.to), (Reach::Unknown, Reach::Reachable));
-        assert!(t.wants_target());
+        assert_eq!(t.wants_target(), Some(true));
         assert_eq!(t.address, Some(pi()));
         // Checked again after the present interval, not before.
         assert_eq!(
@@ -472,7 +482,7 @@ mod tests {
             .unwrap();
         assert_eq!(tr.to, Reach::Unreachable);
         assert_eq!(t.plan(t0 + Duration::from_secs(100)), Plan::default());
-        assert!(!t.wants_target());
+        assert_eq!(t.wants_target(), Some(false));
     }
 
     #[test]
@@ -619,37 +629,51 @@ mod tests {
             ..TargetView::new()
         };
         assert_eq!(
-            target_action(true, &view(UnitState::Inactive), now).0,
+            target_action(Some(true), &view(UnitState::Inactive), now).0,
             Some(JobKind::Start)
         );
         assert_eq!(
-            target_action(true, &view(UnitState::Failed), now).0,
+            target_action(Some(true), &view(UnitState::Failed), now).0,
             Some(JobKind::Start)
         );
         assert_eq!(
-            target_action(true, &view(UnitState::NotFound), now).0,
+            target_action(Some(true), &view(UnitState::NotFound), now).0,
             Some(JobKind::Start)
         );
-        assert_eq!(target_action(true, &view(UnitState::Active), now).0, None);
         assert_eq!(
-            target_action(false, &view(UnitState::Active), now).0,
-            Some(JobKind::Stop)
-        );
-        assert_eq!(
-            target_action(false, &view(UnitState::Activating), now).0,
-            Some(JobKind::Stop)
-        );
-        assert_eq!(
-            target_action(false, &view(UnitState::Inactive), now).0,
+            target_action(Some(true), &view(UnitState::Active), now).0,
             None
         );
-        assert_eq!(target_action(false, &view(UnitState::Failed), now).0, None);
-        assert_eq!(target_action(true, &view(UnitState::Unknown), now).0, None);
+        assert_eq!(
+            target_action(Some(false), &view(UnitState::Active), now).0,
+            Some(JobKind::Stop)
+        );
+        assert_eq!(
+            target_action(Some(false), &view(UnitState::Activating), now).0,
+            Some(JobKind::Stop)
+        );
+        assert_eq!(
+            target_action(Some(false), &view(UnitState::Inactive), now).0,
+            None
+        );
+        assert_eq!(
+            target_action(Some(false), &view(UnitState::Failed), now).0,
+            None
+        );
+        assert_eq!(
+            target_action(Some(true), &view(UnitState::Unknown), now).0,
+            None
+        );
+        // An undecided host leaves a running target alone (a restart of reachd).
+        assert_eq!(
+            target_action(None, &view(UnitState::Active), now),
+            (None, None)
+        );
         let running = TargetView {
             job_running: Some(JobKind::Start),
             ..view(UnitState::Inactive)
         };
-        assert_eq!(target_action(false, &running, now).0, None);
+        assert_eq!(target_action(Some(false), &running, now).0, None);
     }
 
     #[test]
@@ -661,11 +685,11 @@ mod tests {
             last_failure: Some((JobKind::Start, now)),
         };
         assert_eq!(
-            target_action(true, &view, now + Duration::from_secs(1)),
+            target_action(Some(true), &view, now + Duration::from_secs(1)),
             (None, Some(now + JOB_RETRY_DELAY))
         );
         assert_eq!(
-            target_action(true, &view, now + JOB_RETRY_DELAY).0,
+            target_action(Some(true), &view, now + JOB_RETRY_DELAY).0,
             Some(JobKind::Start)
         );
     }

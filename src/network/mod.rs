@@ -85,9 +85,11 @@ pub async fn follow(system: Connection, views: watch::Sender<NetworkView>) -> zb
                 if present != Some(true) {
                     info!("NetworkManager is on the system bus");
                 }
+                // The first view is news even when it equals the assumed one; later, only changes.
+                let first = present.is_none();
                 present = Some(true);
                 views.send_if_modified(|old| {
-                    let changed = *old != view;
+                    let changed = first || *old != view;
                     *old = view;
                     changed
                 });

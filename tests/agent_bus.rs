@@ -1,0 +1,989 @@
+//! The agent on private buses: each test starts two private `dbus-daemon`s (one plays the system
+//! bus, one the session bus), a fake NetworkManager and a fake systemd user manager on them, and
+//! `reachd::agent::run` in a task, then watches what the agent publishes on
+//! `org.reachd.Reachd1` and which jobs it sends. Every test body runs under a timeout, so a
+//! missed signal fails fast instead of hanging.
+//!
+//! By default the agent runs with its real mDNS probe and a hostname nobody answers for, so the
+//! host is never reachable. Tests that need a reachable host (start jobs, the address in the
+//! manager's environment, a start job that fails) give it a fake probe through
+//! `reachd::agent::run_with`.
+
+#[path = "agent_bus/bus.rs"]
+mod bus;
+#[path = "agent_bus/fake_nm.rs"]
+mod fake_nm;
+#[path = "agent_bus/fake_probe.rs"]
+mod fake_probe;
+#[path = "agent_bus/fake_systemd.rs"]
+mod fake_systemd;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use zbus::fdo::{DBusProxy, IntrospectableProxy, PropertiesProxy};
+use zbus::names::InterfaceName;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue};
+use zbus::Connection;
+
+use bus::PrivateBus;
+use fake_nm::{FakeNm, Network, NM_STATE_CONNECTED_GLOBAL, NM_STATE_CONNECTED_SITE};
+use fake_probe::FakeProbe;
+use fake_systemd::{Call, FakeSystemd, JobTiming, UnitSpec};
+
+/// The whole of one test, start to finish.
+const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// One expected change.
+const WAIT: Duration = Duration::from_secs(10);
+
+const BUS_NAME: &str = "org.reachd.Reachd1";
+const ROOT_PATH: &str = "/org/reachd/Reachd1";
+const HOST_PATH: &str = "/org/reachd/Reachd1/host/rpi";
+const HOST_INTERFACE: &str = "org.reachd.Reachd1.Host";
+const TARGET: &str = "rpi-accessible.target";
+const HOME_UUID: &str = "5f0f6c3e-8a3b-4f0e-9d6a-2b1c7e4d9a10";
+
+/// Runs a test body under [`TEST_TIMEOUT`].
+async fn within_timeout(body: impl Future<Output = ()>) {
+    if tokio::time::timeout(TEST_TIMEOUT, body).await.is_err() {
+        panic!("the test did not finish within {TEST_TIMEOUT:?}");
+    }
+}
+
+/// Log the agent with `RUST_LOG=reachd=debug cargo test --test agent_bus -- --nocapture`.
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A configuration with one host `rpi` whose mDNS name nobody on any network answers for, and
+/// `extra` TOML (e.g. a `[probe]` table) before it.
+fn config_with(extra: &str) -> reachd::config::Config {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let hostname = format!(
+        "reachd-test-{}-{}.local",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
+    let text = format!("{extra}\n[[host]]\nname = \"rpi\"\nhostname = \"{hostname}\"\n");
+    reachd::config::parse(&text, "agent_bus.toml").expect("the test configuration is valid")
+}
+
+/// The published properties of the host `rpi`.
+#[derive(Debug, Clone, PartialEq)]
+struct Host {
+    state: String,
+    reachable: bool,
+    reason: String,
+    address: String,
+    since: u64,
+    target_state: String,
+    last_job: String,
+    jobs_sent: u32,
+}
+
+impl Host {
+    fn from_properties(mut all: HashMap<String, OwnedValue>) -> Host {
+        let mut take = |name: &str| {
+            all.remove(name)
+                .unwrap_or_else(|| panic!("the host has no property {name}"))
+        };
+        let text = |v: OwnedValue| String::try_from(v).expect("a string property");
+        Host {
+            state: text(take("State")),
+            reachable: bool::try_from(take("Reachable")).expect("Reachable is a boolean"),
+            reason: text(take("Reason")),
+            address: text(take("Address")),
+            since: u64::try_from(take("Since")).expect("Since is a u64"),
+            target_state: text(take("TargetState")),
+            last_job: text(take("LastJob")),
+            jobs_sent: u32::try_from(take("JobsSent")).expect("JobsSent is a u32"),
+        }
+    }
+}
+
+/// What a test sets up: NetworkManager (absent when `None`), the target, the job timing.
+struct Setup {
+    network: Option<Network>,
+    target: UnitSpec,
+    timing: JobTiming,
+    /// A fake probe instead of mDNS, and the configuration's extra TOML.
+    probe: Option<Arc<FakeProbe>>,
+    extra_config: &'static str,
+}
+
+impl Setup {
+    fn new(network: Option<Network>, target: UnitSpec) -> Self {
+        Setup {
+            network,
+            target,
+            timing: JobTiming::After(Duration::from_millis(20)),
+            probe: None,
+            extra_config: "",
+        }
+    }
+}
+
+/// Two private buses, the fakes on them, the agent under test, and a client connection.
+struct Rig {
+    system: PrivateBus,
+    session: PrivateBus,
+    nm: Option<FakeNm>,
+    systemd: FakeSystemd,
+    client: Connection,
+    agent: Option<JoinHandle<anyhow::Result<()>>>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Rig {
+    async fn start(setup: Setup) -> Rig {
+        init_logging();
+        let system = PrivateBus::start("system");
+        let session = PrivateBus::start("session");
+        let nm = match &setup.network {
+            Some(network) => Some(
+                FakeNm::start(system.address(), network)
+                    .await
+                    .expect("the fake NetworkManager starts"),
+            ),
+            None => None,
+        };
+        let systemd =
+            FakeSystemd::start(session.address(), &[(TARGET, setup.target)], setup.timing)
+                .await
+                .expect("the fake systemd starts");
+        let client = zbus::connection::Builder::address(session.address())
+            .expect("a valid bus address")
+            .build()
+            .await
+            .expect("the test connects to its session bus");
+        let buses = reachd::agent::Buses {
+            system: Some(system.address().to_string()),
+            session: Some(session.address().to_string()),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let stopped = async move {
+            let _ = stopped.await;
+        };
+        let config = config_with(setup.extra_config);
+        let agent = match setup.probe {
+            Some(probe) => tokio::spawn(reachd::agent::run_with(config, buses, probe, stopped)),
+            None => tokio::spawn(reachd::agent::run(config, buses, stopped)),
+        };
+        let mut rig = Rig {
+            system,
+            session,
+            nm,
+            systemd,
+            client,
+            agent: Some(agent),
+            stop: Some(stop),
+        };
+        rig.wait_for_agent().await;
+        rig
+    }
+
+    /// Waits until the agent owns its name, failing at once if it exits instead.
+    async fn wait_for_agent(&mut self) {
+        let dbus = DBusProxy::new(&self.client).await.expect("the bus answers");
+        let mut owners = dbus
+            .receive_name_owner_changed_with_args(&[(0, BUS_NAME)])
+            .await
+            .expect("NameOwnerChanged subscription");
+        let owned = async {
+            if !dbus
+                .name_has_owner(BUS_NAME.try_into().unwrap())
+                .await
+                .expect("the bus answers")
+            {
+                owners.next().await.expect("the bus stays up");
+            }
+        };
+        let agent = self.agent.as_mut().expect("the agent runs");
+        tokio::select! {
+            () = owned => {}
+            ended = agent => panic!("the agent exited while starting: {ended:?}"),
+            () = tokio::time::sleep(WAIT) => panic!("the agent did not take {BUS_NAME} within {WAIT:?}"),
+        }
+    }
+
+    fn nm(&mut self) -> &mut FakeNm {
+        self.nm.as_mut().expect("this test runs NetworkManager")
+    }
+
+    async fn host(&self) -> Host {
+        let properties = self.host_properties().await;
+        let all = properties
+            .get_all(InterfaceName::from_static_str_unchecked(HOST_INTERFACE))
+            .await
+            .expect("the host's properties can be read");
+        Host::from_properties(all)
+    }
+
+    async fn host_properties(&self) -> PropertiesProxy<'static> {
+        PropertiesProxy::builder(&self.client)
+            .destination(BUS_NAME)
+            .unwrap()
+            .path(HOST_PATH)
+            .unwrap()
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .expect("a proxy for the host object")
+    }
+
+    /// Waits until the host's published properties satisfy `wanted`: subscribe, read, and read
+    /// again on each PropertiesChanged (level-triggered, so no change can slip between).
+    async fn wait_host(&self, what: &str, wanted: impl Fn(&Host) -> bool) -> Host {
+        let properties = self.host_properties().await;
+        let mut changes = properties
+            .receive_properties_changed()
+            .await
+            .expect("PropertiesChanged subscription");
+        let mut last = None;
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                let host = self.host().await;
+                if wanted(&host) {
+                    return host;
+                }
+                last = Some(host);
+                changes
+                    .next()
+                    .await
+                    .expect("the agent's signals keep coming");
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("host never {what} within {WAIT:?}; last seen: {last:#?}"))
+    }
+
+    async fn refresh(&self) {
+        self.client
+            .call_method(
+                Some(BUS_NAME),
+                ROOT_PATH,
+                Some("org.reachd.Reachd1"),
+                "Refresh",
+                &(),
+            )
+            .await
+            .expect("Refresh() succeeds");
+    }
+
+    /// Waits until the agent read NetworkManager `n` times (coldplug and each change).
+    async fn wait_nm_reads(&mut self, n: u32) {
+        let nm = self.nm();
+        tokio::time::timeout(WAIT, async {
+            while nm.reads() < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the agent did not read NetworkManager {n} times"));
+    }
+
+    fn assert_agent_running(&self) {
+        let agent = self.agent.as_ref().expect("the agent runs");
+        assert!(!agent.is_finished(), "the agent exited");
+    }
+
+    /// Stops the agent through its shutdown future and returns what `run` returned.
+    async fn shutdown(&mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().expect("not stopped yet").send(());
+        self.join().await
+    }
+
+    async fn join(&mut self) -> anyhow::Result<()> {
+        let agent = self.agent.take().expect("the agent runs");
+        tokio::time::timeout(WAIT, agent)
+            .await
+            .expect("the agent ends within the wait")
+            .expect("the agent task does not panic")
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coldplug_with_network_down_is_unreachable_and_sends_no_job() {
+    within_timeout(async {
+        let rig = Rig::start(Setup::new(
+            Some(Network::disconnected()),
+            UnitSpec::loaded("inactive"),
+        ))
+        .await;
+        let host = rig
+            .wait_host("unreachable with the target read", |h| {
+                h.state == "unreachable" && h.target_state == "inactive"
+            })
+            .await;
+        assert_eq!(host.reason, "network disconnected");
+        assert!(!host.reachable);
+        assert_eq!(host.address, "");
+        assert_eq!(host.jobs_sent, 0);
+        assert_eq!(host.last_job, "");
+        assert!(
+            rig.systemd.subscribed(),
+            "the agent calls Subscribe() so that systemd sends signals"
+        );
+        // The decision that published this state would have sent the job: none may come.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(rig.systemd.jobs(), []);
+        assert_eq!(rig.host().await.jobs_sent, 0);
+        rig.assert_agent_running();
+
+        // The root object lists the host and the version.
+        let root = PropertiesProxy::builder(&rig.client)
+            .destination(BUS_NAME)
+            .unwrap()
+            .path(ROOT_PATH)
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        let interface = InterfaceName::from_static_str_unchecked("org.reachd.Reachd1");
+        let hosts: Vec<OwnedObjectPath> = root
+            .get(interface.clone(), "Hosts")
+            .await
+            .unwrap()
+            .try_into()
+            .unwrap();
+        assert_eq!(
+            hosts.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+            [HOST_PATH]
+        );
+        let version: String = root
+            .get(interface, "Version")
+            .await
+            .unwrap()
+            .try_into()
+            .unwrap();
+        assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_loss_is_signalled_at_once_and_return_is_followed() {
+    within_timeout(async {
+        let network = Network::connected(NM_STATE_CONNECTED_GLOBAL, HOME_UUID);
+        let mut rig = Rig::start(Setup::new(Some(network), UnitSpec::loaded("inactive"))).await;
+        rig.wait_nm_reads(1).await;
+        // Within mDNS's grace the host is still unknown: no check has failed yet.
+        let before = rig.host().await;
+        assert_eq!(before.state, "unknown", "{before:#?}");
+
+        let properties = rig.host_properties().await;
+        let mut changes = properties.receive_properties_changed().await.unwrap();
+        rig.nm().set(&Network::disconnected()).await.unwrap();
+        // One PropertiesChanged carries the new state, its reason and its time together.
+        let changed = tokio::time::timeout(WAIT, async {
+            loop {
+                let signal = changes.next().await.expect("signals keep coming");
+                let args = signal.args().expect("PropertiesChanged arguments");
+                assert_eq!(args.interface_name.as_str(), HOST_INTERFACE);
+                let changed: BTreeMap<String, OwnedValue> = args
+                    .changed_properties
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), OwnedValue::try_from(v).unwrap()))
+                    .collect();
+                if changed.contains_key("State") {
+                    return changed;
+                }
+            }
+        })
+        .await
+        .expect("a PropertiesChanged with State after the network went down");
+        assert_eq!(
+            String::try_from(changed["State"].clone()).unwrap(),
+            "unreachable"
+        );
+        assert_eq!(
+            String::try_from(changed["Reason"].clone()).unwrap(),
+            "network disconnected"
+        );
+        let since = u64::try_from(changed["Since"].clone()).expect("Since changes with State");
+        assert!(
+            since > before.since,
+            "Since moves forward: {since} vs {}",
+            before.since
+        );
+
+        // The network comes back: the agent looks for the host again, and (nobody answering
+        // mDNS) gives up on it after the grace, with a new reason.
+        rig.nm()
+            .set(&Network::connected(NM_STATE_CONNECTED_SITE, HOME_UUID))
+            .await
+            .unwrap();
+        let host = rig
+            .wait_host("checked again on the new network", |h| {
+                h.reason.contains("not found by mDNS")
+            })
+            .await;
+        assert_eq!(host.state, "unreachable");
+        assert_eq!(rig.systemd.jobs(), []);
+        rig.assert_agent_running();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn networkmanager_restart_is_survived_and_followed() {
+    within_timeout(async {
+        let network = Network::connected(NM_STATE_CONNECTED_GLOBAL, HOME_UUID);
+        let mut rig = Rig::start(Setup::new(Some(network), UnitSpec::loaded("inactive"))).await;
+        rig.wait_nm_reads(1).await;
+
+        // NetworkManager leaves the bus: the agent keeps going with the last view.
+        rig.nm().stop().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rig.assert_agent_running();
+        rig.refresh().await;
+        assert_eq!(
+            rig.host().await.state,
+            "unknown",
+            "losing NetworkManager is not losing the network"
+        );
+
+        // It comes back, on a new connection, reporting no network: the agent follows.
+        let system = rig.system.address().to_string();
+        rig.nm()
+            .restart(&system, &Network::disconnected())
+            .await
+            .unwrap();
+        let host = rig
+            .wait_host("unreachable after the restart", |h| {
+                h.state == "unreachable"
+            })
+            .await;
+        assert_eq!(host.reason, "network disconnected");
+        rig.assert_agent_running();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn networkmanager_appearing_after_the_agent_is_followed() {
+    within_timeout(async {
+        let mut rig = Rig::start(Setup::new(None, UnitSpec::loaded("inactive"))).await;
+        // Without NetworkManager the agent assumes a network and waits for mDNS.
+        assert_eq!(rig.host().await.state, "unknown");
+        let nm = FakeNm::start(rig.system.address(), &Network::disconnected())
+            .await
+            .unwrap();
+        rig.nm = Some(nm);
+        let host = rig
+            .wait_host("unreachable once NetworkManager is seen", |h| {
+                h.state == "unreachable"
+            })
+            .await;
+        assert_eq!(host.reason, "network disconnected");
+    })
+    .await;
+}
+
+/// The target is active (someone started it, or the last run did) and the network is gone: the
+/// agent stops it and reports the job's result.
+async fn stop_job_on_network_down(timing: JobTiming) {
+    let setup = Setup {
+        timing,
+        ..Setup::new(Some(Network::disconnected()), UnitSpec::loaded("active"))
+    };
+    let rig = Rig::start(setup).await;
+    let jobs = rig.systemd.wait_for_jobs(1).await;
+    assert_eq!(
+        jobs,
+        [Call::Stop {
+            unit: TARGET.into(),
+            mode: "replace".into()
+        }]
+    );
+    let host = rig
+        .wait_host("stopped its target", |h| {
+            h.last_job == "stop: done" && h.target_state == "inactive"
+        })
+        .await;
+    assert_eq!(host.jobs_sent, 1);
+    assert_eq!(host.state, "unreachable");
+    assert_eq!(
+        rig.systemd.calls(),
+        jobs,
+        "no environment is set for a stop job"
+    );
+    rig.assert_agent_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_target_is_stopped_when_the_network_is_down() {
+    within_timeout(stop_job_on_network_down(JobTiming::After(
+        Duration::from_millis(20),
+    )))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_result_sent_before_the_reply_is_not_missed() {
+    // systemd may end a job before its reply to StopUnit is read: the agent must already be
+    // listening for JobRemoved (else it would wait 120 s and fail this test's timeout).
+    within_timeout(stop_job_on_network_down(JobTiming::BeforeReply)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_result_sent_right_after_the_reply_is_not_missed() {
+    within_timeout(stop_job_on_network_down(JobTiming::After(Duration::ZERO))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_job_is_reported_not_repeated_and_retried_on_refresh() {
+    within_timeout(async {
+        let target = UnitSpec {
+            stop_result: "failed",
+            ..UnitSpec::loaded("active")
+        };
+        let rig = Rig::start(Setup::new(Some(Network::disconnected()), target)).await;
+        rig.systemd.wait_for_jobs(1).await;
+        let host = rig
+            .wait_host("reported the failed job", |h| h.last_job == "stop: failed")
+            .await;
+        assert_eq!(host.jobs_sent, 1);
+        assert_eq!(host.target_state, "active");
+        // A failed job is retried later (30 s), not in a loop.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(rig.systemd.jobs().len(), 1, "{:?}", rig.systemd.jobs());
+        rig.assert_agent_running();
+        // Refresh() retries it now.
+        rig.refresh().await;
+        let jobs = rig.systemd.wait_for_jobs(2).await;
+        assert!(
+            matches!(&jobs[1], Call::Stop { unit, .. } if unit == TARGET),
+            "{jobs:?}"
+        );
+        rig.wait_host("counted the second job", |h| {
+            h.jobs_sent == 2 && h.last_job == "stop: failed"
+        })
+        .await;
+        rig.assert_agent_running();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_started_by_someone_else_is_seen_and_stopped() {
+    within_timeout(async {
+        let rig = Rig::start(Setup::new(
+            Some(Network::disconnected()),
+            UnitSpec::loaded("inactive"),
+        ))
+        .await;
+        rig.wait_host("unreachable", |h| {
+            h.state == "unreachable" && h.target_state == "inactive"
+        })
+        .await;
+        assert_eq!(rig.systemd.jobs(), []);
+        rig.systemd
+            .set_active_state(TARGET, "active")
+            .await
+            .unwrap();
+        let jobs = rig.systemd.wait_for_jobs(1).await;
+        assert!(
+            matches!(&jobs[0], Call::Stop { unit, .. } if unit == TARGET),
+            "{jobs:?}"
+        );
+        rig.wait_host("stopped it again", |h| {
+            h.target_state == "inactive" && h.last_job == "stop: done"
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_target_is_reported_and_the_agent_keeps_running() {
+    within_timeout(async {
+        let rig = Rig::start(Setup::new(
+            Some(Network::disconnected()),
+            UnitSpec::missing(),
+        ))
+        .await;
+        let host = rig
+            .wait_host("showing the missing target", |h| {
+                h.target_state == "not-found"
+            })
+            .await;
+        assert_eq!(host.jobs_sent, 0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(rig.systemd.jobs(), []);
+        rig.assert_agent_running();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_target_is_left_alone_until_the_host_is_decided() {
+    // A restarted agent (upgrade, crash) finds its target active and the host not yet checked:
+    // it must not stop the target (and the tunnels and mounts bound to it) before it knows.
+    within_timeout(async {
+        let network = Network::connected(NM_STATE_CONNECTED_GLOBAL, HOME_UUID);
+        let rig = Rig::start(Setup::new(Some(network), UnitSpec::loaded("active"))).await;
+        rig.wait_host("seeing the target active", |h| h.target_state == "active")
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let host = rig.host().await;
+        assert_eq!(
+            host.state, "unknown",
+            "still within mDNS's grace: {host:#?}"
+        );
+        assert_eq!(
+            rig.systemd.jobs(),
+            [],
+            "a job was sent while the host was unknown"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_session_bus_ends_run_with_an_error() {
+    within_timeout(async {
+        let mut rig = Rig::start(Setup::new(
+            Some(Network::disconnected()),
+            UnitSpec::loaded("inactive"),
+        ))
+        .await;
+        rig.wait_host("unreachable", |h| h.state == "unreachable")
+            .await;
+        rig.session.kill();
+        let ended = rig.join().await;
+        assert!(
+            ended.is_err(),
+            "run must fail so that systemd restarts the agent: {ended:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_future_ends_run_with_ok() {
+    within_timeout(async {
+        let mut rig = Rig::start(Setup::new(
+            Some(Network::disconnected()),
+            UnitSpec::loaded("inactive"),
+        ))
+        .await;
+        rig.wait_host("unreachable", |h| h.state == "unreachable")
+            .await;
+        rig.shutdown().await.expect("run returns Ok on shutdown");
+        assert_eq!(
+            rig.systemd.jobs(),
+            [],
+            "stopping the agent leaves the target as it is"
+        );
+    })
+    .await;
+}
+
+/// The members of one interface, comparable: methods with their argument types and
+/// directions, properties with type and access, signals with their argument types.
+#[derive(Debug, PartialEq, Eq)]
+struct Members {
+    methods: BTreeSet<String>,
+    properties: BTreeSet<String>,
+    signals: BTreeSet<String>,
+}
+
+/// The `org.reachd.*` interfaces of an introspection document.
+fn reachd_interfaces(xml: &str) -> BTreeMap<String, Members> {
+    let node = zbus_xml::Node::from_reader(xml.as_bytes()).expect("introspection XML parses");
+    let args = |args: &[zbus_xml::Arg]| {
+        args.iter()
+            .map(|a| {
+                format!(
+                    "{}{}",
+                    match a.direction() {
+                        Some(zbus_xml::ArgDirection::Out) => "out:",
+                        _ => "in:",
+                    },
+                    a.ty().inner()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    node.interfaces()
+        .iter()
+        .filter(|i| i.name().starts_with("org.reachd."))
+        .map(|i| {
+            let members = Members {
+                methods: i
+                    .methods()
+                    .iter()
+                    .map(|m| format!("{}({})", m.name(), args(m.args())))
+                    .collect(),
+                properties: i
+                    .properties()
+                    .iter()
+                    .map(|p| format!("{} {} {:?}", p.name(), p.ty().inner(), p.access()))
+                    .collect(),
+                signals: i
+                    .signals()
+                    .iter()
+                    .map(|s| format!("{}({})", s.name(), args(s.args())))
+                    .collect(),
+            };
+            (i.name().to_string(), members)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_introspection_matches_the_contract_xml() {
+    within_timeout(async {
+        let rig = Rig::start(Setup::new(
+            Some(Network::disconnected()),
+            UnitSpec::loaded("inactive"),
+        ))
+        .await;
+        let contract_path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/dbus-interfaces/org.reachd.Reachd1.xml"
+        );
+        let contract_xml =
+            std::fs::read_to_string(contract_path).expect("the contract XML is readable");
+        let contract = reachd_interfaces(&contract_xml);
+        assert_eq!(
+            contract.keys().collect::<Vec<_>>(),
+            ["org.reachd.Reachd1", "org.reachd.Reachd1.Host"],
+            "the contract defines the root and host interfaces"
+        );
+
+        let mut live = BTreeMap::new();
+        for (path, expected) in [
+            (ROOT_PATH, "org.reachd.Reachd1"),
+            (HOST_PATH, HOST_INTERFACE),
+        ] {
+            let introspectable = IntrospectableProxy::builder(&rig.client)
+                .destination(BUS_NAME)
+                .unwrap()
+                .path(path)
+                .unwrap()
+                .build()
+                .await
+                .unwrap();
+            let xml = introspectable
+                .introspect()
+                .await
+                .expect("Introspect() answers");
+            let found = reachd_interfaces(&xml);
+            assert_eq!(
+                found.keys().collect::<Vec<_>>(),
+                [expected],
+                "interfaces at {path}"
+            );
+            live.extend(found);
+        }
+        for (name, members) in &contract {
+            let live = &live[name];
+            assert_eq!(
+                live.methods, members.methods,
+                "methods of {name} (live, contract)"
+            );
+            assert_eq!(
+                live.properties, members.properties,
+                "properties of {name} (live, contract)"
+            );
+            assert_eq!(
+                live.signals, members.signals,
+                "signals of {name} (live, contract)"
+            );
+        }
+        assert_eq!(live, contract);
+    })
+    .await;
+}
+
+/// The Pi answers at this address (TEST-NET-1) in the tests with a fake probe.
+fn pi() -> reachd::address::HostAddress {
+    reachd::address::HostAddress::v4("192.0.2.10".parse().unwrap())
+}
+
+/// A reachable host on a connected network, the target as `target`.
+fn reachable(target: UnitSpec, timing: JobTiming) -> Setup {
+    let network = Network::connected(NM_STATE_CONNECTED_GLOBAL, HOME_UUID);
+    Setup {
+        timing,
+        probe: Some(FakeProbe::present(pi())),
+        ..Setup::new(Some(network), target)
+    }
+}
+
+fn start_job() -> Call {
+    Call::Start {
+        unit: TARGET.into(),
+        mode: "replace".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reachable_host_gets_its_address_set_then_its_target_started_then_stopped() {
+    within_timeout(async {
+        let setup = reachable(
+            UnitSpec::loaded("inactive"),
+            JobTiming::After(Duration::from_millis(20)),
+        );
+        let mut rig = Rig::start(setup).await;
+        let host = rig
+            .wait_host("reachable with its target started", |h| {
+                h.reachable && h.target_state == "active" && h.last_job == "start: done"
+            })
+            .await;
+        assert_eq!(host.state, "reachable");
+        assert_eq!(host.address, "192.0.2.10");
+        assert_eq!(host.reason, "answered at 192.0.2.10");
+        assert_eq!(host.jobs_sent, 1);
+        // The address is in the manager's environment before the target (and its tunnel) start.
+        assert_eq!(
+            rig.systemd.calls(),
+            [
+                Call::SetEnvironment(vec!["REACHD_RPI_ADDRESS=192.0.2.10".into()]),
+                start_job()
+            ]
+        );
+
+        // The network goes: unreachable at once, and the target stopped.
+        rig.nm().set(&Network::disconnected()).await.unwrap();
+        let host = rig
+            .wait_host("stopped on network loss", |h| {
+                h.target_state == "inactive" && h.last_job == "stop: done"
+            })
+            .await;
+        assert_eq!(host.state, "unreachable");
+        assert_eq!(host.reason, "network disconnected");
+        assert_eq!(host.jobs_sent, 2);
+        assert_eq!(
+            rig.systemd.jobs()[1],
+            Call::Stop {
+                unit: TARGET.into(),
+                mode: "replace".into()
+            }
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_job_result_sent_before_the_reply_is_not_missed() {
+    within_timeout(async {
+        let rig = Rig::start(reachable(
+            UnitSpec::loaded("inactive"),
+            JobTiming::BeforeReply,
+        ))
+        .await;
+        let host = rig
+            .wait_host("started", |h| h.last_job == "start: done")
+            .await;
+        assert_eq!(host.target_state, "active");
+        assert_eq!(rig.systemd.jobs(), [start_job()]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_target_is_reported_in_last_job_and_not_retried_in_a_loop() {
+    within_timeout(async {
+        let rig = Rig::start(reachable(
+            UnitSpec::missing(),
+            JobTiming::After(Duration::from_millis(20)),
+        ))
+        .await;
+        let host = rig
+            .wait_host("reporting the missing unit", |h| {
+                h.last_job.starts_with("start: ") && h.last_job != "start: running"
+            })
+            .await;
+        assert_eq!(
+            host.last_job,
+            "start: Unit rpi-accessible.target not found."
+        );
+        assert_eq!(host.target_state, "not-found");
+        assert!(
+            host.reachable,
+            "the host is reachable even if its target is missing"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(rig.systemd.jobs(), [start_job()]);
+        rig.assert_agent_running();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_start_job_is_reported_and_not_retried_in_a_loop() {
+    within_timeout(async {
+        let target = UnitSpec {
+            start_result: "failed",
+            ..UnitSpec::loaded("inactive")
+        };
+        let rig = Rig::start(reachable(
+            target,
+            JobTiming::After(Duration::from_millis(20)),
+        ))
+        .await;
+        let host = rig
+            .wait_host("reporting the failed job", |h| {
+                h.last_job == "start: failed"
+            })
+            .await;
+        assert_eq!(host.target_state, "failed");
+        assert_eq!(host.jobs_sent, 1);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(rig.systemd.jobs(), [start_job()]);
+        rig.assert_agent_running();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_that_stops_answering_has_its_target_stopped() {
+    within_timeout(async {
+        let probe = FakeProbe::present(pi());
+        let setup = Setup {
+            probe: Some(probe.clone()),
+            extra_config: "[probe]\npresent_interval_ms = 100\nfailures = 2\n",
+            ..reachable(
+                UnitSpec::loaded("inactive"),
+                JobTiming::After(Duration::from_millis(20)),
+            )
+        };
+        let rig = Rig::start(setup).await;
+        rig.wait_host("started", |h| h.last_job == "start: done")
+            .await;
+        probe.vanish();
+        let host = rig
+            .wait_host("stopped once the host is lost", |h| {
+                h.state == "unreachable" && h.last_job == "stop: done"
+            })
+            .await;
+        assert!(host.reason.contains("no mDNS answer"), "{host:#?}");
+        assert_eq!(host.target_state, "inactive");
+        assert_eq!(
+            host.address, "192.0.2.10",
+            "the last address that answered stays published"
+        );
+    })
+    .await;
+}
