@@ -167,13 +167,14 @@ impl Avahi {
         )?;
         let log = dir.join("avahi.log");
         let _ = fs::remove_file(&log);
-        // `ip netns exec` gives the daemon a /sys of the namespace; `unshare -m` a private
-        // /run/avahi-daemon (pid file, socket) so several avahis can run. Both exec, so the PID
-        // is avahi's.
+        // `ip netns exec` gives the daemon a /sys of the namespace; `unshare -m` a private /run
+        // for its /run/avahi-daemon (pid file, socket), so several avahis can run and nothing is
+        // left in the machine's /run (with enable-dbus=no avahi needs nothing else there). Both
+        // exec, so the PID is avahi's.
         let daemon = Spawn::new("ip")
             .args(["netns", "exec", ns.name(), "unshare", "-m", "sh", "-c"])
             .arg(
-                "mkdir -p /run/avahi-daemon && mount -t tmpfs tmpfs /run/avahi-daemon && \
+                "mount -t tmpfs tmpfs /run && mkdir /run/avahi-daemon && \
                  exec avahi-daemon --no-drop-root --no-chroot -f \"$1\"",
             )
             .arg("sh")
@@ -223,12 +224,22 @@ pub struct MdnsPair {
     pub client: Netns,
     _tracker: Tracker,
     _dir: tempfile::TempDir,
+    pids: PathBuf,
+}
+
+impl Drop for MdnsPair {
+    fn drop(&mut self) {
+        // Avahi first, so that the pid records are gone; then their (empty) directory.
+        self.avahi.stop();
+        let _ = fs::remove_dir(&self.pids);
+    }
 }
 
 impl MdnsPair {
     /// Builds the pair and waits until `HOST.local` answers from the client namespace.
     pub fn start(prefix: &str, host: &str) -> io::Result<MdnsPair> {
-        let tracker = Tracker::open(&Path::new("/run").join(format!("{prefix}mdns-pids")))?;
+        let pids = Path::new("/run").join(format!("{prefix}mdns-pids"));
+        let tracker = Tracker::open(&pids)?;
         remove_stale(prefix);
         let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
         let client = Netns::create(&format!("{prefix}client"))?;
@@ -252,6 +263,7 @@ impl MdnsPair {
             client,
             _tracker: tracker,
             _dir: dir,
+            pids,
         })
     }
 
@@ -319,7 +331,11 @@ pub fn resolve_once(name: &str, via: Ipv4Addr, timeout: Duration) -> io::Result<
                     return Ok(a);
                 }
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(e),
         }
     }

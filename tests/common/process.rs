@@ -292,7 +292,11 @@ impl Daemon {
             if Instant::now() >= deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("{} (pid {}) did not exit within {timeout:?}", self.name, self.pid()),
+                    format!(
+                        "{} (pid {}) did not exit within {timeout:?}",
+                        self.name,
+                        self.pid()
+                    ),
                 ));
             }
             thread::sleep(Duration::from_millis(20));
@@ -301,7 +305,10 @@ impl Daemon {
 
     /// Stop it: SIGTERM, SIGKILL after 10 s. Idempotent.
     pub fn stop(&mut self) {
-        if self.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)).is_err() {
+        if self
+            .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
+            .is_err()
+        {
             let _ = self.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
         }
         if let Some(r) = self.record.take() {

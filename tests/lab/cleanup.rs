@@ -1,0 +1,85 @@
+//! Cleaning up from what is on disk alone, so that a run can undo what an earlier one left after
+//! dying halfway (SIGKILL, a power cut, the watchdog): recorded PIDs, the lab's cgroups, `rl-`
+//! namespaces, and markers in DIR/state for what the lab created outside DIR.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::common::netns;
+use crate::common::process::{kill_cgroup_tree, Spawn, Tracker};
+use crate::lab::{dir, io_err, HOOK, LAB_CGROUP, PREFIX, SYSTEM_BUS, T};
+
+pub fn state(name: &str) -> PathBuf {
+    dir().join("state").join(name)
+}
+
+/// Records that the lab created something outside DIR that recovery must undo.
+pub fn mark(name: &str, content: &str) -> Result<(), String> {
+    fs::write(state(name), content).map_err(|e| io_err(format!("marker {name}"), e))
+}
+
+pub fn marked(name: &str) -> Option<String> {
+    fs::read_to_string(state(name)).ok()
+}
+
+/// Removes whatever the lab (this run or an earlier one) left behind, using only what is on
+/// disk: recorded PIDs, the lab's cgroups, `rl-` namespaces, markers in DIR/state. Idempotent.
+pub fn recover() {
+    if let Ok(t) = Tracker::open(&state("pids")) {
+        t.stop_recorded();
+    }
+    crate::user::recover();
+    kill_cgroup_tree(Path::new(LAB_CGROUP));
+    if marked("hook").is_some() {
+        let _ = fs::remove_file(HOOK);
+    }
+    if marked("hook-backup").is_some() {
+        let _ = fs::copy(state("hook.orig"), HOOK);
+    }
+    if marked("system-bus").is_some() {
+        let _ = fs::remove_file(SYSTEM_BUS);
+    }
+    if marked("run-nm").is_some() {
+        let _ = fs::remove_dir("/run/NetworkManager");
+    }
+    if marked("run-sshd").is_some() {
+        let _ = fs::remove_dir("/run/sshd");
+    }
+    netns::remove_stale(PREFIX);
+    unmount_below(dir());
+    keep_logs();
+    let _ = fs::remove_dir_all(dir());
+}
+
+/// With `REACHD_LAB_LOGS=DIR` in the environment, copies the daemons' logs and reachd's there
+/// before the lab's files are removed (for debugging a failed run).
+fn keep_logs() {
+    let Some(to) = std::env::var_os("REACHD_LAB_LOGS") else {
+        return;
+    };
+    let to = PathBuf::from(to);
+    let _ = fs::create_dir_all(&to);
+    let mut files: Vec<PathBuf> = fs::read_dir(dir().join("logs"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.push(dir().join("home/reachd.log"));
+    for f in files {
+        if let Some(name) = f.file_name() {
+            let _ = fs::copy(&f, to.join(name));
+        }
+    }
+}
+
+/// Lazily unmounts anything mounted below `root` (an sshfs killed mid-run leaves a dead mount
+/// that makes `rm -r` fail).
+pub fn unmount_below(root: &Path) {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        if let Some(target) = line.split_whitespace().nth(1) {
+            // /proc/mounts escapes spaces as \040; our paths have none.
+            if Path::new(target).starts_with(root) {
+                let _ = Spawn::new("umount").args(["-l", target]).run(T);
+            }
+        }
+    }
+}

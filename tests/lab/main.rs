@@ -1,0 +1,169 @@
+//! reachd's end-to-end lab: the real NetworkManager, systemd --user, avahi, sshd and sshfs in
+//! network namespaces (see lab.rs for the topology and /work/shared/LAB.md for the recipe), with
+//! reachd running as the test user's service from the repo's systemd/ units.
+//!
+//! `cargo test --test lab [-- SUBSTRING...]` as root. It builds the lab once, runs the lab's
+//! self-check and coldplug, then the scenarios whose names contain one of the substrings (all
+//! without any), printing one line each and then `N passed, M failed`; exit status 1 on any
+//! failure. It cleans up after itself even when a scenario fails or panics, and at start after
+//! an earlier run that died. A watchdog ends a run that exceeds its time budget.
+//! `REACHD_LAB_LOGS=DIR` keeps the daemons' logs and reachd's (copied to DIR before cleanup).
+//!
+//! Never run two labs at once on one machine: each starts by removing the other's leftovers.
+
+mod cleanup;
+#[path = "../common/mod.rs"]
+mod common;
+mod expect;
+mod lab;
+mod network;
+mod pi;
+mod preflight;
+mod scenarios;
+mod user;
+mod views;
+
+use std::panic::{self, AssertUnwindSafe};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use lab::Lab;
+use scenarios::{tail, SCENARIOS};
+
+/// The whole run, lab included, must end before this; CI budget is ~8 minutes.
+const BUDGET: Duration = Duration::from_secs(9 * 60);
+
+fn main() -> ExitCode {
+    preflight::fix_path();
+    let filters = filters(std::env::args().skip(1));
+    let problems = preflight::problems();
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("lab: cannot run: {p}");
+        }
+        println!("0 passed, 1 failed");
+        return ExitCode::FAILURE;
+    }
+    let Some(reachd) = option_env!("CARGO_BIN_EXE_reachd") else {
+        eprintln!("lab: cannot run: the crate has no `reachd` binary target to test");
+        println!("0 passed, 1 failed");
+        return ExitCode::FAILURE;
+    };
+    watchdog();
+    let started = Instant::now();
+    eprintln!("lab: building the lab in {} ...", lab::DIR);
+    let built = panic::catch_unwind(|| Lab::build(Path::new(reachd)));
+    let mut lab = match built {
+        Ok(Ok(lab)) => lab,
+        Ok(Err(e)) => return setup_failed(&e),
+        Err(p) => return setup_failed(&panic_message(p.as_ref())),
+    };
+    eprintln!("lab: built in {:.1} s", started.elapsed().as_secs_f64());
+    let (mut passed, mut failed) = (0, 0);
+    let mut blocked: Option<String> = None;
+    for (name, always, scenario) in SCENARIOS {
+        if !always && !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let t = Instant::now();
+        let outcome = match &blocked {
+            Some(why) => Err(why.clone()),
+            None => match panic::catch_unwind(AssertUnwindSafe(|| scenario(&mut lab))) {
+                Ok(r) => r,
+                Err(p) => Err(format!("panicked: {}", panic_message(p.as_ref()))),
+            },
+        };
+        match outcome {
+            Ok(detail) => {
+                passed += 1;
+                println!("{name}: ok ({detail}) [{:.1} s]", t.elapsed().as_secs_f64());
+            }
+            Err(why) => {
+                failed += 1;
+                println!("{name}: FAILED: {why} [{:.1} s]", t.elapsed().as_secs_f64());
+                if *always {
+                    // Without the lab or a running agent the rest would only repeat this.
+                    blocked.get_or_insert(format!("not run: {name} failed"));
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        if let Some(u) = &lab.user {
+            eprintln!(
+                "lab: last lines of reachd's log:\n{}",
+                tail(&u.reachd_log(), 40)
+            );
+        }
+    }
+    eprintln!("lab: tearing down");
+    drop(lab);
+    eprintln!("lab: done in {:.1} s", started.elapsed().as_secs_f64());
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The scenario filters among the arguments: libtest's own options (and their values, for those
+/// that take one) are ignored, so `cargo test -- --test-threads 1` still runs everything.
+fn filters(args: impl Iterator<Item = String>) -> Vec<String> {
+    const WITH_VALUE: &[&str] = &[
+        "--test-threads",
+        "--skip",
+        "--logfile",
+        "--format",
+        "--color",
+        "-Z",
+    ];
+    let mut out = Vec::new();
+    let mut skip_next = false;
+    for a in args {
+        if std::mem::take(&mut skip_next) {
+            continue;
+        }
+        if a.starts_with('-') {
+            skip_next = WITH_VALUE.contains(&a.as_str());
+        } else {
+            out.push(a);
+        }
+    }
+    out
+}
+
+fn setup_failed(why: &str) -> ExitCode {
+    println!("lab setup: FAILED: {why}");
+    eprintln!(
+        "lab: logs of the lab's daemons were in {}/logs (removed)",
+        lab::DIR
+    );
+    // The partial lab was dropped (and cleaned up) already; make sure of it.
+    cleanup::recover();
+    println!("0 passed, 1 failed");
+    ExitCode::FAILURE
+}
+
+/// Ends a run that hangs despite the deadlines: cleans up from the on-disk records and exits.
+fn watchdog() {
+    std::thread::spawn(|| {
+        std::thread::sleep(BUDGET);
+        eprintln!(
+            "lab: still running after {} s: cleaning up and giving up",
+            BUDGET.as_secs()
+        );
+        cleanup::recover();
+        println!("lab: FAILED: timed out");
+        println!("0 passed, 1 failed");
+        std::process::exit(1);
+    });
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".into())
+}

@@ -1,0 +1,191 @@
+//! The Pi and the café: avahi announcing `rpi.local` in rl-pi (and an impostor in rl-cafe),
+//! sshd with the test key, the files sshfs mounts, and a stand-in for the Pi's nix-daemon socket
+//! at the far end of the ssh tunnel.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crate::cleanup::mark;
+use crate::common::netns::{resolve_once, Avahi};
+use crate::common::process::{wait_until, Spawn};
+use crate::lab::{dir, io_err, Lab, GREETING, PI_ADDR, T};
+use crate::network::links;
+
+impl Lab {
+    pub fn start_pi(&mut self) -> Result<(), String> {
+        let pi = dir().join("pi");
+        let files = pi.join("files");
+        fs::create_dir_all(&files).map_err(|e| io_err("pi dir", e))?;
+        fs::write(files.join("greeting.txt"), GREETING).map_err(|e| io_err("pi files", e))?;
+        self.start_pi_avahi()?;
+        // sshd: host key and the client key the test user will use.
+        for key in ["host_key", "client_key"] {
+            let path = pi.join(key);
+            Spawn::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", "reachd-lab", "-f"])
+                .arg(&path)
+                .ok(T)
+                .map_err(|e| e.to_string())?;
+        }
+        fs::copy(pi.join("client_key.pub"), pi.join("authorized_keys"))
+            .map_err(|e| io_err("authorized_keys", e))?;
+        let conf = pi.join("sshd_config");
+        fs::write(
+            &conf,
+            format!(
+                "ListenAddress {PI_ADDR}:22\nHostKey {d}/host_key\nPidFile none\n\
+                 AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+                 AllowStreamLocalForwarding yes\nStreamLocalBindUnlink yes\nStrictModes no\n\
+                 Subsystem sftp internal-sftp\nLogLevel VERBOSE\n",
+                d = pi.display()
+            ),
+        )
+        .map_err(|e| io_err("sshd_config", e))?;
+        // sshd's privilege separation directory.
+        if !Path::new("/run/sshd").exists() {
+            fs::create_dir_all("/run/sshd").map_err(|e| io_err("/run/sshd", e))?;
+            mark("run-sshd", "")?;
+        }
+        let sshd_bin = crate::preflight::which("sshd").ok_or("sshd not found")?;
+        let sshd = self.daemon(
+            "sshd",
+            Spawn::new(sshd_bin)
+                .args(["-D", "-e", "-f"])
+                .arg(&conf)
+                .netns(Lab::netns_path("pi")),
+        )?;
+        let log = sshd.log().to_path_buf();
+        self.sshd = Some(sshd);
+        wait_until(T, "sshd on the pi", || {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("Server listening") {
+                Ok(Some(()))
+            } else {
+                Err(text.trim().to_string())
+            }
+        })?;
+        self.echo = Some(EchoServer::start(&pi.join("nix-daemon.sock"))?);
+        Ok(())
+    }
+
+    /// (Re)starts the Pi's avahi, announcing `rpi.local`.
+    pub fn start_pi_avahi(&mut self) -> Result<(), String> {
+        let avahi = Avahi::start(
+            &self.namespaces[2],
+            "rpi",
+            "pi0",
+            &dir().join("pi").join("avahi"),
+            Some(&self.tracker),
+        )
+        .map_err(|e| io_err("avahi on the pi", e))?;
+        self.pi_avahi = Some(avahi);
+        Ok(())
+    }
+
+    pub fn start_cafe(&mut self) -> Result<(), String> {
+        let avahi = Avahi::start(
+            &self.namespaces[3],
+            "rpi",
+            "c0",
+            &dir().join("cafe"),
+            Some(&self.tracker),
+        )
+        .map_err(|e| io_err("avahi in the café", e))?;
+        self.cafe_avahi = Some(avahi);
+        Ok(())
+    }
+
+    /// The Pi's switch port: down = power loss (no goodbye), up = power back.
+    pub fn pi_port(&self, up: bool) -> Result<(), String> {
+        self.namespaces[1]
+            .ip(&["link", "set", "lan-p", if up { "up" } else { "down" }])
+            .map_err(|e| io_err("the pi's switch port", e))
+    }
+
+    /// Resolves `rpi.local` from the laptop namespace with the lab's own one-shot query.
+    pub fn resolve_rpi_from_laptop(&self, via: &str) -> Result<String, String> {
+        let via = via.parse().map_err(|e| io_err(via, e))?;
+        self.namespaces[0]
+            .run_in(|| resolve_once("rpi.local", via, Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?
+            .map(|a| a.to_string())
+            .map_err(|e| io_err(format!("rpi.local from the laptop ({})", links()), e))
+    }
+
+    /// Sends `token` through the ssh tunnel's local socket and expects it back from the Pi's
+    /// stand-in nix-daemon.
+    pub fn tunnel_echo(&self, token: &str) -> Result<(), String> {
+        let sock = self.user().runtime_dir().join("rpi-nix-daemon.sock");
+        let mut s = UnixStream::connect(&sock).map_err(|e| io_err(sock.display(), e))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(token.as_bytes())
+            .map_err(|e| io_err("writing to the tunnel", e))?;
+        let mut buf = vec![0u8; token.len()];
+        s.read_exact(&mut buf)
+            .map_err(|e| io_err("reading from the tunnel", e))?;
+        if buf == token.as_bytes() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the tunnel returned {:?}",
+                String::from_utf8_lossy(&buf)
+            ))
+        }
+    }
+}
+
+/// The Pi's nix-daemon stand-in: echoes whatever a client sends on a unix socket. It runs as a
+/// thread of the lab (sockets on the file system need no namespace); sshd on the Pi connects to it
+/// for the tunnel's `-L local.sock:remote.sock`.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    path: PathBuf,
+}
+
+impl EchoServer {
+    pub fn start(path: &Path) -> Result<EchoServer, String> {
+        let _ = fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(|e| io_err(path.display(), e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(mut c) = conn {
+                    thread::spawn(move || {
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n) = c.read(&mut buf) {
+                            if n == 0 || c.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Ok(EchoServer {
+            stop,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = UnixStream::connect(&self.path);
+        let _ = fs::remove_file(&self.path);
+    }
+}

@@ -1,0 +1,482 @@
+//! The scenarios of issue 3, in the order they run. Each one starts from the baseline (home up,
+//! Pi present, target active) unless it continues the previous one, asserts the units, reachd's
+//! own view and real traffic, and returns a short report of what it measured.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::process::{wait_until, Spawn};
+use crate::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
+use crate::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
+
+pub type Scenario = fn(&mut Lab) -> Result<String, String>;
+
+/// Name, and whether it always runs (the lab's own check and coldplug set the stage).
+pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
+    ("0-lab-self-check", true, lab_self_check),
+    ("1-coldplug", true, coldplug),
+    ("2-nm-down-up", false, nm_down_up),
+    ("3-pi-power-loss", false, pi_power_loss),
+    ("4-pi-back", false, pi_back),
+    ("5-avahi-goodbye", false, avahi_goodbye),
+    ("6-foreign-network", false, foreign_network),
+    ("7-nm-restart", false, nm_restart),
+    ("8-flapping", false, flapping),
+    ("9-dispatcher-hook", false, dispatcher_hook),
+    ("10-agreement", false, agreement),
+];
+
+/// The default bound for noticing a Pi that vanished without a word.
+const POWER_LOSS_BOUND: Duration = Duration::from_secs(20);
+const EVIL_UUID: &str = "3f9a7c1e-5b2d-4e8f-9a61-0c2b7d4e1a03";
+const INJECTED: &str = "/tmp/reachd-lab-injected";
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// Home up, café down, Pi powered with avahi, NetworkManager running; waits for the target.
+fn baseline(lab: &mut Lab) -> Result<(), String> {
+    lab.pi_port(true)?;
+    if lab.pi_avahi.is_none() {
+        lab.start_pi_avahi()?;
+    }
+    if lab.nm.as_mut().is_none_or(|nm| nm.exited().is_some()) {
+        lab.start_nm()?;
+    }
+    if !lab.connection_state(CAFE_UUID)?.is_empty() {
+        lab.nmcli_con("down", CAFE_UUID)?;
+    }
+    if lab.connection_state(HOME_UUID)? != "activated" {
+        lab.nmcli_con("up", HOME_UUID)?;
+    }
+    lab.expect_up(T, "baseline")
+        .map(drop)
+        .map_err(|e| format!("baseline (home up, Pi present) not reached: {e}"))
+}
+
+/// Checks the lab before reachd runs, so a later failure is reachd's and not the lab's:
+/// NetworkManager, nmcli, the dispatcher hook reaching the user's bus, avahi, sshd, the units.
+fn lab_self_check(lab: &mut Lab) -> Result<String, String> {
+    let state = lab.nm_state()?;
+    if !(50..=70).contains(&state) {
+        return Err(format!("NetworkManager State {state}, expected 50+"));
+    }
+    let addr = wait_until(T, "rpi.local answering in the laptop namespace", || {
+        lab.resolve_rpi_from_laptop("192.0.2.2").map(Some)
+    })?;
+    if addr != PI_ADDR {
+        return Err(format!("rpi.local resolved to {addr} from the laptop"));
+    }
+    // nmcli down/up, and the hook runs on those events and reaches the user's session bus (its
+    // Refresh call shows in the bus monitor even with no agent to answer it).
+    let mark = lab.user().monitor_mark();
+    lab.nmcli_con("down", HOME_UUID)?;
+    wait_until(T, "NetworkManager below State 50 after `con down`", || {
+        let s = lab.nm_state()?;
+        Ok((s < 50).then_some(()))
+    })?;
+    lab.nmcli_con("up", HOME_UUID)?;
+    lab.wait_home_up()?;
+    wait_until(
+        T,
+        "the dispatcher hook's Refresh call on the session bus",
+        || Ok((!refresh_calls(&lab.user().monitor_since(mark)).is_empty()).then_some(())),
+    )?;
+    // sshd, the tunnel and the mount, with the target started by hand as reachd would.
+    let u = lab.user();
+    u.systemctl(&["set-environment", &format!("REACHD_RPI_ADDRESS={PI_ADDR}")])?;
+    u.systemctl(&["start", TARGET])?;
+    wait_until(T, "the target's units active", || {
+        let units = u.units(&[TUNNEL, MOUNT])?;
+        let active = units
+            .values()
+            .filter(|p| p["ActiveState"] == "active")
+            .count();
+        Ok((active == 2).then_some(()))
+    })?;
+    lab.expect_tunnel()?;
+    lab.expect_mount()?;
+    let u = lab.user();
+    u.systemctl(&["stop", TARGET])?;
+    u.systemctl(&["unset-environment", "REACHD_RPI_ADDRESS"])?;
+    let sock = u.runtime_dir().join("rpi-nix-daemon.sock");
+    if sock.exists() || is_mounted(&u.home.join("rpi").to_string_lossy()) {
+        return Err("stopping the target left the tunnel socket or the mount behind".into());
+    }
+    Ok(format!(
+        "NM State {state}, rpi.local = {addr}, hook, tunnel and mount work"
+    ))
+}
+
+/// reachd starts by D-Bus activation (as the CLI or a status bar would start it) with the link
+/// up and the Pi present, and brings the target up.
+fn coldplug(lab: &mut Lab) -> Result<String, String> {
+    let started = Instant::now();
+    let u = lab.user();
+    let ping = u
+        .cmd("busctl")
+        .args([
+            "--user",
+            "--timeout=30",
+            "call",
+            "org.reachd.Reachd1",
+            "/org/reachd/Reachd1",
+        ])
+        .args(["org.freedesktop.DBus.Peer", "Ping"])
+        .run(Duration::from_secs(35))
+        .map_err(|e| e.to_string())?;
+    if !ping.success() {
+        let unit = u.units(&[REACHD])?;
+        let log = u.reachd_log();
+        return Err(format!(
+            "D-Bus activation of org.reachd.Reachd1 failed ({}); reachd.service: {:?}; reachd log: {}",
+            ping.stderr.trim(),
+            unit.get(REACHD),
+            tail(&log, 5)
+        ));
+    }
+    let props = u.units(&[REACHD])?;
+    let p = props.get(REACHD).ok_or("no reachd.service")?;
+    if p["ActiveState"] != "active" {
+        return Err(format!(
+            "reachd.service is {} after activation",
+            p["ActiveState"]
+        ));
+    }
+    // The unit's hardening is in effect (and did not keep it from starting).
+    let proc_status =
+        fs::read_to_string(format!("/proc/{}/status", p["MainPID"])).unwrap_or_default();
+    for want in ["NoNewPrivs:\t1", "Seccomp:\t2"] {
+        if !proc_status.lines().any(|l| l == want) {
+            return Err(format!(
+                "reachd (pid {}) runs without {want:?}",
+                p["MainPID"]
+            ));
+        }
+    }
+    let took = lab.expect_up(T, "coldplug")?;
+    let env = lab.user().manager_env()?;
+    if !env
+        .lines()
+        .any(|l| l == format!("REACHD_RPI_ADDRESS={PI_ADDR}"))
+    {
+        return Err(format!(
+            "REACHD_RPI_ADDRESS not set in the user manager: {env}"
+        ));
+    }
+    lab.expect_tunnel()?;
+    lab.expect_mount()?;
+    Ok(format!(
+        "activated and target up in {} (target after {}); tunnel and mount work",
+        secs(started.elapsed()),
+        secs(took)
+    ))
+}
+
+fn nm_down_up(lab: &mut Lab) -> Result<String, String> {
+    baseline(lab)?;
+    lab.nmcli_con("down", HOME_UUID)?;
+    let down = lab.expect_down(T, "home down")?;
+    lab.nmcli_con("up", HOME_UUID)?;
+    let up = lab.expect_up(T, "home up")?;
+    lab.expect_tunnel()?;
+    lab.expect_mount()?;
+    Ok(format!(
+        "stopped {} after `con down`, started {} after `con up`",
+        secs(down),
+        secs(up)
+    ))
+}
+
+fn pi_power_loss(lab: &mut Lab) -> Result<String, String> {
+    baseline(lab)?;
+    lab.pi_port(false)?;
+    let took = lab.expect_down(POWER_LOSS_BOUND, "pi lost power")?;
+    // The mount point answers at once: the mount is gone, nothing waits for the dead Pi.
+    let mount_point = lab.user().home.join("rpi");
+    let ls = lab
+        .user()
+        .cmd("ls")
+        .arg(&mount_point)
+        .run(Duration::from_secs(2));
+    match ls {
+        Ok(o) if o.success() => {}
+        Ok(o) => return Err(format!("ls ~/rpi: {} {}", o.status, o.stderr.trim())),
+        Err(e) => return Err(format!("ls ~/rpi did not answer within 2 s: {e}")),
+    }
+    Ok(format!(
+        "stopped {} after the power loss; ls ~/rpi answers",
+        secs(took)
+    ))
+}
+
+fn pi_back(lab: &mut Lab) -> Result<String, String> {
+    // Continues scenario 3; run alone, it first takes the Pi's power away.
+    if lab.user().active_state(TARGET)? == "active" {
+        lab.pi_port(false)?;
+        lab.expect_down(POWER_LOSS_BOUND, "pi lost power (for 4)")?;
+    }
+    lab.pi_port(true)?;
+    let took = lab.expect_up(T, "pi back")?;
+    lab.expect_tunnel()?;
+    lab.expect_mount()?;
+    Ok(format!("started {} after power came back", secs(took)))
+}
+
+fn avahi_goodbye(lab: &mut Lab) -> Result<String, String> {
+    baseline(lab)?;
+    if let Some(mut avahi) = lab.pi_avahi.take() {
+        avahi.stop();
+    }
+    let down = lab.expect_down(T, "pi avahi stopped")?;
+    lab.start_pi_avahi()?;
+    let up = lab.expect_up(T, "pi avahi restarted")?;
+    lab.expect_tunnel()?;
+    Ok(format!(
+        "stopped {} after the goodbye, started {} after avahi came back",
+        secs(down),
+        secs(up)
+    ))
+}
+
+fn foreign_network(lab: &mut Lab) -> Result<String, String> {
+    baseline(lab)?;
+    lab.nmcli_con("down", HOME_UUID)?;
+    lab.expect_down(T, "home down (for 6)")?;
+    lab.nmcli_con("up", CAFE_UUID)?;
+    // The test is only worth something if rpi.local does answer in the café.
+    let addr = wait_until(T, "the café's impostor answering rpi.local", || {
+        lab.resolve_rpi_from_laptop("192.0.2.130").map(Some)
+    })?;
+    if addr != IMPOSTOR_ADDR {
+        return Err(format!("in the café rpi.local resolved to {addr}"));
+    }
+    lab.expect_stays_down(Duration::from_secs(8), "in the café")?;
+    lab.nmcli_con("down", CAFE_UUID)?;
+    lab.nmcli_con("up", HOME_UUID)?;
+    lab.expect_up(T, "back home")?;
+    Ok(format!(
+        "rpi.local answered by {addr} in the café; nothing started for 8 s"
+    ))
+}
+
+fn nm_restart(lab: &mut Lab) -> Result<String, String> {
+    baseline(lab)?;
+    let before = lab
+        .user()
+        .units(&[REACHD])?
+        .remove(REACHD)
+        .ok_or("no reachd.service")?;
+    let nm = lab.nm.as_mut().ok_or("NetworkManager not running")?;
+    nm.signal_and_wait(libc::SIGKILL, T)
+        .map_err(|e| e.to_string())?;
+    lab.nm = None;
+    // A while without NetworkManager: reachd must neither exit nor guess.
+    std::thread::sleep(Duration::from_secs(2));
+    let during = lab.user().units(&[REACHD, TARGET])?;
+    lab.start_nm()?;
+    lab.wait_home_up()?;
+    let took = lab.expect_up(T, "NetworkManager restarted")?;
+    let after = lab
+        .user()
+        .units(&[REACHD])?
+        .remove(REACHD)
+        .ok_or("no reachd.service")?;
+    for (label, p) in [
+        ("without NetworkManager", &during[REACHD]),
+        ("after", &after),
+    ] {
+        if p["ActiveState"] != "active" || p["MainPID"] != before["MainPID"] {
+            return Err(format!(
+                "reachd.service {label}: {} pid {} (was pid {})",
+                p["ActiveState"], p["MainPID"], before["MainPID"]
+            ));
+        }
+    }
+    if after["NRestarts"] != before["NRestarts"] {
+        return Err(format!(
+            "reachd.service restarted: NRestarts {} -> {}",
+            before["NRestarts"], after["NRestarts"]
+        ));
+    }
+    lab.expect_tunnel()?;
+    Ok(format!(
+        "reachd kept pid {}; target {} without NM, up {} after the restart",
+        after["MainPID"],
+        during[TARGET]["ActiveState"],
+        secs(took)
+    ))
+}
+
+fn flapping(lab: &mut Lab) -> Result<String, String> {
+    baseline(lab)?;
+    let mark = lab.user().monitor_mark();
+    let started = Instant::now();
+    for _ in 0..30 {
+        lab.nmcli_con("down", HOME_UUID)?;
+        lab.nmcli_con("up", HOME_UUID)?;
+    }
+    let cycles = started.elapsed();
+    let took = lab.expect_up(T, "after flapping")?;
+    lab.expect_tunnel()?;
+    let msgs = lab.user().monitor_since(mark);
+    let jobs = msgs
+        .iter()
+        .filter(|m| m["member"] == "JobNew" && m["payload"]["data"][2] == TARGET)
+        .count();
+    let calls = |method: &str| {
+        msgs.iter()
+            .filter(|m| m["type"] == "method_call" && m["member"] == method)
+            .filter(|m| m["payload"]["data"][0] == TARGET)
+            .count()
+    };
+    Ok(format!(
+        "30 cycles in {}, settled {} later; {jobs} jobs for the target ({} StartUnit, {} StopUnit calls)",
+        secs(cycles),
+        secs(took),
+        calls("StartUnit"),
+        calls("StopUnit")
+    ))
+}
+
+/// Refresh calls to reachd seen on the session bus.
+fn refresh_calls(msgs: &[Value]) -> Vec<&Value> {
+    msgs.iter()
+        .filter(|m| {
+            m["type"] == "method_call"
+                && m["destination"] == "org.reachd.Reachd1"
+                && m["member"] == "Refresh"
+        })
+        .collect()
+}
+
+/// How many of the Refresh calls got a successful reply (reachd handled them).
+fn answered(msgs: &[Value], calls: &[&Value]) -> usize {
+    calls
+        .iter()
+        .filter(|c| {
+            msgs.iter().any(|r| {
+                r["type"] == "method_return"
+                    && r["destination"] == c["sender"]
+                    && r["reply_cookie"] == c["cookie"]
+            })
+        })
+        .count()
+}
+
+fn dispatcher_hook(lab: &mut Lab) -> Result<String, String> {
+    baseline(lab)?;
+    let meta = fs::metadata(crate::lab::HOOK).map_err(|e| e.to_string())?;
+    if meta.uid() != 0 || meta.permissions().mode() & 0o7777 != 0o755 {
+        return Err(format!(
+            "hook installed with uid {} mode {:o}",
+            meta.uid(),
+            meta.mode()
+        ));
+    }
+    // Real events: the hook makes the running agent refresh (a Refresh call it answers).
+    let mark = lab.user().monitor_mark();
+    lab.nmcli_con("down", HOME_UUID)?;
+    lab.nmcli_con("up", HOME_UUID)?;
+    let handled = wait_until(T, "a Refresh from the hook answered by reachd", || {
+        let msgs = lab.user().monitor_since(mark);
+        let n = answered(&msgs, &refresh_calls(&msgs));
+        Ok((n > 0).then_some(n))
+    })?;
+    lab.expect_up(T, "after the hook's refresh")?;
+    // A hostile connection name: nothing of it may reach a shell.
+    let _ = fs::remove_file(INJECTED);
+    let evil = format!(
+        "evil $(touch {INJECTED}) `touch {INJECTED}` 'q' \"dq\" ;touch {INJECTED} \nsecond line"
+    );
+    Spawn::new("nmcli")
+        .args([
+            "connection",
+            "add",
+            "type",
+            "ethernet",
+            "ifname",
+            "lc0",
+            "con-name",
+            &evil,
+        ])
+        .args(["connection.uuid", EVIL_UUID, "connection.autoconnect", "no"])
+        .args([
+            "ipv4.method",
+            "manual",
+            "ipv4.addresses",
+            "192.0.2.131/25",
+            "ipv6.method",
+            "disabled",
+        ])
+        .ok(T)
+        .map_err(|e| e.to_string())?;
+    let mark = lab.user().monitor_mark();
+    let result = (|| {
+        lab.nmcli_con("up", EVIL_UUID)?;
+        lab.nmcli_con("down", EVIL_UUID)?;
+        // The hook did run for these events (else "nothing ran" would prove nothing).
+        wait_until(T, "the hook's Refresh for the evil connection", || {
+            Ok((!refresh_calls(&lab.user().monitor_since(mark)).is_empty()).then_some(()))
+        })?;
+        std::thread::sleep(Duration::from_secs(1));
+        if Path::new(INJECTED).exists() {
+            return Err(format!(
+                "{INJECTED} was created: a connection name reached a shell"
+            ));
+        }
+        Ok(())
+    })();
+    let _ = Spawn::new("nmcli")
+        .args(["connection", "delete", "uuid", EVIL_UUID])
+        .run(T);
+    let _ = fs::remove_file(INJECTED);
+    result?;
+    lab.expect_up(T, "after the evil connection")?;
+    Ok(format!(
+        "{handled} refresh(es) answered after down/up; a hostile connection id ran nothing"
+    ))
+}
+
+fn agreement(lab: &mut Lab) -> Result<String, String> {
+    baseline(lab)?;
+    let u = lab.user();
+    let hosts = u
+        .cmd("busctl")
+        .args([
+            "--user",
+            "--json=short",
+            "get-property",
+            "org.reachd.Reachd1",
+            "/org/reachd/Reachd1",
+        ])
+        .args(["org.reachd.Reachd1", "Hosts"])
+        .ok(T)
+        .map_err(|e| e.to_string())?;
+    if !hosts.stdout.contains("/org/reachd/Reachd1/host/rpi") {
+        return Err(format!("Hosts property: {}", hosts.stdout.trim()));
+    }
+    if lab.disagreements.is_empty() {
+        Ok(format!(
+            "{} checks of check/status/D-Bus/units all agreed",
+            lab.agreement_checks
+        ))
+    } else {
+        Err(format!(
+            "{} of {} checks disagreed: {}",
+            lab.disagreements.len(),
+            lab.agreement_checks,
+            lab.disagreements.join(" | ")
+        ))
+    }
+}
+
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
