@@ -144,6 +144,19 @@ pub struct Avahi {
     daemon: Daemon,
 }
 
+/// What an [`Avahi`] needs beyond its host name and interface; the default is the plain daemon
+/// (a private /run, no D-Bus).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AvahiOptions<'a> {
+    /// Use the machine's /run, so that its socket is /run/avahi-daemon/socket in the machine's
+    /// mount namespace, where nss-mdns (`getent ahosts NAME.local`) looks for it. Only one such
+    /// avahi can run on a machine.
+    pub machine_run: bool,
+    /// Register on the D-Bus bus listening at this socket (as its system bus), so that
+    /// `avahi-publish` can add records; without it, `enable-dbus=no`.
+    pub bus: Option<&'a Path>,
+}
+
 impl Avahi {
     /// Starts avahi in `ns`, announcing `host_name` on `iface` only; `dir` holds its config and
     /// log. Returns once the daemon reports startup complete (or fails after 20 s).
@@ -154,13 +167,26 @@ impl Avahi {
         dir: &Path,
         tracker: Option<&Tracker>,
     ) -> io::Result<Avahi> {
+        Avahi::start_with(ns, host_name, iface, dir, tracker, AvahiOptions::default())
+    }
+
+    /// [`Avahi::start`] with [`AvahiOptions`].
+    pub fn start_with(
+        ns: &Netns,
+        host_name: &str,
+        iface: &str,
+        dir: &Path,
+        tracker: Option<&Tracker>,
+        options: AvahiOptions,
+    ) -> io::Result<Avahi> {
         fs::create_dir_all(dir)?;
         let conf = dir.join("avahi-daemon.conf");
+        let dbus = if options.bus.is_some() { "yes" } else { "no" };
         fs::write(
             &conf,
             format!(
                 "[server]\nhost-name={host_name}\ndomain-name=local\nuse-ipv4=yes\nuse-ipv6=no\n\
-                 allow-interfaces={iface}\nenable-dbus=no\nratelimit-interval-usec=1000000\n\
+                 allow-interfaces={iface}\nenable-dbus={dbus}\nratelimit-interval-usec=1000000\n\
                  ratelimit-burst=1000\n[wide-area]\nenable-wide-area=no\n[publish]\n\
                  publish-hinfo=no\npublish-workstation=no\n[reflector]\n[rlimits]\n"
             ),
@@ -170,16 +196,29 @@ impl Avahi {
         // `ip netns exec` gives the daemon a /sys of the namespace; `unshare -m` a private /run
         // for its /run/avahi-daemon (pid file, socket), so several avahis can run and nothing is
         // left in the machine's /run (with enable-dbus=no avahi needs nothing else there). Both
-        // exec, so the PID is avahi's.
-        let daemon = Spawn::new("ip")
-            .args(["netns", "exec", ns.name(), "unshare", "-m", "sh", "-c"])
-            .arg(
-                "mount -t tmpfs tmpfs /run && mkdir /run/avahi-daemon && \
-                 exec avahi-daemon --no-drop-root --no-chroot -f \"$1\"",
-            )
-            .arg("sh")
-            .arg(&conf)
-            .start(&format!("avahi-{}", ns.name()), &log, tracker)?;
+        // exec, so the PID is avahi's. With `machine_run` the files land in the machine's /run
+        // (`ip netns exec` only remounts /sys).
+        let script = if options.machine_run {
+            "mkdir -p /run/avahi-daemon && exec avahi-daemon --no-drop-root --no-chroot -f \"$1\""
+        } else {
+            "mount -t tmpfs tmpfs /run && mkdir /run/avahi-daemon && \
+             exec avahi-daemon --no-drop-root --no-chroot -f \"$1\""
+        };
+        let unshare: &[&str] = if options.machine_run {
+            &[]
+        } else {
+            &["unshare", "-m"]
+        };
+        let mut spawn = Spawn::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .args(unshare)
+            .args(["sh", "-c", script, "sh"])
+            .arg(&conf);
+        if let Some(bus) = options.bus {
+            let address = format!("unix:path={}", bus.display());
+            spawn = spawn.env("DBUS_SYSTEM_BUS_ADDRESS", address);
+        }
+        let daemon = spawn.start(&format!("avahi-{}", ns.name()), &log, tracker)?;
         let mut avahi = Avahi { daemon };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

@@ -4,10 +4,30 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::common::netns;
 use crate::common::process::{kill_cgroup_tree, Spawn, Tracker};
-use crate::lab::{dir, io_err, HOOK, LAB_CGROUP, PREFIX, SYSTEM_BUS, T};
+use crate::lab::{dir, io_err, HOOK, LAB_CGROUP, OLD_SCRIPT, PREFIX, SYSTEM_BUS, T};
+
+/// The machine's avahi runtime directory, which the benchmark's laptop-side avahi uses (and
+/// creates, if the machine has none) so that nss-mdns finds its socket.
+pub const RUN_AVAHI: &str = "/run/avahi-daemon";
+
+/// Ends a run that hangs despite the deadlines: after `budget`, cleans up from the on-disk
+/// records, calls `report` (what the run prints when it fails) and exits with status 1.
+pub fn watchdog(budget: Duration, what: &'static str, report: fn()) {
+    std::thread::spawn(move || {
+        std::thread::sleep(budget);
+        eprintln!(
+            "{what}: still running after {} s: cleaning up and giving up",
+            budget.as_secs()
+        );
+        recover();
+        report();
+        std::process::exit(1);
+    });
+}
 
 pub fn state(name: &str) -> PathBuf {
     dir().join("state").join(name)
@@ -36,6 +56,7 @@ pub fn recover() {
     if marked("hook-backup").is_some() {
         let _ = fs::copy(state("hook.orig"), HOOK);
     }
+    remove_old_way();
     if marked("system-bus").is_some() {
         let _ = fs::remove_file(SYSTEM_BUS);
     }
@@ -49,6 +70,19 @@ pub fn recover() {
     unmount_below(dir());
     keep_logs();
     let _ = fs::remove_dir_all(dir());
+}
+
+/// Removes what the benchmark installed for the old way, by its markers: the dispatcher script
+/// and the machine's /run/avahi-daemon (only if the benchmark created it).
+pub fn remove_old_way() {
+    if marked("old-script").is_some() {
+        let _ = fs::remove_file(OLD_SCRIPT);
+        let _ = fs::remove_file(state("old-script"));
+    }
+    if marked("run-avahi").is_some() {
+        let _ = fs::remove_dir_all(RUN_AVAHI);
+        let _ = fs::remove_file(state("run-avahi"));
+    }
 }
 
 /// With `REACHD_LAB_LOGS=DIR` in the environment, copies the daemons' logs and reachd's there

@@ -17,7 +17,7 @@ use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cleanup::{recover, state};
+use crate::cleanup::{marked, recover, state};
 use crate::common::netns::{self, Avahi, Netns};
 use crate::common::process::{Daemon, Spawn, Tracker};
 use crate::network::install_hook;
@@ -37,6 +37,8 @@ pub const HOME_UUID: &str = "3f9a7c1e-5b2d-4e8f-9a61-0c2b7d4e1a01";
 pub const CAFE_UUID: &str = "3f9a7c1e-5b2d-4e8f-9a61-0c2b7d4e1a02";
 /// Our dispatcher hook, installed for the run.
 pub const HOOK: &str = "/etc/NetworkManager/dispatcher.d/90-reachd";
+/// The dispatcher script reachd replaces, as its users have it (installed by the benchmark).
+pub const OLD_SCRIPT: &str = "/etc/NetworkManager/dispatcher.d/50-rpi-accessible";
 pub const SYSTEM_BUS: &str = "/run/dbus/system_bus_socket";
 /// What the Pi serves under its exported directory, read back through the sshfs mount.
 pub const GREETING: &str = "hello from the lab's pi\n";
@@ -70,6 +72,12 @@ impl Lab {
     /// Builds the whole lab, cleaning up leftovers first. On error, dropping the partial lab
     /// cleans up what was built.
     pub fn build(reachd: &Path) -> Result<Lab, String> {
+        Lab::build_with(reachd, true)
+    }
+
+    /// [`Lab::build`], with or without our dispatcher hook (the benchmark measures reachd
+    /// without it). reachd itself is not started: D-Bus activation or the unit start it.
+    pub fn build_with(reachd: &Path, hook: bool) -> Result<Lab, String> {
         recover();
         fs::create_dir_all(dir().join("state")).map_err(|e| io_err(DIR, e))?;
         fs::create_dir_all(dir().join("logs")).map_err(|e| io_err(DIR, e))?;
@@ -98,7 +106,9 @@ impl Lab {
         lab.write_nm_config()?;
         lab.start_nm()?;
         lab.wait_home_up()?;
-        install_hook()?;
+        if hook {
+            install_hook()?;
+        }
         lab.user = Some(TestUser::create(&lab.tracker, reachd)?);
         Ok(lab)
     }
@@ -156,8 +166,10 @@ impl Lab {
         if let Some(mut user) = self.user.take() {
             user.shut_down();
         }
-        let _ = fs::remove_file(HOOK);
-        let _ = fs::remove_file(state("hook"));
+        if marked("hook").is_some() {
+            let _ = fs::remove_file(HOOK);
+            let _ = fs::remove_file(state("hook"));
+        }
         for d in [&mut self.nm, &mut self.sshd, &mut self.sysbus]
             .into_iter()
             .flatten()

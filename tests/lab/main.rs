@@ -50,7 +50,10 @@ fn main() -> ExitCode {
         println!("0 passed, 1 failed");
         return ExitCode::FAILURE;
     };
-    watchdog();
+    cleanup::watchdog(BUDGET, "lab", || {
+        println!("lab: FAILED: timed out");
+        println!("0 passed, 1 failed");
+    });
     let started = Instant::now();
     eprintln!("lab: building the lab in {} ...", lab::DIR);
     let built = panic::catch_unwind(|| Lab::build(Path::new(reachd)));
@@ -144,21 +147,6 @@ fn setup_failed(why: &str) -> ExitCode {
     cleanup::recover();
     println!("0 passed, 1 failed");
     ExitCode::FAILURE
-}
-
-/// Ends a run that hangs despite the deadlines: cleans up from the on-disk records and exits.
-fn watchdog() {
-    std::thread::spawn(|| {
-        std::thread::sleep(BUDGET);
-        eprintln!(
-            "lab: still running after {} s: cleaning up and giving up",
-            BUDGET.as_secs()
-        );
-        cleanup::recover();
-        println!("lab: FAILED: timed out");
-        println!("0 passed, 1 failed");
-        std::process::exit(1);
-    });
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

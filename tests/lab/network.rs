@@ -215,9 +215,16 @@ pub fn install_hook() -> Result<(), String> {
         mark("hook-backup", "")?;
     }
     mark("hook", "")?;
-    fs::copy(&src, hook).map_err(|e| io_err(format!("installing {}", src.display()), e))?;
-    chown(hook, Some(0), Some(0)).map_err(|e| io_err(HOOK, e))?;
-    fs::set_permissions(hook, fs::Permissions::from_mode(0o755)).map_err(|e| io_err(HOOK, e))
+    let text = fs::read(&src).map_err(|e| io_err(src.display(), e))?;
+    write_dispatcher_script(hook, &text)
+}
+
+/// Writes a dispatcher script as nm-dispatcher wants it: root-owned, 0755.
+pub fn write_dispatcher_script(path: &Path, text: &[u8]) -> Result<(), String> {
+    let e = |e| io_err(format!("installing {}", path.display()), e);
+    fs::write(path, text).map_err(e)?;
+    chown(path, Some(0), Some(0)).map_err(e)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).map_err(e)
 }
 
 /// The laptop's addresses and the switch's links, for error messages.

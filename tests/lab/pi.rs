@@ -12,7 +12,7 @@ use std::thread;
 use std::time::Duration;
 
 use crate::cleanup::mark;
-use crate::common::netns::{resolve_once, Avahi};
+use crate::common::netns::{resolve_once, Avahi, AvahiOptions};
 use crate::common::process::{wait_until, Spawn};
 use crate::lab::{dir, io_err, Lab, GREETING, PI_ADDR, T};
 use crate::network::links;
@@ -77,12 +77,20 @@ impl Lab {
 
     /// (Re)starts the Pi's avahi, announcing `rpi.local`.
     pub fn start_pi_avahi(&mut self) -> Result<(), String> {
-        let avahi = Avahi::start(
+        self.start_pi_avahi_with(AvahiOptions::default())
+    }
+
+    /// [`Lab::start_pi_avahi`] with options (e.g. on a bus, for `avahi-publish`).
+    pub fn start_pi_avahi_with(&mut self, options: AvahiOptions) -> Result<(), String> {
+        // One avahi per namespace: stop the one running, if any.
+        self.pi_avahi = None;
+        let avahi = Avahi::start_with(
             &self.namespaces[2],
             "rpi",
             "pi0",
             &dir().join("pi").join("avahi"),
             Some(&self.tracker),
+            options,
         )
         .map_err(|e| io_err("avahi on the pi", e))?;
         self.pi_avahi = Some(avahi);

@@ -130,16 +130,7 @@ impl TestUser {
         fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
             .map_err(|e| io_err(bin.display(), e))?;
         let log = self.reachd_log_path();
-        w(
-            units.join("reachd.service.d/lab.conf"),
-            format!(
-                "# The lab's binary instead of ~/.cargo/bin/reachd; output to a file (no journald).\n\
-                 [Service]\nExecStart=\nExecStart={} run --config %h/.config/reachd/config.toml\n\
-                 StandardOutput=append:{}\nStandardError=inherit\n",
-                bin.display(),
-                log.display()
-            ),
-        )?;
+        self.write_reachd_dropin("run --config %h/.config/reachd/config.toml")?;
         let pi = dir().join("pi");
         w(
             units.join("rpi-nix-tunnel.service.d/lab.conf"),
@@ -189,6 +180,28 @@ impl TestUser {
                 .map_err(|e| io_err(p.display(), e))?;
         }
         Ok(())
+    }
+
+    /// The drop-in that runs the lab's binary as `reachd RUN_ARGS` (the repo's unit runs
+    /// ~/.cargo/bin/reachd), its output appended to [`TestUser::reachd_log_path`] (no journald).
+    /// Takes effect at the next `daemon-reload`.
+    pub fn write_reachd_dropin(&self, run_args: &str) -> Result<(), String> {
+        let path = self
+            .home
+            .join(".config/systemd/user/reachd.service.d/lab.conf");
+        fs::create_dir_all(path.parent().expect("has a parent"))
+            .map_err(|e| io_err(path.display(), e))?;
+        fs::write(
+            &path,
+            format!(
+                "# The lab's binary instead of ~/.cargo/bin/reachd; output to a file (no journald).\n\
+                 [Service]\nExecStart=\nExecStart={} {run_args}\n\
+                 StandardOutput=append:{}\nStandardError=inherit\n",
+                dir().join("bin/reachd").display(),
+                self.reachd_log_path().display()
+            ),
+        )
+        .map_err(|e| io_err(path.display(), e))
     }
 
     pub fn reachd_log_path(&self) -> PathBuf {
