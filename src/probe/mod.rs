@@ -170,7 +170,7 @@ async fn ask(hostname: &str, address: &HostAddress, limit: Duration) -> Result<H
         SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     let fail = |err: std::io::Error| debug!(%address, "mDNS question not sent: {err}");
-    let socket = UdpSocket::bind(any).await.map_err(fail)?;
+    let socket = link_local_socket(any).map_err(fail)?;
     // A connected socket only receives from the target: answers from anyone else are dropped.
     socket.connect(target).await.map_err(fail)?;
     let question = query::build(next_id(), hostname, target.is_ipv6());
@@ -192,6 +192,21 @@ async fn ask(hostname: &str, address: &HostAddress, limit: Duration) -> Result<H
         }
     }
     Err(())
+}
+
+/// A UDP socket bound to `any` whose packets die at the first router (TTL / hop limit 1):
+/// mDNS belongs to the link, and a stale address of another network must not send questions
+/// off it. Responders do not check a query's TTL, so the host on the link still answers.
+fn link_local_socket(any: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(any), Type::DGRAM, Some(Protocol::UDP))?;
+    match any {
+        SocketAddr::V4(_) => socket.set_ttl_v4(1)?,
+        SocketAddr::V6(_) => socket.set_unicast_hops_v6(1)?,
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&any.into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 /// Question IDs only need to differ between questions in flight.
