@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -22,7 +21,7 @@ use zbus::connection;
 use crate::address::HostAddress;
 use crate::config::{Config, HostConfig};
 use crate::network;
-use crate::probe::{self, AddressEvent, Resolver};
+use crate::probe::{AddressEvent, Probe, Resolver};
 use crate::reconcile::{
     target_action, CheckOutcome, HostTracker, JobKind, NetworkView, Reach, TargetView, Transition,
     UnitState,
@@ -40,48 +39,6 @@ const FIRST_NETWORK_VIEW: Duration = Duration::from_secs(3);
 pub struct Buses {
     pub system: Option<String>,
     pub session: Option<String>,
-}
-
-/// How the agent finds hosts and checks that they answer. [`run`] uses mDNS and the network
-/// ([`Resolver`] and [`probe::check`]); tests give [`run_with`] a fake, so that a host can be
-/// made reachable, and lost, on private buses without mDNS.
-pub trait Probe: Send + Sync + 'static {
-    /// Follows `hostname` (with its trailing dot) for as long as the process runs, sending what
-    /// is found and lost, tagged with `index`, to `events`.
-    fn follow(&self, index: usize, hostname: String, events: mpsc::Sender<AddressEvent>);
-    /// NetworkManager changed something: look at the machine's interfaces again.
-    fn interfaces_changed(&self);
-    /// One check of a host, as [`probe::check`].
-    fn check(
-        &self,
-        hostname: String,
-        candidates: Vec<HostAddress>,
-        port: Option<u16>,
-        limit: Duration,
-    ) -> BoxFuture<'static, CheckOutcome>;
-    /// The agent is stopping.
-    fn shutdown(&self);
-}
-
-impl Probe for Resolver {
-    fn follow(&self, index: usize, hostname: String, events: mpsc::Sender<AddressEvent>) {
-        Resolver::follow(self, index, hostname, events);
-    }
-    fn interfaces_changed(&self) {
-        Resolver::interfaces_changed(self);
-    }
-    fn check(
-        &self,
-        hostname: String,
-        candidates: Vec<HostAddress>,
-        port: Option<u16>,
-        limit: Duration,
-    ) -> BoxFuture<'static, CheckOutcome> {
-        Box::pin(async move { probe::check(&hostname, &candidates, port, limit).await })
-    }
-    fn shutdown(&self) {
-        Resolver::shutdown(self);
-    }
 }
 
 /// A finished check, tagged with the epoch it was started in.

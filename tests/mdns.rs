@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::netns::{MdnsPair, SERVER_ADDR};
 use reachd::address::HostAddress;
-use reachd::probe::{self, AddressEvent, Resolver};
+use reachd::probe::{self, AddressEvent, Probe, Resolver};
 use tokio::sync::mpsc;
 
 const LIMIT: Duration = Duration::from_millis(1000);
@@ -50,6 +50,18 @@ fn pi() -> HostAddress {
     HostAddress::v4(SERVER_ADDR)
 }
 
+/// A resolver following `rpi.local`, once mDNS has found the Pi.
+async fn following_the_pi() -> (Resolver, mpsc::Receiver<AddressEvent>) {
+    let resolver = Resolver::new().expect("mdns-sd daemon");
+    let (tx, mut events) = mpsc::channel(16);
+    resolver.follow(0, "rpi.local.".into(), tx);
+    match next_event(&mut events, Duration::from_secs(5)).await {
+        AddressEvent::Found(0, addresses) => assert!(addresses.contains(&pi()), "{addresses:?}"),
+        other => panic!("expected the Pi's address, got {other:?}"),
+    }
+    (resolver, events)
+}
+
 /// Waits for the next address event, failing after `within`.
 async fn next_event(events: &mut mpsc::Receiver<AddressEvent>, within: Duration) -> AddressEvent {
     tokio::time::timeout(within, events.recv())
@@ -61,16 +73,7 @@ async fn next_event(events: &mut mpsc::Receiver<AddressEvent>, within: Duration)
 #[test]
 fn resolver_finds_the_host_and_the_check_confirms_it() {
     in_lab("rm1-", async |_pair| {
-        let resolver = Resolver::new().expect("mdns-sd daemon");
-        let (tx, mut events) = mpsc::channel(16);
-        resolver.follow(0, "rpi.local.".into(), tx);
-        let found = next_event(&mut events, Duration::from_secs(5)).await;
-        match found {
-            AddressEvent::Found(0, addresses) => {
-                assert!(addresses.contains(&pi()), "{addresses:?}")
-            }
-            other => panic!("expected the Pi's address, got {other:?}"),
-        }
+        let (resolver, _events) = following_the_pi().await;
         let answered = probe::check("rpi.local", &[pi()], None, LIMIT).await;
         assert_eq!(answered, Ok(pi()));
         // Another name is not answered by the Pi's responder.
@@ -83,13 +86,7 @@ fn resolver_finds_the_host_and_the_check_confirms_it() {
 #[test]
 fn check_fails_at_once_when_the_host_loses_power_though_mdns_still_caches_it() {
     in_lab("rm2-", async |pair| {
-        let resolver = Resolver::new().expect("mdns-sd daemon");
-        let (tx, mut events) = mpsc::channel(16);
-        resolver.follow(0, "rpi.local.".into(), tx);
-        assert!(matches!(
-            next_event(&mut events, Duration::from_secs(5)).await,
-            AddressEvent::Found(..)
-        ));
+        let (resolver, mut events) = following_the_pi().await;
         pair.unplug_server().expect("link down");
         let started = tokio::time::Instant::now();
         let outcome = probe::check("rpi.local", &[pi()], None, LIMIT).await;
@@ -113,13 +110,7 @@ fn check_fails_at_once_when_the_host_loses_power_though_mdns_still_caches_it() {
 #[test]
 fn goodbye_is_reported_and_the_check_confirms_it() {
     in_lab("rm3-", async |pair| {
-        let resolver = Resolver::new().expect("mdns-sd daemon");
-        let (tx, mut events) = mpsc::channel(16);
-        resolver.follow(0, "rpi.local.".into(), tx);
-        assert!(matches!(
-            next_event(&mut events, Duration::from_secs(5)).await,
-            AddressEvent::Found(..)
-        ));
+        let (resolver, mut events) = following_the_pi().await;
         pair.stop_avahi();
         match next_event(&mut events, Duration::from_secs(5)).await {
             AddressEvent::Removed(0, removed) => assert!(removed.contains(&pi()), "{removed:?}"),

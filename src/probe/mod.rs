@@ -14,7 +14,7 @@ pub mod query;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use futures_util::future::select_ok;
+use futures_util::future::{select_ok, BoxFuture};
 use mdns_sd::{HostnameResolutionEvent, IfKind, ScopedIp, ServiceDaemon};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -46,11 +46,34 @@ impl Resolver {
             daemon: ServiceDaemon::new()?,
         })
     }
+}
 
+/// How the agent finds hosts and checks that they answer: [`Resolver`] with mDNS and the
+/// network; tests of the agent give it a fake, so that a host can be made reachable, and lost,
+/// on private buses without mDNS.
+pub trait Probe: Send + Sync + 'static {
+    /// Follows `hostname` (with its trailing dot) for as long as the process runs, sending what
+    /// is found and lost, tagged with `index`, to `events`.
+    fn follow(&self, index: usize, hostname: String, events: mpsc::Sender<AddressEvent>);
+    /// NetworkManager changed something: look at the machine's interfaces again.
+    fn interfaces_changed(&self);
+    /// One check of a host, as [`check`].
+    fn check(
+        &self,
+        hostname: String,
+        candidates: Vec<HostAddress>,
+        port: Option<u16>,
+        limit: Duration,
+    ) -> BoxFuture<'static, Result<HostAddress, String>>;
+    /// The agent is stopping.
+    fn shutdown(&self);
+}
+
+impl Probe for Resolver {
     /// Follows `hostname` (with its trailing dot) for as long as the process runs, sending
     /// what mDNS finds and loses to `events`, tagged with `index`. A subscription that mdns-sd
     /// closes (it does so silently when a receiver falls behind) is opened again.
-    pub fn follow(&self, index: usize, hostname: String, events: mpsc::Sender<AddressEvent>) {
+    fn follow(&self, index: usize, hostname: String, events: mpsc::Sender<AddressEvent>) {
         let daemon = self.daemon.clone();
         tokio::spawn(async move {
             loop {
@@ -95,14 +118,24 @@ impl Resolver {
     /// something, and mdns-sd's own check only runs every few seconds, so its first questions
     /// on a new link would otherwise go nowhere. (Each call adds one entry to mdns-sd's list of
     /// interface selections; a few bytes per network change.)
-    pub fn interfaces_changed(&self) {
+    fn interfaces_changed(&self) {
         if let Err(err) = self.daemon.enable_interface(IfKind::All) {
             warn!("cannot tell mdns-sd about new interfaces: {err}");
         }
     }
 
+    fn check(
+        &self,
+        hostname: String,
+        candidates: Vec<HostAddress>,
+        port: Option<u16>,
+        limit: Duration,
+    ) -> BoxFuture<'static, Result<HostAddress, String>> {
+        Box::pin(async move { check(&hostname, &candidates, port, limit).await })
+    }
+
     /// Stops the daemon's thread.
-    pub fn shutdown(&self) {
+    fn shutdown(&self) {
         let _ = self.daemon.shutdown();
     }
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use reachd::address::HostAddress;
-use reachd::agent::Probe;
 use reachd::probe::AddressEvent;
+use reachd::probe::Probe;
 use reachd::reconcile::CheckOutcome;
 use tokio::sync::mpsc;
 
