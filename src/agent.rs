@@ -127,11 +127,11 @@ pub async fn run(
     run_with(config, buses, Arc::new(resolver), shutdown).await
 }
 
-/// [`run`], finding and checking hosts with `resolver`.
+/// [`run`], finding and checking hosts with `probe`.
 pub async fn run_with(
     config: Config,
     buses: Buses,
-    resolver: Arc<dyn Probe>,
+    probe: Arc<dyn Probe>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let now = Instant::now();
@@ -183,7 +183,7 @@ pub async fn run_with(
     let (check_tx, mut check_rx) = mpsc::channel(64);
     let (job_tx, mut job_rx) = mpsc::channel(64);
     for (index, host) in hosts.iter().enumerate() {
-        resolver.follow(index, host.config.fqdn(), address_tx.clone());
+        probe.follow(index, host.config.fqdn(), address_tx.clone());
         units.follow(index, host.config.target.clone(), unit_tx.clone());
     }
     let mut session_lost = Box::pin(session_lost(&session).await?);
@@ -208,7 +208,7 @@ pub async fn run_with(
             Some(done) = check_rx.recv() => on_check(&mut hosts, done, &settings),
             Some(done) = job_rx.recv() => on_job(&mut hosts, done),
             Some(()) = refreshes.recv() => on_refresh(&mut hosts),
-            Ok(()) = network_rx.changed() => on_network(&mut hosts, &network_rx.borrow_and_update(), &resolver),
+            Ok(()) = network_rx.changed() => on_network(&mut hosts, &network_rx.borrow_and_update(), &*probe),
             () = sleep => {}
         }
         // Take everything else already queued, so that a burst costs one decision.
@@ -225,16 +225,16 @@ pub async fn run_with(
             on_job(&mut hosts, done);
         }
         if network_rx.has_changed().unwrap_or(false) {
-            on_network(&mut hosts, &network_rx.borrow_and_update(), &resolver);
+            on_network(&mut hosts, &network_rx.borrow_and_update(), &*probe);
         }
-        wake = decide(&mut hosts, &units, &resolver, &settings, &check_tx, &job_tx);
+        wake = decide(&mut hosts, &units, &*probe, &settings, &check_tx, &job_tx);
         for host in &hosts {
             if let Err(err) = publisher.update(&host.status()).await {
                 warn!(host = %host.config.name, "cannot publish status: {err}");
             }
         }
     };
-    resolver.shutdown();
+    probe.shutdown();
     // Tasks that follow units still hold the connection: give the name up now, so that a
     // successor (or a test's next agent) can take it at once.
     let _ = session.release_name(status::BUS_NAME).await;
@@ -288,8 +288,8 @@ async fn follow_network(address: Option<String>, views: watch::Sender<NetworkVie
     }
 }
 
-fn on_network(hosts: &mut [Host], view: &NetworkView, resolver: &Arc<dyn Probe>) {
-    resolver.interfaces_changed();
+fn on_network(hosts: &mut [Host], view: &NetworkView, probe: &dyn Probe) {
+    probe.interfaces_changed();
     let now = Instant::now();
     for host in hosts {
         let transition = host.tracker.on_network(view.verdict(&host.config), now);
@@ -355,7 +355,7 @@ fn on_refresh(hosts: &mut [Host]) {
 fn decide(
     hosts: &mut [Host],
     units: &Units,
-    probe: &Arc<dyn Probe>,
+    probe: &dyn Probe,
     settings: &crate::config::ProbeSettings,
     checks: &mpsc::Sender<CheckDone>,
     jobs: &mpsc::Sender<JobDone>,
@@ -393,7 +393,7 @@ fn decide(
 fn spawn_check(
     index: usize,
     host: &Host,
-    probe: &Arc<dyn Probe>,
+    probe: &dyn Probe,
     candidates: Vec<HostAddress>,
     limit: Duration,
     done: mpsc::Sender<CheckDone>,
