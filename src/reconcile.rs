@@ -109,8 +109,10 @@ pub struct HostTracker {
     suspect: bool,
     /// When the next check is due (None: none scheduled).
     check_due: Option<Instant>,
-    /// Set while a check runs; its result is only accepted with a matching epoch.
-    check_running: bool,
+    /// When the running check started (None: none runs). Its result is only accepted with a
+    /// matching epoch; the next check is timed from this start, not from the result, so that a
+    /// check that waited out its timeout does not stretch the interval.
+    check_started: Option<Instant>,
     /// Bumped when the network changes, so that results of checks started before are dropped.
     epoch: u64,
     /// The current interval between checks of an unreachable host, and since when it is absent.
@@ -131,7 +133,7 @@ impl HostTracker {
             failures: 0,
             suspect: false,
             check_due: None,
-            check_running: false,
+            check_started: None,
             epoch: 0,
             absent_interval: Duration::ZERO,
             absent_since: now,
@@ -155,7 +157,7 @@ impl HostTracker {
     /// NetworkManager's view changed (or was read for the first time).
     pub fn on_network(&mut self, verdict: Result<(), String>, now: Instant) -> Option<Transition> {
         self.epoch += 1;
-        self.check_running = false;
+        self.check_started = None;
         self.failures = 0;
         match verdict {
             Err(reason) => {
@@ -220,16 +222,19 @@ impl HostTracker {
         settings: &ProbeSettings,
         now: Instant,
     ) -> Option<Transition> {
-        if epoch != self.epoch || !self.check_running {
+        if epoch != self.epoch {
             return None;
         }
-        self.check_running = false;
+        let Some(started) = self.check_started.take() else {
+            return None;
+        };
+        let after = |interval: Duration| Some((started + interval).max(now));
         match outcome {
             Ok(address) => {
                 self.failures = 0;
                 self.suspect = false;
                 self.absent_interval = Duration::ZERO;
-                self.check_due = Some(now + settings.present_interval);
+                self.check_due = after(settings.present_interval);
                 let reason = format!("answered at {address}");
                 self.address = Some(address);
                 self.set(Reach::Reachable, reason, now)
@@ -246,7 +251,7 @@ impl HostTracker {
                 }
                 self.failures = 0;
                 self.suspect = false;
-                self.check_due = Some(now + self.next_absent_interval(settings, now));
+                self.check_due = after(self.next_absent_interval(settings, now));
                 self.set(Reach::Unreachable, reason, now)
             }
         }
@@ -254,7 +259,7 @@ impl HostTracker {
 
     /// Whether a check should start now, and when to look again.
     pub fn plan(&mut self, now: Instant) -> Plan {
-        if !self.network_ok || self.check_running {
+        if !self.network_ok || self.check_started.is_some() {
             return Plan::default();
         }
         let mut due = self.check_due;
@@ -266,7 +271,7 @@ impl HostTracker {
         match due {
             Some(due) if due <= now => {
                 self.check_due = None;
-                self.check_running = true;
+                self.check_started = Some(now);
                 Plan {
                     check: Some(self.candidates()),
                     wake: None,
@@ -580,6 +585,26 @@ mod tests {
         now += Duration::from_secs(1);
         t.on_refresh(now);
         assert_eq!(check(&mut t, Ok(pi()), now).unwrap().to, Reach::Reachable);
+    }
+
+    #[test]
+    fn checks_are_timed_from_their_start_not_their_end() {
+        let settings = ProbeSettings::default();
+        let t0 = Instant::now();
+        let mut t = tracker_with_pi(t0);
+        assert!(t.plan(t0).check.is_some());
+        // The check waited out its timeout: the next one still starts absent_interval after it.
+        let end = t0 + settings.timeout;
+        t.on_check(t.epoch(), Err("no answer".into()), &settings, end);
+        let start = t0 + settings.absent_interval;
+        assert_eq!(t.plan(end).wake, Some(start));
+        assert!(t.plan(start).check.is_some());
+        let answered = start + Duration::from_millis(5);
+        t.on_check(t.epoch(), Ok(pi()), &settings, answered);
+        assert_eq!(
+            t.plan(answered).wake,
+            Some(start + settings.present_interval)
+        );
     }
 
     #[test]
