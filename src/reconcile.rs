@@ -225,9 +225,7 @@ impl HostTracker {
         if epoch != self.epoch {
             return None;
         }
-        let Some(started) = self.check_started.take() else {
-            return None;
-        };
+        let started = self.check_started.take()?;
         let after = |interval: Duration| Some((started + interval).max(now));
         match outcome {
             Ok(address) => {
