@@ -1,0 +1,104 @@
+//! The `reachd` command as a user meets it: exit codes and messages for a bad configuration and
+//! for an agent that is not running (the lab covers the answers of a running agent).
+
+#[path = "agent_bus/bus.rs"]
+mod bus;
+
+use std::process::{Command, Output};
+
+use bus::PrivateBus;
+
+fn reachd(args: &[&str], session_bus: Option<&str>) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_reachd"));
+    command.args(args).env_remove("DBUS_SESSION_BUS_ADDRESS");
+    if let Some(address) = session_bus {
+        command.env("DBUS_SESSION_BUS_ADDRESS", address);
+    }
+    command.output().expect("run reachd")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn bad_config_is_one_line_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "[[host]]\nname = \"rpi\"\nhostnme = \"rpi.local\"\n").expect("write");
+    let output = reachd(
+        &["run", "--config", path.to_str().expect("utf-8 path")],
+        None,
+    );
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 1, "one line: {message}");
+    assert!(
+        message.starts_with(&format!("reachd: {}:3:1: ", path.display())),
+        "{message}"
+    );
+    assert!(message.contains("hostnme"), "{message}");
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let output = reachd(&["run", "--config", "/nonexistent/reachd.toml"], None);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).starts_with("reachd: cannot read /nonexistent/reachd.toml"));
+}
+
+#[test]
+fn check_config_prints_what_it_understood() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        "[[host]]\nname = \"nas\"\nhostname = \"nas.local\"\nport = 22\n",
+    )
+    .expect("write");
+    let output = reachd(
+        &[
+            "run",
+            "--check-config",
+            "--config",
+            path.to_str().expect("utf-8 path"),
+        ],
+        None,
+    );
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("host nas: nas.local -> nas-accessible.target, TCP port 22"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn without_a_running_agent_the_cli_cannot_tell() {
+    let session = PrivateBus::start("session");
+    for args in [
+        &["check", "rpi"][..],
+        &["status"],
+        &["status", "--json"],
+        &["refresh"],
+    ] {
+        let output = reachd(args, Some(session.address()));
+        assert_eq!(output.status.code(), Some(2), "reachd {args:?}: {output:?}");
+        assert!(
+            stderr(&output).contains("reachd is not running on the session bus"),
+            "reachd {args:?}: {}",
+            stderr(&output)
+        );
+    }
+}
+
+#[test]
+fn without_a_session_bus_the_cli_says_so() {
+    let output = reachd(&["check", "rpi"], Some("unix:path=/nonexistent/bus"));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).starts_with("reachd: cannot connect to the session bus"),
+        "{}",
+        stderr(&output)
+    );
+}
