@@ -144,6 +144,15 @@ struct Rig {
 }
 
 impl Rig {
+    /// The most common start: no network, the target loaded and inactive.
+    async fn offline() -> Rig {
+        Rig::start(Setup::new(
+            Some(Network::disconnected()),
+            UnitSpec::loaded("inactive"),
+        ))
+        .await
+    }
+
     async fn start(setup: Setup) -> Rig {
         init_logging();
         let system = PrivateBus::start("system");
@@ -322,11 +331,7 @@ impl Drop for Rig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coldplug_with_network_down_is_unreachable_and_sends_no_job() {
     within_timeout(async {
-        let rig = Rig::start(Setup::new(
-            Some(Network::disconnected()),
-            UnitSpec::loaded("inactive"),
-        ))
-        .await;
+        let rig = Rig::offline().await;
         let host = rig
             .wait_host("unreachable with the target read", |h| {
                 h.state == "unreachable" && h.target_state == "inactive"
@@ -585,11 +590,7 @@ async fn failed_job_is_reported_not_repeated_and_retried_on_refresh() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_started_by_someone_else_is_seen_and_stopped() {
     within_timeout(async {
-        let rig = Rig::start(Setup::new(
-            Some(Network::disconnected()),
-            UnitSpec::loaded("inactive"),
-        ))
-        .await;
+        let rig = Rig::offline().await;
         rig.wait_host("unreachable", |h| {
             h.state == "unreachable" && h.target_state == "inactive"
         })
@@ -660,11 +661,7 @@ async fn active_target_is_left_alone_until_the_host_is_decided() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_session_bus_ends_run_with_an_error() {
     within_timeout(async {
-        let mut rig = Rig::start(Setup::new(
-            Some(Network::disconnected()),
-            UnitSpec::loaded("inactive"),
-        ))
-        .await;
+        let mut rig = Rig::offline().await;
         rig.wait_host("unreachable", |h| h.state == "unreachable")
             .await;
         rig.session.kill();
@@ -680,11 +677,7 @@ async fn losing_the_session_bus_ends_run_with_an_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_future_ends_run_with_ok() {
     within_timeout(async {
-        let mut rig = Rig::start(Setup::new(
-            Some(Network::disconnected()),
-            UnitSpec::loaded("inactive"),
-        ))
-        .await;
+        let mut rig = Rig::offline().await;
         rig.wait_host("unreachable", |h| h.state == "unreachable")
             .await;
         rig.shutdown().await.expect("run returns Ok on shutdown");
@@ -753,11 +746,7 @@ fn reachd_interfaces(xml: &str) -> BTreeMap<String, Members> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_introspection_matches_the_contract_xml() {
     within_timeout(async {
-        let rig = Rig::start(Setup::new(
-            Some(Network::disconnected()),
-            UnitSpec::loaded("inactive"),
-        ))
-        .await;
+        let rig = Rig::offline().await;
         let contract_path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/dbus-interfaces/org.reachd.Reachd1.xml"
