@@ -68,6 +68,8 @@ struct Host {
     jobs_sent: u32,
     /// When to look at the target again (a failed job waiting for its retry).
     target_wake: Option<Instant>,
+    /// The address last put in the user manager's environment for this host's units.
+    environment_address: Option<HostAddress>,
 }
 
 impl Host {
@@ -146,6 +148,7 @@ pub async fn run_with(
             last_job: String::new(),
             jobs_sent: 0,
             target_wake: None,
+            environment_address: None,
         })
         .collect();
 
@@ -381,7 +384,19 @@ fn decide(
             host.jobs_sent += 1;
             host.last_job = format!("{}: running", kind.as_str());
             let address = host.tracker.address.clone();
+            if kind == JobKind::Start {
+                host.environment_address.clone_from(&address);
+            }
             spawn_job(index, host, kind, address, units.clone(), jobs.clone());
+        } else if host.target.job_running.is_none()
+            && host.tracker.wants_target() == Some(true)
+            && host.environment_address.is_some()
+            && host.tracker.address != host.environment_address
+        {
+            // The host answers at a new address (a DHCP lease changed) while its target runs:
+            // units restarted from now on (an ssh tunnel's Restart=) must find the new one.
+            host.environment_address.clone_from(&host.tracker.address);
+            spawn_address_update(host, units.clone());
         }
         for at in [plan.wake, host.target_wake].into_iter().flatten() {
             wake = Some(wake.map_or(at, |w| w.min(at)));
@@ -434,12 +449,7 @@ fn spawn_job(
         let mut result = Ok(());
         if let (JobKind::Start, Some(address)) = (kind, address) {
             // Units started by the target read the address from the manager's environment.
-            if let Err(err) = units
-                .set_environment(&format!("{variable}={address}"))
-                .await
-            {
-                result = Err(format!("cannot set {variable}: {err}"));
-            }
+            result = set_address(&units, &variable, &address).await;
         }
         if result.is_ok() {
             result = units.run_job(kind, &unit).await;
@@ -454,4 +464,26 @@ fn spawn_job(
             })
             .await;
     });
+}
+
+/// Puts a host's new address in the user manager's environment, without touching its target.
+fn spawn_address_update(host: &Host, units: Units) {
+    let Some(address) = host.tracker.address.clone() else {
+        return;
+    };
+    let variable = host.config.address_variable();
+    let name = host.config.name.clone();
+    tokio::spawn(async move {
+        match set_address(&units, &variable, &address).await {
+            Ok(()) => info!(host = %name, %address, "{variable}={address}: the host moved"),
+            Err(err) => warn!(host = %name, "{err}"),
+        }
+    });
+}
+
+async fn set_address(units: &Units, variable: &str, address: &HostAddress) -> Result<(), String> {
+    units
+        .set_environment(&format!("{variable}={address}"))
+        .await
+        .map_err(|err| format!("cannot set {variable}: {err}"))
 }

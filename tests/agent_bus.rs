@@ -275,6 +275,23 @@ impl Rig {
         found.unwrap_or_else(|_| panic!("host never {what} within {WAIT:?}; last seen: {last:#?}"))
     }
 
+    /// Waits until the calls the fake user manager received satisfy `wanted` (the fake has no
+    /// signal for them: it is read every 10 ms).
+    async fn wait_calls(&self, what: &str, wanted: impl Fn(&[Call]) -> bool) {
+        let found = tokio::time::timeout(WAIT, async {
+            while !wanted(&self.systemd.calls()) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if found.is_err() {
+            panic!(
+                "never {what} within {WAIT:?}; calls: {:#?}",
+                self.systemd.calls()
+            );
+        }
+    }
+
     async fn refresh(&self) {
         self.client
             .call_method(
@@ -942,6 +959,45 @@ async fn failing_start_job_is_reported_and_not_retried_in_a_loop() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(rig.systemd.jobs(), [start_job()]);
         rig.assert_agent_running();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_moving_to_a_new_address_updates_the_environment_not_the_target() {
+    within_timeout(async {
+        let probe = FakeProbe::present(pi());
+        let setup = Setup {
+            probe: Some(probe.clone()),
+            extra_config: "[probe]\npresent_interval_ms = 100\n",
+            ..reachable(
+                UnitSpec::loaded("inactive"),
+                JobTiming::After(Duration::from_millis(20)),
+            )
+        };
+        let rig = Rig::start(setup).await;
+        rig.wait_host("started", |h| h.last_job == "start: done")
+            .await;
+        probe.move_to(reachd::address::HostAddress::v4(
+            "192.0.2.11".parse().unwrap(),
+        ));
+        let host = rig
+            .wait_host("answering at the new address", |h| {
+                h.address == "192.0.2.11"
+            })
+            .await;
+        assert!(host.reachable, "{host:#?}");
+        rig.wait_calls("the new address in the environment", |calls| {
+            calls.contains(&Call::SetEnvironment(vec![
+                "REACHD_RPI_ADDRESS=192.0.2.11".into()
+            ]))
+        })
+        .await;
+        assert_eq!(
+            rig.systemd.jobs(),
+            [start_job()],
+            "the target is left running"
+        );
     })
     .await;
 }

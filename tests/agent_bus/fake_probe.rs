@@ -34,6 +34,17 @@ impl FakeProbe {
         Arc::new(probe)
     }
 
+    /// The host answers at `address` from now on and "mDNS" announces it (a new DHCP lease).
+    pub fn move_to(&self, address: HostAddress) {
+        let mut state = self.state.lock().unwrap();
+        for (index, events) in &state.followers {
+            events
+                .try_send(AddressEvent::Found(*index, vec![address.clone()]))
+                .expect("the agent's address queue has room");
+        }
+        state.present = Some(address);
+    }
+
     /// The host stops answering without a goodbye, like a Pi losing power: mDNS still holds
     /// its address, the checks fail.
     pub fn vanish(&self) {
