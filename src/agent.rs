@@ -7,7 +7,9 @@
 //! `Restart=on-failure`) then does not interrupt tunnels and mounts, and the next start
 //! re-evaluates every host at once.
 
+use std::collections::BTreeSet;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -230,7 +232,10 @@ pub async fn run_with(
         if network_rx.has_changed().unwrap_or(false) {
             on_network(&mut hosts, &network_rx.borrow_and_update(), &*probe);
         }
-        wake = decide(&mut hosts, &units, &*probe, &settings, &check_tx, &job_tx);
+        let view = network_rx.borrow().clone();
+        wake = decide(
+            &mut hosts, &view, &units, &*probe, &settings, &check_tx, &job_tx,
+        );
         for host in &hosts {
             if let Err(err) = publisher.update(&host.status()).await {
                 warn!(host = %host.config.name, "cannot publish status: {err}");
@@ -357,6 +362,7 @@ fn on_refresh(hosts: &mut [Host]) {
 /// returns when to look again.
 fn decide(
     hosts: &mut [Host],
+    view: &NetworkView,
     units: &Units,
     probe: &dyn Probe,
     settings: &crate::config::ProbeSettings,
@@ -368,11 +374,13 @@ fn decide(
     for (index, host) in hosts.iter_mut().enumerate() {
         let plan = host.tracker.plan(now);
         if let Some(candidates) = plan.check {
+            let via = view.local_addresses_for(&host.config);
             spawn_check(
                 index,
                 host,
                 probe,
                 candidates,
+                via,
                 settings.timeout,
                 checks.clone(),
             );
@@ -410,6 +418,7 @@ fn spawn_check(
     host: &Host,
     probe: &dyn Probe,
     candidates: Vec<HostAddress>,
+    via: Option<BTreeSet<IpAddr>>,
     limit: Duration,
     done: mpsc::Sender<CheckDone>,
 ) {
@@ -419,6 +428,7 @@ fn spawn_check(
         candidates,
         host.config.port,
         limit,
+        via,
     );
     tokio::spawn(async move {
         let started = Instant::now();

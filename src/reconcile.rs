@@ -3,7 +3,8 @@
 //! should be, so a burst of events costs one decision per host and a lost event is repaired by
 //! the next one. The agent feeds them and carries out what they return.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -28,8 +29,9 @@ pub struct NetworkView {
     /// NetworkManager's State is 50, 60 or 70 (connected local, site or global). On a LAN
     /// without internet it stays at 50 or 60, so 70 is never required.
     pub connected: bool,
-    /// UUIDs of the connections in state "activated", lower case.
-    pub active_uuids: BTreeSet<String>,
+    /// The connections in state "activated", by UUID (lower case), each with the machine's own
+    /// addresses on it.
+    pub active: BTreeMap<String, BTreeSet<IpAddr>>,
 }
 
 impl NetworkView {
@@ -39,14 +41,21 @@ impl NetworkView {
             return Err("network disconnected".into());
         }
         if !host.connections.is_empty()
-            && !host
-                .connections
-                .iter()
-                .any(|u| self.active_uuids.contains(u))
+            && !host.connections.iter().any(|u| self.active.contains_key(u))
         {
             return Err("not on one of the host's configured connections".into());
         }
         Ok(())
+    }
+
+    /// The machine's addresses a check of `host` may go out from: those of its activated
+    /// `connections`, so that another machine answering the same name on another link at the
+    /// same time is not taken for it. `None` (no narrowing) when the host may be reached on any
+    /// network, or when NetworkManager gave no addresses for its connections.
+    pub fn local_addresses_for(&self, host: &HostConfig) -> Option<BTreeSet<IpAddr>> {
+        let allowed = host.connections.iter().filter_map(|u| self.active.get(u));
+        let addresses: BTreeSet<IpAddr> = allowed.flatten().copied().collect();
+        (!addresses.is_empty()).then_some(addresses)
     }
 }
 
@@ -452,8 +461,28 @@ mod tests {
         net.connected = true;
         assert!(net.verdict(&host(&[])).is_ok());
         assert!(net.verdict(&host(&["bbbb"])).is_err());
-        net.active_uuids.insert("bbbb".into());
+        net.active.insert("bbbb".into(), BTreeSet::new());
         assert!(net.verdict(&host(&["bbbb"])).is_ok());
+    }
+
+    #[test]
+    fn checks_of_a_restricted_host_go_out_only_from_its_connections() {
+        let home: IpAddr = "192.0.2.2".parse().unwrap();
+        let cafe: IpAddr = "198.51.100.7".parse().unwrap();
+        let net = NetworkView {
+            connected: true,
+            active: [
+                ("home".to_string(), [home].into()),
+                ("cafe".to_string(), [cafe].into()),
+            ]
+            .into(),
+        };
+        assert_eq!(net.local_addresses_for(&host(&[])), None);
+        assert_eq!(
+            net.local_addresses_for(&host(&["home"])),
+            Some([home].into())
+        );
+        assert_eq!(net.local_addresses_for(&host(&["gone"])), None);
     }
 
     #[test]

@@ -4,10 +4,11 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::time::Duration;
 
-use common::netns::{MdnsPair, SERVER_ADDR};
+use common::netns::{MdnsPair, CLIENT_ADDR, SERVER_ADDR};
 use reachd::address::HostAddress;
 use reachd::probe::{self, AddressEvent, Probe, Resolver};
 use tokio::sync::mpsc;
@@ -74,10 +75,10 @@ async fn next_event(events: &mut mpsc::Receiver<AddressEvent>, within: Duration)
 fn resolver_finds_the_host_and_the_check_confirms_it() {
     in_lab("rm1-", async |_pair| {
         let (resolver, _events) = following_the_pi().await;
-        let answered = probe::check("rpi.local", &[pi()], None, LIMIT).await;
+        let answered = probe::check("rpi.local", &[pi()], None, LIMIT, None).await;
         assert_eq!(answered, Ok(pi()));
         // Another name is not answered by the Pi's responder.
-        let other = probe::check("nas.local", &[pi()], None, LIMIT).await;
+        let other = probe::check("nas.local", &[pi()], None, LIMIT, None).await;
         assert!(other.unwrap_err().contains("no mDNS answer for nas.local"));
         resolver.shutdown();
     });
@@ -89,7 +90,7 @@ fn check_fails_at_once_when_the_host_loses_power_though_mdns_still_caches_it() {
         let (resolver, mut events) = following_the_pi().await;
         pair.unplug_server().expect("link down");
         let started = tokio::time::Instant::now();
-        let outcome = probe::check("rpi.local", &[pi()], None, LIMIT).await;
+        let outcome = probe::check("rpi.local", &[pi()], None, LIMIT, None).await;
         let took = started.elapsed();
         assert!(
             outcome.is_err(),
@@ -116,7 +117,7 @@ fn goodbye_is_reported_and_the_check_confirms_it() {
             AddressEvent::Removed(0, removed) => assert!(removed.contains(&pi()), "{removed:?}"),
             other => panic!("expected a goodbye, got {other:?}"),
         }
-        let outcome = probe::check("rpi.local", &[pi()], None, LIMIT).await;
+        let outcome = probe::check("rpi.local", &[pi()], None, LIMIT, None).await;
         assert!(outcome.is_err(), "{outcome:?}");
         resolver.shutdown();
     });
@@ -139,14 +140,32 @@ fn tcp_port_is_part_of_the_check() {
                 .expect("listener thread")
         });
         assert_eq!(
-            probe::check("rpi.local", &[pi()], Some(2222), LIMIT).await,
+            probe::check("rpi.local", &[pi()], Some(2222), LIMIT, None).await,
             Ok(pi())
         );
         drop(listener);
-        let refused = probe::check("rpi.local", &[pi()], Some(2222), LIMIT).await;
+        let refused = probe::check("rpi.local", &[pi()], Some(2222), LIMIT, None).await;
         let why = refused.unwrap_err();
         assert!(why.starts_with("TCP port 2222 at 192.0.2.2:"), "{why}");
-        let none = probe::check("rpi.local", &[], Some(2222), LIMIT).await;
+        let none = probe::check("rpi.local", &[], Some(2222), LIMIT, None).await;
         assert_eq!(none, Err("rpi.local not found by mDNS".into()));
+    });
+}
+
+#[test]
+fn check_asks_only_through_the_allowed_local_addresses() {
+    in_lab("rm5-", async |_pair| {
+        let home: BTreeSet<IpAddr> = [IpAddr::V4(CLIENT_ADDR)].into();
+        let elsewhere: BTreeSet<IpAddr> = [IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7))].into();
+        let through_home = probe::check("rpi.local", &[pi()], None, LIMIT, Some(&home)).await;
+        assert_eq!(through_home, Ok(pi()));
+        let refused = probe::check("rpi.local", &[pi()], None, LIMIT, Some(&elsewhere)).await;
+        assert_eq!(
+            refused,
+            Err(
+                "rpi.local is only reached through another network (192.0.2.2 from 192.0.2.1)"
+                    .into()
+            )
+        );
     });
 }

@@ -1,5 +1,5 @@
 //! NetworkManager, seen from the system bus: the agent gets a fresh [`NetworkView`] whenever
-//! NetworkManager's state, primary connection or active connections change.
+//! NetworkManager's state, primary connection, active connections or their addresses change.
 //!
 //! Level-triggered: every signal only says "read again", and a burst of signals costs one read.
 //! Signals are subscribed to before the first read (coldplug), so no change falls between the
@@ -8,15 +8,20 @@
 
 // Generated once from the XML in dbus-interfaces/ with zbus-xmlgen 5.4.1 (a 5.x generator, for
 // zbus 5): `zbus-xmlgen file dbus-interfaces/org.freedesktop.NetworkManager.xml` and likewise for
-// Connection.Active. Edits by hand, where generated names clashed: NetworkManager's deprecated
+// Connection.Active, IP4Config and IP6Config. Edits by hand, where generated names clashed: NetworkManager's deprecated
 // `state()` method became `state_method`, and both `StateChanged` signals `state_changed_signal`
 // (the `State` properties' change streams already take `receive_state_changed`).
 #[allow(clippy::all, dead_code)]
 mod active_proxy;
 #[allow(clippy::all, dead_code)]
+mod ip4_proxy;
+#[allow(clippy::all, dead_code)]
+mod ip6_proxy;
+#[allow(clippy::all, dead_code)]
 mod nm_proxy;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 
 use futures_util::StreamExt;
 use tokio::sync::watch;
@@ -24,10 +29,12 @@ use tracing::{debug, info, warn};
 use zbus::fdo::DBusProxy;
 use zbus::message::Type as MessageType;
 use zbus::proxy::CacheProperties;
-use zbus::zvariant::OwnedObjectPath;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::{Connection, MatchRule, MessageStream};
 
 use self::active_proxy::ActiveProxy;
+use self::ip4_proxy::IP4ConfigProxy;
+use self::ip6_proxy::IP6ConfigProxy;
 use self::nm_proxy::NetworkManagerProxy;
 use crate::reconcile::NetworkView;
 
@@ -44,7 +51,7 @@ const NM_ACTIVE_CONNECTION_ACTIVATED: u32 = 2;
 pub fn assumed_view() -> NetworkView {
     NetworkView {
         connected: true,
-        active_uuids: BTreeSet::new(),
+        active: BTreeMap::new(),
     }
 }
 
@@ -66,10 +73,13 @@ pub async fn follow(system: Connection, views: watch::Sender<NetworkView>) -> zb
         properties.filter_map(|msg| async move {
             let msg = msg.ok()?;
             let path = msg.header().path()?.to_string();
-            // Device statistics and the like are noise; the manager and active connections count.
-            (path == NM_PATH
-                || path.starts_with("/org/freedesktop/NetworkManager/ActiveConnection/"))
-            .then_some(())
+            // Device statistics and the like are noise; the manager, active connections and their
+            // addresses count.
+            let counts = path == NM_PATH
+                || ["ActiveConnection", "IP4Config", "IP6Config"]
+                    .iter()
+                    .any(|kind| path.starts_with(&format!("{NM_PATH}/{kind}/")));
+            counts.then_some(())
         }),
         owners.map(|_| ()),
     ));
@@ -114,30 +124,34 @@ pub async fn follow(system: Connection, views: watch::Sender<NetworkView>) -> zb
 async fn read(system: &Connection, manager: &NetworkManagerProxy<'_>) -> zbus::Result<NetworkView> {
     let state = manager.state().await?;
     let primary = manager.primary_connection().await?;
-    let mut active_uuids = BTreeSet::new();
+    let mut active = BTreeMap::new();
     let mut primary_uuid = None;
     for path in manager.active_connections().await? {
         // An active connection may vanish between the list and the read: skip it.
         match read_active(system, &path).await {
-            Ok((uuid, activated)) => {
+            Ok((uuid, activated, addresses)) => {
                 if path == primary {
                     primary_uuid = Some(uuid.clone());
                 }
                 if activated {
-                    active_uuids.insert(uuid);
+                    active.insert(uuid, addresses);
                 }
             }
             Err(err) => debug!(%path, "active connection not read: {err}"),
         }
     }
-    debug!(state, ?primary_uuid, ?active_uuids, "NetworkManager read");
+    debug!(state, ?primary_uuid, ?active, "NetworkManager read");
     Ok(NetworkView {
         connected: (NM_STATE_CONNECTED_LOCAL..=NM_STATE_CONNECTED_GLOBAL).contains(&state),
-        active_uuids,
+        active,
     })
 }
 
-async fn read_active(system: &Connection, path: &OwnedObjectPath) -> zbus::Result<(String, bool)> {
+/// An active connection's UUID, whether it is activated, and the machine's addresses on it.
+async fn read_active(
+    system: &Connection,
+    path: &OwnedObjectPath,
+) -> zbus::Result<(String, bool, BTreeSet<IpAddr>)> {
     let active = ActiveProxy::builder(system)
         .destination(NM_NAME)?
         .path(path)?
@@ -146,5 +160,56 @@ async fn read_active(system: &Connection, path: &OwnedObjectPath) -> zbus::Resul
         .await?;
     let uuid = active.uuid().await?.to_ascii_lowercase();
     let activated = active.state().await? == NM_ACTIVE_CONNECTION_ACTIVATED;
-    Ok((uuid, activated))
+    let addresses = if activated {
+        // Without them the connection still counts; only the checks are not narrowed to it.
+        local_addresses(system, &active)
+            .await
+            .unwrap_or_else(|err| {
+                debug!(%path, "addresses of the active connection not read: {err}");
+                BTreeSet::new()
+            })
+    } else {
+        BTreeSet::new()
+    };
+    Ok((uuid, activated, addresses))
+}
+
+/// The machine's addresses on an active connection, from its IP4Config and IP6Config.
+async fn local_addresses(
+    system: &Connection,
+    active: &ActiveProxy<'_>,
+) -> zbus::Result<BTreeSet<IpAddr>> {
+    let mut addresses = BTreeSet::new();
+    // "/" when the connection has no configuration of that family.
+    let ip4 = active.ip4_config().await?;
+    if ip4.as_str() != "/" {
+        let config = config_proxy::<IP4ConfigProxy>(system, &ip4).await?;
+        addresses.extend(parse_addresses(config.address_data().await?));
+    }
+    let ip6 = active.ip6_config().await?;
+    if ip6.as_str() != "/" {
+        let config = config_proxy::<IP6ConfigProxy>(system, &ip6).await?;
+        addresses.extend(parse_addresses(config.address_data().await?));
+    }
+    Ok(addresses)
+}
+
+async fn config_proxy<'a, P>(system: &Connection, path: &'a OwnedObjectPath) -> zbus::Result<P>
+where
+    P: From<zbus::Proxy<'a>> + zbus::proxy::Defaults,
+{
+    zbus::proxy::Builder::<P>::new(system)
+        .destination(NM_NAME)?
+        .path(path.as_ref())?
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+}
+
+/// The `address` entries of an IP4Config/IP6Config `AddressData`.
+fn parse_addresses(data: Vec<HashMap<String, OwnedValue>>) -> impl Iterator<Item = IpAddr> {
+    data.into_iter().filter_map(|entry| {
+        let address: String = entry.get("address")?.try_clone().ok()?.try_into().ok()?;
+        address.parse().ok()
+    })
 }

@@ -11,6 +11,7 @@
 
 pub mod query;
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -64,6 +65,7 @@ pub trait Probe: Send + Sync + 'static {
         candidates: Vec<HostAddress>,
         port: Option<u16>,
         limit: Duration,
+        via: Option<BTreeSet<IpAddr>>,
     ) -> BoxFuture<'static, Result<HostAddress, String>>;
     /// The agent is stopping.
     fn shutdown(&self);
@@ -130,8 +132,9 @@ impl Probe for Resolver {
         candidates: Vec<HostAddress>,
         port: Option<u16>,
         limit: Duration,
+        via: Option<BTreeSet<IpAddr>>,
     ) -> BoxFuture<'static, Result<HostAddress, String>> {
-        Box::pin(async move { check(&hostname, &candidates, port, limit).await })
+        Box::pin(async move { check(&hostname, &candidates, port, limit, via.as_ref()).await })
     }
 
     /// Stops the daemon's thread.
@@ -154,26 +157,50 @@ fn to_host_address(scoped: &ScopedIp) -> HostAddress {
 }
 
 /// One check of a host: the first candidate address that answers the mDNS question (and then
-/// accepts a TCP connection on `port`, if given), each step within `limit`.
+/// accepts a TCP connection on `port`, if given), each step within `limit`. With `via`, only
+/// addresses the kernel routes from one of those local addresses are asked: a host restricted to
+/// some connections is not taken for another machine of the same name on another link.
 pub async fn check(
     hostname: &str,
     candidates: &[HostAddress],
     port: Option<u16>,
     limit: Duration,
+    via: Option<&BTreeSet<IpAddr>>,
 ) -> Result<HostAddress, String> {
     if candidates.is_empty() {
         return Err(format!("{hostname} not found by mDNS"));
     }
-    let asks = candidates
-        .iter()
-        .map(|address| Box::pin(ask(hostname, address, limit)));
+    let mut asks = Vec::with_capacity(candidates.len());
+    let mut elsewhere = Vec::new();
+    for address in candidates {
+        match routed_socket(address) {
+            Ok((socket, local)) if via.is_none_or(|via| via.contains(&local)) => {
+                asks.push(Box::pin(ask(hostname, address, socket, limit)));
+            }
+            Ok((_, local)) => elsewhere.push(format!("{address} from {local}")),
+            Err(err) => debug!(%address, "no route: {err}"),
+        }
+    }
+    let list = || {
+        let list: Vec<String> = candidates.iter().map(ToString::to_string).collect();
+        list.join(", ")
+    };
+    if asks.is_empty() {
+        return Err(if elsewhere.is_empty() {
+            format!("no route to {hostname} at {}", list())
+        } else {
+            format!(
+                "{hostname} is only reached through another network ({})",
+                elsewhere.join(", ")
+            )
+        });
+    }
     let address = select_ok(asks)
         .await
         .map_err(|_| {
-            let list: Vec<String> = candidates.iter().map(ToString::to_string).collect();
             format!(
                 "no mDNS answer for {hostname} from {} within {} ms",
-                list.join(", "),
+                list(),
                 limit.as_millis()
             )
         })?
@@ -194,19 +221,16 @@ pub async fn check(
     Ok(address)
 }
 
-/// Sends the question to `address` and waits up to `limit` for its answer, asking a second
-/// time halfway in case the first packet was lost.
-async fn ask(hostname: &str, address: &HostAddress, limit: Duration) -> Result<HostAddress, ()> {
-    let target = address.socket(MDNS_PORT);
-    let any: SocketAddr = match target {
-        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let fail = |err: std::io::Error| debug!(%address, "mDNS question not sent: {err}");
-    let socket = link_local_socket(any).map_err(fail)?;
-    // A connected socket only receives from the target: answers from anyone else are dropped.
-    socket.connect(target).await.map_err(fail)?;
-    let question = query::build(next_id(), hostname, target.is_ipv6());
+/// Sends the question on `socket` (connected to `address`) and waits up to `limit` for its
+/// answer, asking a second time halfway in case the first packet was lost.
+async fn ask(
+    hostname: &str,
+    address: &HostAddress,
+    socket: UdpSocket,
+    limit: Duration,
+) -> Result<HostAddress, ()> {
+    let fail = |err: std::io::Error| debug!(%address, "mDNS question failed: {err}");
+    let question = query::build(next_id(), hostname, address.ip.is_ipv6());
     let deadline = Instant::now() + limit;
     let mut buffer = [0u8; 1500];
     for resend_at in [Instant::now() + limit / 2, deadline] {
@@ -227,19 +251,32 @@ async fn ask(hostname: &str, address: &HostAddress, limit: Duration) -> Result<H
     Err(())
 }
 
-/// A UDP socket bound to `any` whose packets die at the first router (TTL / hop limit 1):
-/// mDNS belongs to the link, and a stale address of another network must not send questions
-/// off it. Responders do not check a query's TTL, so the host on the link still answers.
-fn link_local_socket(any: SocketAddr) -> std::io::Result<UdpSocket> {
+/// A UDP socket connected to `address`'s mDNS port, and the local address the kernel routes it
+/// from. Connected, it only receives from the target: answers from anyone else are dropped. Its
+/// packets die at the first router (TTL / hop limit 1): mDNS belongs to the link, and a stale
+/// address of another network must not send questions off it. Responders do not check a
+/// query's TTL, so the host on the link still answers.
+fn routed_socket(address: &HostAddress) -> std::io::Result<(UdpSocket, IpAddr)> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(any), Type::DGRAM, Some(Protocol::UDP))?;
-    match any {
+    let target = address.socket(MDNS_PORT);
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    match target {
         SocketAddr::V4(_) => socket.set_ttl_v4(1)?,
         SocketAddr::V6(_) => socket.set_unicast_hops_v6(1)?,
     }
     socket.set_nonblocking(true)?;
-    socket.bind(&any.into())?;
-    UdpSocket::from_std(socket.into())
+    // Connecting a UDP socket sends nothing; it picks the route and the local address.
+    socket.connect(&target.into())?;
+    let local = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("local address is not IP"))?
+        .ip();
+    Ok((UdpSocket::from_std(socket.into())?, local))
 }
 
 /// Question IDs only need to differ between questions in flight.

@@ -3,6 +3,8 @@
 //! agent finds and checks it without a packet sent. This is what lets the bus tests make a host
 //! reachable, and lose it, so that start jobs and their failures can be tested.
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,6 +73,7 @@ impl Probe for FakeProbe {
         candidates: Vec<HostAddress>,
         _port: Option<u16>,
         _limit: Duration,
+        _via: Option<BTreeSet<IpAddr>>,
     ) -> BoxFuture<'static, CheckOutcome> {
         let present = self.state.lock().unwrap().present.clone();
         Box::pin(async move {
