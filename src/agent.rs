@@ -170,7 +170,12 @@ pub async fn run_with(
         .context("cannot reach the systemd user manager on the session bus")?;
 
     let (network_tx, mut network_rx) = watch::channel(network::assumed_view());
-    tokio::spawn(follow_network(buses.system.clone(), network_tx));
+    let with_addresses = config.hosts.iter().any(|h| !h.connections.is_empty());
+    tokio::spawn(follow_network(
+        buses.system.clone(),
+        network_tx,
+        with_addresses,
+    ));
     // Decide on NetworkManager's word, not on a guess: wait briefly for its first view.
     if tokio::time::timeout(FIRST_NETWORK_VIEW, network_rx.changed())
         .await
@@ -273,7 +278,11 @@ async fn session_lost(
 }
 
 /// Follows NetworkManager for as long as the process runs, reconnecting to the system bus.
-async fn follow_network(address: Option<String>, views: watch::Sender<NetworkView>) {
+async fn follow_network(
+    address: Option<String>,
+    views: watch::Sender<NetworkView>,
+    with_addresses: bool,
+) {
     loop {
         let connected = match &address {
             Some(address) => match connection::Builder::address(address.as_str()) {
@@ -283,7 +292,7 @@ async fn follow_network(address: Option<String>, views: watch::Sender<NetworkVie
             None => zbus::Connection::system().await,
         };
         let result = match connected {
-            Ok(system) => network::follow(system, views.clone()).await,
+            Ok(system) => network::follow(system, views.clone(), with_addresses).await,
             Err(err) => Err(err),
         };
         if views.is_closed() {

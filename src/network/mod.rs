@@ -56,7 +56,13 @@ pub fn assumed_view() -> NetworkView {
 }
 
 /// Follows NetworkManager on `system` until the bus connection fails, publishing each new view.
-pub async fn follow(system: Connection, views: watch::Sender<NetworkView>) -> zbus::Result<()> {
+/// `with_addresses`: also read the machine's addresses on each connection (only hosts with
+/// `connections` need them; they cost two more calls per active connection and read).
+pub async fn follow(
+    system: Connection,
+    views: watch::Sender<NetworkView>,
+    with_addresses: bool,
+) -> zbus::Result<()> {
     // Subscribe first: NetworkManager's property changes, and its owner coming and going.
     let rule = MatchRule::builder()
         .msg_type(MessageType::Signal)
@@ -90,7 +96,7 @@ pub async fn follow(system: Connection, views: watch::Sender<NetworkView>) -> zb
         .await?;
     let mut present = None;
     loop {
-        match read(&system, &manager).await {
+        match read(&system, &manager, with_addresses).await {
             Ok(view) => {
                 if present != Some(true) {
                     info!("NetworkManager is on the system bus");
@@ -121,14 +127,18 @@ pub async fn follow(system: Connection, views: watch::Sender<NetworkView>) -> zb
     }
 }
 
-async fn read(system: &Connection, manager: &NetworkManagerProxy<'_>) -> zbus::Result<NetworkView> {
+async fn read(
+    system: &Connection,
+    manager: &NetworkManagerProxy<'_>,
+    with_addresses: bool,
+) -> zbus::Result<NetworkView> {
     let state = manager.state().await?;
     let primary = manager.primary_connection().await?;
     let mut active = BTreeMap::new();
     let mut primary_uuid = None;
     for path in manager.active_connections().await? {
         // An active connection may vanish between the list and the read: skip it.
-        match read_active(system, &path).await {
+        match read_active(system, &path, with_addresses).await {
             Ok((uuid, activated, addresses)) => {
                 if path == primary {
                     primary_uuid = Some(uuid.clone());
@@ -151,6 +161,7 @@ async fn read(system: &Connection, manager: &NetworkManagerProxy<'_>) -> zbus::R
 async fn read_active(
     system: &Connection,
     path: &OwnedObjectPath,
+    with_addresses: bool,
 ) -> zbus::Result<(String, bool, BTreeSet<IpAddr>)> {
     let active = ActiveProxy::builder(system)
         .destination(NM_NAME)?
@@ -160,7 +171,7 @@ async fn read_active(
         .await?;
     let uuid = active.uuid().await?.to_ascii_lowercase();
     let activated = active.state().await? == NM_ACTIVE_CONNECTION_ACTIVATED;
-    let addresses = if activated {
+    let addresses = if activated && with_addresses {
         // Without them the connection still counts; only the checks are not narrowed to it.
         local_addresses(system, &active)
             .await

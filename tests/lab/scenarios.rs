@@ -28,6 +28,7 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ("8-flapping", false, flapping),
     ("9-dispatcher-hook", false, dispatcher_hook),
     ("10-agreement", false, agreement),
+    ("11-two-networks", false, two_networks),
 ];
 
 /// The default bound for noticing a Pi that vanished without a word.
@@ -262,6 +263,49 @@ fn foreign_network(lab: &mut Lab) -> Result<String, String> {
     lab.expect_up(T, "back home")?;
     Ok(format!(
         "rpi.local answered by {addr} in the café; nothing started for 8 s"
+    ))
+}
+
+/// Home and the café up at once, the café's impostor answering `rpi.local` there: when the Pi
+/// loses power, the impostor must not keep the target up (the host is restricted to home, and
+/// reachd checks it only through home's addresses).
+fn two_networks(lab: &mut Lab) -> Result<String, String> {
+    baseline(lab)?;
+    lab.nmcli_con("up", CAFE_UUID)?;
+    // Restarted now, the impostor announces itself on the café link, where reachd's mDNS
+    // resolver (told about the new link by NetworkManager's change) hears it.
+    if let Some(mut old) = lab.cafe_avahi.take() {
+        old.stop();
+    }
+    lab.start_cafe()?;
+    let addr = wait_until(T, "the café's impostor answering rpi.local", || {
+        lab.resolve_rpi_from_laptop("192.0.2.130").map(Some)
+    })?;
+    if addr != IMPOSTOR_ADDR {
+        return Err(format!("in the café rpi.local resolved to {addr}"));
+    }
+    // The impostor also accepts ssh's port, as the config's `port = 22` asks: nothing but the
+    // narrowing of the check to home's addresses can tell it from the Pi.
+    let _impostor_ssh = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                lab.namespaces[3].enter_current_thread()?;
+                std::net::TcpListener::bind(("0.0.0.0", 22))
+            })
+            .join()
+            .map_err(|_| "the café listener's thread panicked".to_string())?
+            .map_err(|e| format!("listening on port 22 in the café: {e}"))
+    })?;
+    lab.expect_up(T, "home and café up, Pi present")?;
+    lab.pi_port(false)?;
+    let took = lab.expect_down(POWER_LOSS_BOUND, "pi lost power, impostor in the café")?;
+    lab.expect_stays_down(Duration::from_secs(5), "impostor in the café")?;
+    lab.nmcli_con("down", CAFE_UUID)?;
+    lab.pi_port(true)?;
+    lab.expect_up(T, "pi back, café down")?;
+    Ok(format!(
+        "stopped {} after the power loss although {addr} answered rpi.local in the café",
+        secs(took)
     ))
 }
 
