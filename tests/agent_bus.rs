@@ -837,6 +837,24 @@ fn reachable(target: UnitSpec, timing: JobTiming) -> Setup {
     }
 }
 
+/// A host present at the Pi's address through a fake probe, its target started, with `config`
+/// as the configuration's extra TOML.
+async fn started_with_fake_probe(config: &'static str) -> (Rig, Arc<FakeProbe>) {
+    let probe = FakeProbe::present(pi());
+    let setup = Setup {
+        probe: Some(probe.clone()),
+        extra_config: config,
+        ..reachable(
+            UnitSpec::loaded("inactive"),
+            JobTiming::After(Duration::from_millis(20)),
+        )
+    };
+    let rig = Rig::start(setup).await;
+    rig.wait_host("started", |h| h.last_job == "start: done")
+        .await;
+    (rig, probe)
+}
+
 fn start_job() -> Call {
     Call::Start {
         unit: TARGET.into(),
@@ -966,18 +984,7 @@ async fn failing_start_job_is_reported_and_not_retried_in_a_loop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_moving_to_a_new_address_updates_the_environment_not_the_target() {
     within_timeout(async {
-        let probe = FakeProbe::present(pi());
-        let setup = Setup {
-            probe: Some(probe.clone()),
-            extra_config: "[probe]\npresent_interval_ms = 100\n",
-            ..reachable(
-                UnitSpec::loaded("inactive"),
-                JobTiming::After(Duration::from_millis(20)),
-            )
-        };
-        let rig = Rig::start(setup).await;
-        rig.wait_host("started", |h| h.last_job == "start: done")
-            .await;
+        let (rig, probe) = started_with_fake_probe("[probe]\npresent_interval_ms = 100\n").await;
         probe.move_to(reachd::address::HostAddress::v4(
             "192.0.2.11".parse().unwrap(),
         ));
@@ -1005,18 +1012,8 @@ async fn host_moving_to_a_new_address_updates_the_environment_not_the_target() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_that_stops_answering_has_its_target_stopped() {
     within_timeout(async {
-        let probe = FakeProbe::present(pi());
-        let setup = Setup {
-            probe: Some(probe.clone()),
-            extra_config: "[probe]\npresent_interval_ms = 100\nfailures = 2\n",
-            ..reachable(
-                UnitSpec::loaded("inactive"),
-                JobTiming::After(Duration::from_millis(20)),
-            )
-        };
-        let rig = Rig::start(setup).await;
-        rig.wait_host("started", |h| h.last_job == "start: done")
-            .await;
+        let (rig, probe) =
+            started_with_fake_probe("[probe]\npresent_interval_ms = 100\nfailures = 2\n").await;
         probe.vanish();
         let host = rig
             .wait_host("stopped once the host is lost", |h| {
