@@ -237,9 +237,15 @@ pub async fn run_with(
         if network_rx.has_changed().unwrap_or(false) {
             on_network(&mut hosts, &network_rx.borrow_and_update(), &*probe);
         }
-        let view = network_rx.borrow().clone();
+        // decide() does not await: the view is only borrowed, not copied, on every wake-up.
         wake = decide(
-            &mut hosts, &view, &units, &*probe, &settings, &check_tx, &job_tx,
+            &mut hosts,
+            &network_rx.borrow(),
+            &units,
+            &*probe,
+            &settings,
+            &check_tx,
+            &job_tx,
         );
         for host in &hosts {
             if let Err(err) = publisher.update(&host.status()).await {
