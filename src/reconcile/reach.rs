@@ -1,7 +1,6 @@
-//! The decisions, and nothing else: plain functions on plain data, no I/O, no async, the clock
-//! passed in. Every event only says "look again"; these functions compare what is with what
-//! should be, so a burst of events costs one decision per host and a lost event is repaired by
-//! the next one. The agent feeds them and carries out what they return.
+//! Reachability: is the host there? From NetworkManager's view, what mDNS finds and loses and
+//! the results of checks, [`HostTracker`] decides reachable or not, when to check next, and
+//! what a check should try. The clock is passed in.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -20,8 +19,6 @@ pub const ABSENT_FAST_PERIOD: Duration = Duration::from_secs(120);
 pub const RESOLVE_GRACE: Duration = Duration::from_secs(3);
 /// How soon a failed check of a reachable host is repeated, before it counts as lost.
 pub const RETRY_DELAY: Duration = Duration::from_millis(500);
-/// How long after a failed job the same job is tried again (when still wanted).
-pub const JOB_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// What NetworkManager says, reduced to what decisions need.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -104,8 +101,6 @@ pub struct HostTracker {
     /// The address that answered the last successful check.
     pub address: Option<HostAddress>,
     pub reason: String,
-    /// When `reach` last changed.
-    pub since: Instant,
     /// Addresses mDNS currently reports for the host.
     mdns_addresses: BTreeSet<HostAddress>,
     /// Whether the network may carry the host (see [`NetworkView::verdict`]).
@@ -135,7 +130,6 @@ impl HostTracker {
             reach: Reach::Unknown,
             address: None,
             reason: "starting".into(),
-            since: now,
             mdns_addresses: BTreeSet::new(),
             network_ok: false,
             network_since: now,
@@ -173,7 +167,7 @@ impl HostTracker {
                 self.network_ok = false;
                 self.check_due = None;
                 self.suspect = false;
-                self.set(Reach::Unreachable, reason, now)
+                self.set(Reach::Unreachable, reason)
             }
             Ok(()) => {
                 if !self.network_ok {
@@ -244,7 +238,7 @@ impl HostTracker {
                 self.check_due = after(settings.present_interval);
                 let reason = format!("answered at {address}");
                 self.address = Some(address);
-                self.set(Reach::Reachable, reason, now)
+                self.set(Reach::Reachable, reason)
             }
             Err(reason) => {
                 if self.reach == Reach::Reachable {
@@ -259,7 +253,7 @@ impl HostTracker {
                 self.failures = 0;
                 self.suspect = false;
                 self.check_due = after(self.next_absent_interval(settings, now));
-                self.set(Reach::Unreachable, reason, now)
+                self.set(Reach::Unreachable, reason)
             }
         }
     }
@@ -310,114 +304,14 @@ impl HostTracker {
         self.absent_interval
     }
 
-    fn set(&mut self, to: Reach, reason: String, now: Instant) -> Option<Transition> {
+    fn set(&mut self, to: Reach, reason: String) -> Option<Transition> {
         let from = self.reach;
         self.reason = reason.clone();
         if from == to {
             return None;
         }
         self.reach = to;
-        self.since = now;
         Some(Transition { from, to, reason })
-    }
-}
-
-/// A unit's state as systemd reports it, reduced to what decisions need.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnitState {
-    /// Not read yet.
-    Unknown,
-    NotFound,
-    Inactive,
-    Activating,
-    Active,
-    Deactivating,
-    Failed,
-}
-
-impl UnitState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UnitState::Unknown => "unknown",
-            UnitState::NotFound => "not-found",
-            UnitState::Inactive => "inactive",
-            UnitState::Activating => "activating",
-            UnitState::Active => "active",
-            UnitState::Deactivating => "deactivating",
-            UnitState::Failed => "failed",
-        }
-    }
-}
-
-/// The two jobs reachd sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobKind {
-    Start,
-    Stop,
-}
-
-impl JobKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Start => "start",
-            JobKind::Stop => "stop",
-        }
-    }
-}
-
-/// What reachd knows about a host's target.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TargetView {
-    pub state: UnitState,
-    /// The job reachd sent and is waiting for.
-    pub job_running: Option<JobKind>,
-    /// The last job that did not succeed, and when it ended.
-    pub last_failure: Option<(JobKind, Instant)>,
-}
-
-impl TargetView {
-    pub fn new() -> Self {
-        TargetView {
-            state: UnitState::Unknown,
-            job_running: None,
-            last_failure: None,
-        }
-    }
-}
-
-impl Default for TargetView {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// The job to send so that the target matches `want_active`, if any; else when to look again
-/// (a failed job is retried after [`JOB_RETRY_DELAY`]). No job is sent while the host is
-/// undecided, while a job runs, while the unit's state is unknown, or when the unit is already
-/// where it should be.
-pub fn target_action(
-    want_active: Option<bool>,
-    target: &TargetView,
-    now: Instant,
-) -> (Option<JobKind>, Option<Instant>) {
-    use UnitState::*;
-    let Some(want_active) = want_active else {
-        return (None, None);
-    };
-    if target.job_running.is_some() || target.state == Unknown {
-        return (None, None);
-    }
-    let job = match (want_active, target.state) {
-        (true, Activating | Active) => return (None, None),
-        (true, _) => JobKind::Start,
-        (false, Active | Activating) => JobKind::Stop,
-        (false, _) => return (None, None),
-    };
-    match target.last_failure {
-        Some((failed, at)) if failed == job && now < at + JOB_RETRY_DELAY => {
-            (None, Some(at + JOB_RETRY_DELAY))
-        }
-        _ => (Some(job), None),
     }
 }
 
@@ -671,78 +565,5 @@ mod tests {
         }
         assert!(t.plan(t0).check.is_some());
         assert_eq!(t.plan(t0), Plan::default(), "one check at a time");
-    }
-
-    #[test]
-    fn target_jobs_follow_the_wanted_state() {
-        let now = Instant::now();
-        let view = |state| TargetView {
-            state,
-            ..TargetView::new()
-        };
-        assert_eq!(
-            target_action(Some(true), &view(UnitState::Inactive), now).0,
-            Some(JobKind::Start)
-        );
-        assert_eq!(
-            target_action(Some(true), &view(UnitState::Failed), now).0,
-            Some(JobKind::Start)
-        );
-        assert_eq!(
-            target_action(Some(true), &view(UnitState::NotFound), now).0,
-            Some(JobKind::Start)
-        );
-        assert_eq!(
-            target_action(Some(true), &view(UnitState::Active), now).0,
-            None
-        );
-        assert_eq!(
-            target_action(Some(false), &view(UnitState::Active), now).0,
-            Some(JobKind::Stop)
-        );
-        assert_eq!(
-            target_action(Some(false), &view(UnitState::Activating), now).0,
-            Some(JobKind::Stop)
-        );
-        assert_eq!(
-            target_action(Some(false), &view(UnitState::Inactive), now).0,
-            None
-        );
-        assert_eq!(
-            target_action(Some(false), &view(UnitState::Failed), now).0,
-            None
-        );
-        assert_eq!(
-            target_action(Some(true), &view(UnitState::Unknown), now).0,
-            None
-        );
-        // An undecided host leaves a running target alone (a restart of reachd).
-        assert_eq!(
-            target_action(None, &view(UnitState::Active), now),
-            (None, None)
-        );
-        let running = TargetView {
-            job_running: Some(JobKind::Start),
-            ..view(UnitState::Inactive)
-        };
-        assert_eq!(target_action(Some(false), &running, now).0, None);
-    }
-
-    #[test]
-    fn failed_job_is_retried_later_not_in_a_loop() {
-        let now = Instant::now();
-        let view = TargetView {
-            state: UnitState::Failed,
-            job_running: None,
-            last_failure: Some((JobKind::Start, now)),
-        };
-        assert_eq!(
-            target_action(Some(true), &view, now + Duration::from_secs(1)),
-            (None, Some(now + JOB_RETRY_DELAY))
-        );
-        assert_eq!(
-            target_action(Some(true), &view, now + JOB_RETRY_DELAY).0,
-            Some(JobKind::Start)
-        );
     }
 }

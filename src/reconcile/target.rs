@@ -1,0 +1,314 @@
+//! The target: what reachd knows about a host's systemd target, and the one action that brings
+//! it where reachability says it should be (start, stop, give its units the host's new address,
+//! or nothing). Jobs are sent one at a time, never while the unit's state is unknown, and a
+//! failed job is retried after a delay rather than in a loop. The clock is passed in.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::address::HostAddress;
+
+/// How long after a failed job the same job is tried again (when still wanted).
+pub const JOB_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// A unit's state as systemd reports it, reduced to what decisions need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitState {
+    /// Not read yet.
+    Unknown,
+    NotFound,
+    Inactive,
+    Activating,
+    Active,
+    Deactivating,
+    Failed,
+}
+
+impl UnitState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnitState::Unknown => "unknown",
+            UnitState::NotFound => "not-found",
+            UnitState::Inactive => "inactive",
+            UnitState::Activating => "activating",
+            UnitState::Active => "active",
+            UnitState::Deactivating => "deactivating",
+            UnitState::Failed => "failed",
+        }
+    }
+}
+
+/// The two jobs reachd sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    Start,
+    Stop,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Start => "start",
+            JobKind::Stop => "stop",
+        }
+    }
+}
+
+/// What the agent must do about a host's target now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetAction {
+    /// Nothing; look again no later than this, if set (a failed job waiting for its retry).
+    Nothing(Option<Instant>),
+    /// Put this address in the user manager's environment (if known), then start the target.
+    Start(Option<HostAddress>),
+    Stop,
+    /// The host answers at a new address while its target runs (a new DHCP lease): put it in
+    /// the environment for the units that restart from now on, and leave the target alone.
+    SetAddress(HostAddress),
+}
+
+/// What reachd knows about a host's target, and what it last did to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetView {
+    pub state: UnitState,
+    /// The last job reachd sent and its result, in words ("start: done").
+    pub last_job: String,
+    /// Jobs sent since the agent started.
+    pub jobs_sent: u32,
+    /// The job reachd sent and is waiting for.
+    job_running: Option<JobKind>,
+    /// The last job that did not succeed, and when it ended.
+    last_failure: Option<(JobKind, Instant)>,
+    /// The address last put in the user manager's environment for this host's units.
+    environment_address: Option<HostAddress>,
+}
+
+impl Default for TargetView {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TargetView {
+    pub fn new() -> Self {
+        TargetView {
+            state: UnitState::Unknown,
+            last_job: String::new(),
+            jobs_sent: 0,
+            job_running: None,
+            last_failure: None,
+            environment_address: None,
+        }
+    }
+
+    /// The action that brings the target where `want_active` says (`None`: the host is
+    /// undecided, so a running target is left alone until the first check says more, and a
+    /// restart of reachd does not interrupt tunnels and mounts). `address` is where the host
+    /// answers. The action returned is taken as carried out: a job counts as sent.
+    pub fn next_action(
+        &mut self,
+        want_active: Option<bool>,
+        address: Option<&HostAddress>,
+        now: Instant,
+    ) -> TargetAction {
+        let action = self.decide(want_active, address, now);
+        match &action {
+            TargetAction::Start(address) => {
+                self.environment_address.clone_from(address);
+                self.job_sent(JobKind::Start);
+            }
+            TargetAction::Stop => self.job_sent(JobKind::Stop),
+            TargetAction::SetAddress(address) => self.environment_address = Some(address.clone()),
+            TargetAction::Nothing(_) => {}
+        }
+        action
+    }
+
+    fn decide(
+        &self,
+        want_active: Option<bool>,
+        address: Option<&HostAddress>,
+        now: Instant,
+    ) -> TargetAction {
+        use UnitState::*;
+        let Some(want_active) = want_active else {
+            return TargetAction::Nothing(None);
+        };
+        if self.job_running.is_some() || self.state == Unknown {
+            return TargetAction::Nothing(None);
+        }
+        let job = match (want_active, self.state) {
+            (true, Activating | Active) => return self.address_update(address),
+            (true, _) => JobKind::Start,
+            (false, Active | Activating) => JobKind::Stop,
+            (false, _) => return TargetAction::Nothing(None),
+        };
+        match self.last_failure {
+            Some((failed, at)) if failed == job && now < at + JOB_RETRY_DELAY => {
+                TargetAction::Nothing(Some(at + JOB_RETRY_DELAY))
+            }
+            _ if job == JobKind::Start => TargetAction::Start(address.cloned()),
+            _ => TargetAction::Stop,
+        }
+    }
+
+    /// A running target whose units were given an address that is no longer the host's.
+    fn address_update(&self, address: Option<&HostAddress>) -> TargetAction {
+        match (address, &self.environment_address) {
+            (Some(new), Some(given)) if new != given => TargetAction::SetAddress(new.clone()),
+            _ => TargetAction::Nothing(None),
+        }
+    }
+
+    fn job_sent(&mut self, kind: JobKind) {
+        self.job_running = Some(kind);
+        self.jobs_sent += 1;
+        self.last_job = format!("{}: running", kind.as_str());
+    }
+
+    /// systemd reported the unit's state (a change, or the first read).
+    pub fn on_state(&mut self, state: UnitState) {
+        self.state = state;
+    }
+
+    /// The job sent last ended with `result`; `state` is the unit's state read right after.
+    pub fn on_job_done(
+        &mut self,
+        kind: JobKind,
+        result: &Result<(), String>,
+        state: Option<UnitState>,
+        now: Instant,
+    ) {
+        self.job_running = None;
+        if let Some(state) = state {
+            self.state = state;
+        }
+        match result {
+            Ok(()) => {
+                self.last_failure = None;
+                self.last_job = format!("{}: done", kind.as_str());
+            }
+            Err(why) => {
+                self.last_failure = Some((kind, now));
+                self.last_job = format!("{}: {why}", kind.as_str());
+            }
+        }
+    }
+
+    /// Someone asked to look again now: a failed job is retried now rather than after its delay.
+    pub fn on_refresh(&mut self) {
+        self.last_failure = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pi() -> HostAddress {
+        HostAddress::v4("192.0.2.10".parse().unwrap())
+    }
+
+    fn view(state: UnitState) -> TargetView {
+        TargetView {
+            state,
+            ..TargetView::new()
+        }
+    }
+
+    /// The action for a fresh view in `state`.
+    fn action(want: Option<bool>, state: UnitState, now: Instant) -> TargetAction {
+        view(state).next_action(want, Some(&pi()), now)
+    }
+
+    #[test]
+    fn target_jobs_follow_the_wanted_state() {
+        use TargetAction::*;
+        use UnitState::*;
+        let now = Instant::now();
+        assert_eq!(action(Some(true), Inactive, now), Start(Some(pi())));
+        assert_eq!(action(Some(true), Failed, now), Start(Some(pi())));
+        assert_eq!(action(Some(true), NotFound, now), Start(Some(pi())));
+        assert_eq!(action(Some(true), Active, now), Nothing(None));
+        assert_eq!(action(Some(false), Active, now), Stop);
+        assert_eq!(action(Some(false), Activating, now), Stop);
+        assert_eq!(action(Some(false), Inactive, now), Nothing(None));
+        assert_eq!(action(Some(false), Failed, now), Nothing(None));
+        assert_eq!(action(Some(true), Unknown, now), Nothing(None));
+        // An undecided host leaves a running target alone (a restart of reachd).
+        assert_eq!(action(None, Active, now), Nothing(None));
+        // One job at a time.
+        let mut running = view(Inactive);
+        assert_eq!(running.next_action(Some(true), None, now), Start(None));
+        assert_eq!(running.next_action(Some(false), None, now), Nothing(None));
+        assert_eq!(
+            (running.jobs_sent, running.last_job.as_str()),
+            (1, "start: running")
+        );
+    }
+
+    #[test]
+    fn failed_job_is_retried_later_not_in_a_loop() {
+        let now = Instant::now();
+        let mut view = view(UnitState::Inactive);
+        assert!(matches!(
+            view.next_action(Some(true), None, now),
+            TargetAction::Start(_)
+        ));
+        view.on_job_done(
+            JobKind::Start,
+            &Err("failed".into()),
+            Some(UnitState::Failed),
+            now,
+        );
+        assert_eq!(view.last_job, "start: failed");
+        assert_eq!(
+            view.next_action(Some(true), None, now + Duration::from_secs(1)),
+            TargetAction::Nothing(Some(now + JOB_RETRY_DELAY))
+        );
+        assert_eq!(
+            view.next_action(Some(true), None, now + JOB_RETRY_DELAY),
+            TargetAction::Start(None)
+        );
+    }
+
+    #[test]
+    fn refresh_retries_a_failed_job_at_once() {
+        let now = Instant::now();
+        let mut view = view(UnitState::Active);
+        view.next_action(Some(false), None, now);
+        view.on_job_done(JobKind::Stop, &Err("timeout".into()), None, now);
+        assert_eq!(
+            view.next_action(Some(false), None, now),
+            TargetAction::Nothing(Some(now + JOB_RETRY_DELAY))
+        );
+        view.on_refresh();
+        assert_eq!(view.next_action(Some(false), None, now), TargetAction::Stop);
+    }
+
+    #[test]
+    fn a_host_that_moves_while_its_target_runs_gets_its_address_updated_once() {
+        let now = Instant::now();
+        let moved = HostAddress::v4("192.0.2.11".parse().unwrap());
+        let mut view = view(UnitState::Inactive);
+        assert_eq!(
+            view.next_action(Some(true), Some(&pi()), now),
+            TargetAction::Start(Some(pi()))
+        );
+        view.on_job_done(JobKind::Start, &Ok(()), Some(UnitState::Active), now);
+        assert_eq!(
+            view.next_action(Some(true), Some(&pi()), now),
+            TargetAction::Nothing(None)
+        );
+        assert_eq!(
+            view.next_action(Some(true), Some(&moved), now),
+            TargetAction::SetAddress(moved.clone())
+        );
+        assert_eq!(
+            view.next_action(Some(true), Some(&moved), now),
+            TargetAction::Nothing(None)
+        );
+        assert_eq!(view.jobs_sent, 1, "the target was not touched");
+    }
+}
