@@ -2,51 +2,12 @@
 //! running agent's objects on the session bus. They never start the agent (no D-Bus
 //! activation) and never probe: they report what the agent holds.
 
-use zbus::names::BusName;
+use zbus::fdo::PropertiesProxy;
+use zbus::names::{BusName, InterfaceName};
 use zbus::zvariant::OwnedObjectPath;
-use zbus::{proxy, Connection};
+use zbus::Connection;
 
-use crate::status::{self, HostStatus};
-
-#[proxy(
-    interface = "org.reachd.Reachd1",
-    default_service = "org.reachd.Reachd1",
-    default_path = "/org/reachd/Reachd1"
-)]
-trait Reachd1 {
-    fn refresh(&self) -> zbus::Result<()>;
-    #[zbus(property)]
-    fn hosts(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
-}
-
-#[proxy(
-    interface = "org.reachd.Reachd1.Host",
-    default_service = "org.reachd.Reachd1"
-)]
-trait Host {
-    #[zbus(property)]
-    fn name(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn hostname(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn target(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn reachable(&self) -> zbus::Result<bool>;
-    #[zbus(property)]
-    fn state(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn address(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn reason(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn since(&self) -> zbus::Result<u64>;
-    #[zbus(property)]
-    fn target_state(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn last_job(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn jobs_sent(&self) -> zbus::Result<u32>;
-}
+use crate::status::{self, HostStatus, Reachd1Proxy};
 
 /// Why the CLI could not tell.
 #[derive(Debug, thiserror::Error)]
@@ -129,26 +90,22 @@ impl Client {
             .await?
             .refresh()
             .await
-            .map_err(ClientError::Read)
+            .map_err(|err| ClientError::Read(err.into()))
     }
 
+    /// One host's state: all its properties in one `GetAll`.
     async fn host(&self, path: OwnedObjectPath) -> zbus::Result<HostStatus> {
-        let p = HostProxy::builder(&self.connection)
+        let properties = PropertiesProxy::builder(&self.connection)
+            .destination(status::BUS_NAME)?
             .path(path)?
+            .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await?;
-        Ok(HostStatus {
-            name: p.name().await?,
-            hostname: p.hostname().await?,
-            target: p.target().await?,
-            reachable: p.reachable().await?,
-            state: p.state().await?,
-            address: p.address().await?,
-            reason: p.reason().await?,
-            since: p.since().await?,
-            target_state: p.target_state().await?,
-            last_job: p.last_job().await?,
-            jobs_sent: p.jobs_sent().await?,
-        })
+        let all = properties
+            .get_all(InterfaceName::from_static_str_unchecked(
+                status::HOST_INTERFACE,
+            ))
+            .await?;
+        Ok(HostStatus::from_properties(all)?)
     }
 }

@@ -9,6 +9,7 @@ pub mod address;
 pub mod agent;
 pub mod client;
 pub mod config;
+pub mod event;
 pub mod logging;
 pub mod network;
 pub mod probe;

@@ -7,10 +7,11 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use zbus::object_server::SignalEmitter;
-use zbus::zvariant::{OwnedObjectPath, Value};
+use zbus::zvariant::{self, OwnedObjectPath, OwnedValue, Value};
 use zbus::{connection, fdo, interface, Connection};
+
+use crate::event::{Event, Events};
 
 pub const BUS_NAME: &str = "org.reachd.Reachd1";
 pub const ROOT_PATH: &str = "/org/reachd/Reachd1";
@@ -24,126 +25,106 @@ pub fn host_path(name: &str) -> OwnedObjectPath {
     OwnedObjectPath::try_from(path).expect("validated host names make valid object paths")
 }
 
-/// One host's published state. Also what `reachd status --json` prints.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostStatus {
-    pub name: String,
-    pub hostname: String,
-    pub target: String,
-    pub reachable: bool,
-    /// "unknown", "reachable" or "unreachable".
-    pub state: String,
-    /// The address that answered last (empty until one did).
-    pub address: String,
-    /// Why the state is what it is, in words.
-    pub reason: String,
-    /// When `state` last changed, in microseconds since the Unix epoch.
-    pub since: u64,
-    /// The target's ActiveState as systemd reports it, or "not-found" / "unknown".
-    pub target_state: String,
-    /// The last job reachd sent for the target and its result, e.g. "start: done".
-    pub last_job: String,
-    /// How many jobs reachd has sent for the target since it started.
-    pub jobs_sent: u32,
-}
+/// Declares the host record once: the [`HostStatus`] struct (what `reachd status --json`
+/// prints), the `org.reachd.Reachd1.Host` properties serving it, the PropertiesChanged
+/// contents of an update, and the client's reading of it from one `GetAll`. A property is one
+/// line here (and one in the contract XML, which a test compares with the live objects).
+macro_rules! host_record {
+    ($( $(#[doc = $doc:literal])* $field:ident: $ty:ty = $dbus:literal, )*) => {
+        /// One host's published state.
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct HostStatus {
+            $( $(#[doc = $doc])* pub $field: $ty, )*
+        }
 
-struct HostObject(HostStatus);
+        struct HostObject(HostStatus);
 
-#[interface(name = "org.reachd.Reachd1.Host")]
-impl HostObject {
-    #[zbus(property)]
-    fn name(&self) -> &str {
-        &self.0.name
-    }
-    #[zbus(property)]
-    fn hostname(&self) -> &str {
-        &self.0.hostname
-    }
-    #[zbus(property)]
-    fn target(&self) -> &str {
-        &self.0.target
-    }
-    #[zbus(property)]
-    fn reachable(&self) -> bool {
-        self.0.reachable
-    }
-    #[zbus(property)]
-    fn state(&self) -> &str {
-        &self.0.state
-    }
-    #[zbus(property)]
-    fn address(&self) -> &str {
-        &self.0.address
-    }
-    #[zbus(property)]
-    fn reason(&self) -> &str {
-        &self.0.reason
-    }
-    #[zbus(property)]
-    fn since(&self) -> u64 {
-        self.0.since
-    }
-    #[zbus(property)]
-    fn target_state(&self) -> &str {
-        &self.0.target_state
-    }
-    #[zbus(property)]
-    fn last_job(&self) -> &str {
-        &self.0.last_job
-    }
-    #[zbus(property)]
-    fn jobs_sent(&self) -> u32 {
-        self.0.jobs_sent
-    }
-}
+        #[interface(name = "org.reachd.Reachd1.Host")]
+        impl HostObject {
+            $(
+                #[zbus(property, name = $dbus)]
+                fn $field(&self) -> $ty {
+                    self.0.$field.clone()
+                }
+            )*
+        }
 
-/// The properties that differ between `old` and `new`, by their D-Bus names.
-fn changed_properties<'a>(
-    old: &HostStatus,
-    new: &'a HostStatus,
-) -> HashMap<&'static str, Value<'a>> {
-    let mut changed = HashMap::new();
-    let mut text = |name, old: &String, new: &'a String| {
-        if old != new {
-            changed.insert(name, Value::from(new.as_str()));
+        impl HostStatus {
+            /// The properties that differ between `self` and `new`, by their D-Bus names.
+            fn changed_to(&self, new: &HostStatus) -> HashMap<&'static str, Value<'static>> {
+                let mut changed = HashMap::new();
+                $(
+                    if self.$field != new.$field {
+                        changed.insert($dbus, Value::from(new.$field.clone()));
+                    }
+                )*
+                changed
+            }
+
+            /// A host's state from its properties, as `GetAll` returns them.
+            pub fn from_properties(
+                mut all: HashMap<String, OwnedValue>,
+            ) -> Result<HostStatus, zvariant::Error> {
+                Ok(HostStatus {
+                    $( $field: take(&mut all, $dbus)?, )*
+                })
+            }
         }
     };
-    text("Name", &old.name, &new.name);
-    text("Hostname", &old.hostname, &new.hostname);
-    text("Target", &old.target, &new.target);
-    text("State", &old.state, &new.state);
-    text("Address", &old.address, &new.address);
-    text("Reason", &old.reason, &new.reason);
-    text("TargetState", &old.target_state, &new.target_state);
-    text("LastJob", &old.last_job, &new.last_job);
-    if old.reachable != new.reachable {
-        changed.insert("Reachable", Value::from(new.reachable));
-    }
-    if old.since != new.since {
-        changed.insert("Since", Value::from(new.since));
-    }
-    if old.jobs_sent != new.jobs_sent {
-        changed.insert("JobsSent", Value::from(new.jobs_sent));
-    }
-    changed
+}
+
+host_record! {
+    name: String = "Name",
+    hostname: String = "Hostname",
+    target: String = "Target",
+    reachable: bool = "Reachable",
+    /// "unknown", "reachable" or "unreachable".
+    state: String = "State",
+    /// The address that answered last (empty until one did).
+    address: String = "Address",
+    /// Why the state is what it is, in words.
+    reason: String = "Reason",
+    /// When `state` last changed, in microseconds since the Unix epoch.
+    since: u64 = "Since",
+    /// The target's ActiveState as systemd reports it, or "not-found" / "unknown".
+    target_state: String = "TargetState",
+    /// The last job reachd sent for the target and its result, e.g. "start: done".
+    last_job: String = "LastJob",
+    /// How many jobs reachd has sent for the target since it started.
+    jobs_sent: u32 = "JobsSent",
+}
+
+/// Takes the property `name` out of `all`, as a `T`.
+fn take<T>(all: &mut HashMap<String, OwnedValue>, name: &str) -> Result<T, zvariant::Error>
+where
+    T: TryFrom<OwnedValue, Error = zvariant::Error>,
+{
+    all.remove(name)
+        .ok_or_else(|| zvariant::Error::Message(format!("the host has no property {name}")))?
+        .try_into()
 }
 
 struct RootObject {
     hosts: Vec<OwnedObjectPath>,
-    refresh: mpsc::Sender<()>,
+    events: Events,
 }
 
-#[interface(name = "org.reachd.Reachd1")]
+#[interface(
+    name = "org.reachd.Reachd1",
+    proxy(
+        async_name = "Reachd1Proxy",
+        gen_blocking = false,
+        default_service = "org.reachd.Reachd1",
+        default_path = "/org/reachd/Reachd1"
+    )
+)]
 impl RootObject {
     /// Re-evaluates every host now: what the NetworkManager dispatcher hook calls.
     async fn refresh(&self) -> fdo::Result<()> {
-        // A full queue already holds a refresh that has not run yet: this one adds nothing.
-        match self.refresh.try_send(()) {
-            Ok(()) | Err(mpsc::error::TrySendError::Full(())) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(())) => {
-                Err(fdo::Error::Failed("reachd is stopping".into()))
-            }
-        }
+        self.events
+            .send(Event::Refresh)
+            .await
+            .map_err(|_| fdo::Error::Failed("reachd is stopping".into()))
     }
 
     #[zbus(property)]
@@ -152,8 +133,8 @@ impl RootObject {
     }
 
     #[zbus(property)]
-    fn version(&self) -> &str {
-        env!("CARGO_PKG_VERSION")
+    fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").into()
     }
 }
 
@@ -164,28 +145,33 @@ pub struct Publisher {
 
 /// Serves the objects for `hosts` on the bus `builder` connects to and then takes the name
 /// (serving first, so that a client activated by the name finds the objects). `Refresh()` calls
-/// arrive on the returned receiver.
+/// arrive on `events` as [`Event::Refresh`].
 pub async fn serve(
     builder: connection::Builder<'static>,
     hosts: Vec<HostStatus>,
-) -> zbus::Result<(Publisher, mpsc::Receiver<()>)> {
-    let (refresh, refreshes) = mpsc::channel(1);
+    events: Events,
+) -> zbus::Result<Publisher> {
     let root = RootObject {
         hosts: hosts.iter().map(|h| host_path(&h.name)).collect(),
-        refresh,
+        events,
     };
     let mut builder = builder.serve_at(ROOT_PATH, root)?;
     for host in hosts {
         builder = builder.serve_at(host_path(&host.name), HostObject(host))?;
     }
     let connection = builder.name(BUS_NAME)?.build().await?;
-    Ok((Publisher { connection }, refreshes))
+    Ok(Publisher { connection })
 }
 
 impl Publisher {
     /// The bus connection the objects are served on (also used for the user manager).
     pub fn connection(&self) -> &Connection {
         &self.connection
+    }
+
+    /// Stops publishing, giving the connection back (to release the name and close it).
+    pub fn into_connection(self) -> Connection {
+        self.connection
     }
 
     /// Replaces a host's published state, emitting one PropertiesChanged with what changed.
@@ -198,7 +184,7 @@ impl Publisher {
             .await?;
         // Store first, then signal: a client that reads on the signal sees the new values.
         let old = std::mem::replace(&mut iface.get_mut().await.0, new.clone());
-        let changed = changed_properties(&old, new);
+        let changed = old.changed_to(new);
         if changed.is_empty() {
             return Ok(());
         }
@@ -248,14 +234,38 @@ mod tests {
     fn only_changed_properties_are_sent() {
         let old = status();
         let mut new = old.clone();
-        assert!(changed_properties(&old, &new).is_empty());
+        assert!(old.changed_to(&new).is_empty());
         new.reachable = true;
         new.state = "reachable".into();
         new.jobs_sent = 1;
-        let changed = changed_properties(&old, &new);
+        let changed = old.changed_to(&new);
         let mut names: Vec<_> = changed.keys().copied().collect();
         names.sort();
         assert_eq!(names, ["JobsSent", "Reachable", "State"]);
         assert_eq!(changed["Reachable"], Value::from(true));
+    }
+
+    #[test]
+    fn every_property_is_read_back_from_get_all() {
+        let old = status();
+        let new = HostStatus {
+            name: "other".into(),
+            hostname: "other.local".into(),
+            target: "other.target".into(),
+            reachable: true,
+            state: "reachable".into(),
+            address: "192.0.2.10".into(),
+            reason: "answered".into(),
+            since: 2,
+            target_state: "active".into(),
+            last_job: "start: done".into(),
+            jobs_sent: 1,
+        };
+        let all = old
+            .changed_to(&new)
+            .into_iter()
+            .map(|(name, value)| (name.to_string(), value.try_into().unwrap()))
+            .collect();
+        assert_eq!(HostStatus::from_properties(all).unwrap(), new);
     }
 }

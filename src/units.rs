@@ -6,25 +6,18 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use systemd_zbus::{ActiveState, ManagerProxy, Mode, UnitProxy};
-use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use zbus::fdo::PropertiesProxy;
 use zbus::names::InterfaceName;
 use zbus::Connection;
 
+use crate::event::{Event, Events, HostId};
 use crate::reconcile::{JobKind, UnitState};
 
 /// How long to wait for a job's JobRemoved before reading the unit's state instead.
 const JOB_RESULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// After losing the unit's property signals, wait this long before following it again.
 const REWATCH_DELAY: Duration = Duration::from_secs(1);
-
-/// The state of the target of the host at `index` in the configuration changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UnitEvent {
-    pub index: usize,
-    pub state: UnitState,
-}
 
 /// The systemd user manager.
 #[derive(Clone)]
@@ -63,29 +56,21 @@ impl Units {
         })
     }
 
-    /// Follows `unit`'s state for as long as the process runs, sending each change (and the
-    /// state at the start) to `events`.
-    pub fn follow(&self, index: usize, unit: String, events: mpsc::Sender<UnitEvent>) {
-        let units = self.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Err(err) = units.follow_once(index, &unit, &events).await {
-                    warn!(unit, "cannot follow the unit's state: {err}");
-                }
-                if events.is_closed() {
-                    return;
-                }
-                tokio::time::sleep(REWATCH_DELAY).await;
+    /// Follows `unit`, the target of `host`, until `events` closes (or the future is dropped),
+    /// sending its state at the start and at each change.
+    pub async fn follow(self, host: HostId, unit: String, events: Events) {
+        loop {
+            if let Err(err) = self.follow_once(host, &unit, &events).await {
+                warn!(unit, "cannot follow the unit's state: {err}");
             }
-        });
+            if events.is_closed() {
+                return;
+            }
+            tokio::time::sleep(REWATCH_DELAY).await;
+        }
     }
 
-    async fn follow_once(
-        &self,
-        index: usize,
-        unit: &str,
-        events: &mpsc::Sender<UnitEvent>,
-    ) -> zbus::Result<()> {
+    async fn follow_once(&self, host: HostId, unit: &str, events: &Events) -> zbus::Result<()> {
         let connection = self.manager.inner().connection();
         // The object path of a unit depends only on its name, so the subscription outlives the
         // unit being unloaded and loaded again.
@@ -100,7 +85,7 @@ impl Units {
         let mut changes = properties.receive_properties_changed().await?;
         loop {
             let state = self.state(unit).await?;
-            if events.send(UnitEvent { index, state }).await.is_err() {
+            if events.send(Event::UnitState(host, state)).await.is_err() {
                 return Ok(());
             }
             // Read again on the next change of the Unit interface's properties.

@@ -2,15 +2,14 @@
 //! namespaces this test creates, so that nothing is sent on the machine's own interfaces.
 //! Needs root, iproute2, util-linux and avahi-daemon; it fails (never skips) without them.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::time::Duration;
 
-use common::netns::{MdnsPair, CLIENT_ADDR, SERVER_ADDR};
 use reachd::address::HostAddress;
-use reachd::probe::{self, AddressEvent, Probe, Resolver};
+use reachd::event::{Event, HostId};
+use reachd::probe::{self, Probe, Resolver};
+use reachd_testkit::netns::{MdnsPair, CLIENT_ADDR, SERVER_ADDR};
 use tokio::sync::mpsc;
 
 const LIMIT: Duration = Duration::from_millis(1000);
@@ -52,19 +51,21 @@ fn pi() -> HostAddress {
 }
 
 /// A resolver following `rpi.local`, once mDNS has found the Pi.
-async fn following_the_pi() -> (Resolver, mpsc::Receiver<AddressEvent>) {
+async fn following_the_pi() -> (Resolver, mpsc::Receiver<Event>) {
     let resolver = Resolver::new().expect("mdns-sd daemon");
     let (tx, mut events) = mpsc::channel(16);
-    resolver.follow(0, "rpi.local.".into(), tx);
+    tokio::spawn(resolver.follow(HostId(0), "rpi.local.".into(), tx));
     match next_event(&mut events, Duration::from_secs(5)).await {
-        AddressEvent::Found(0, addresses) => assert!(addresses.contains(&pi()), "{addresses:?}"),
+        Event::AddressesFound(HostId(0), addresses) => {
+            assert!(addresses.contains(&pi()), "{addresses:?}")
+        }
         other => panic!("expected the Pi's address, got {other:?}"),
     }
     (resolver, events)
 }
 
 /// Waits for the next address event, failing after `within`.
-async fn next_event(events: &mut mpsc::Receiver<AddressEvent>, within: Duration) -> AddressEvent {
+async fn next_event(events: &mut mpsc::Receiver<Event>, within: Duration) -> Event {
     tokio::time::timeout(within, events.recv())
         .await
         .unwrap_or_else(|_| panic!("no mDNS event within {within:?}"))
@@ -114,7 +115,9 @@ fn goodbye_is_reported_and_the_check_confirms_it() {
         let (resolver, mut events) = following_the_pi().await;
         pair.stop_avahi();
         match next_event(&mut events, Duration::from_secs(5)).await {
-            AddressEvent::Removed(0, removed) => assert!(removed.contains(&pi()), "{removed:?}"),
+            Event::AddressesRemoved(HostId(0), removed) => {
+                assert!(removed.contains(&pi()), "{removed:?}")
+            }
             other => panic!("expected a goodbye, got {other:?}"),
         }
         let outcome = probe::check("rpi.local", &[pi()], None, LIMIT, None).await;

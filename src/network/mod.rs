@@ -6,25 +6,12 @@
 //! two. If NetworkManager leaves the bus, the last view stays (its links do not go down because
 //! it restarted) and it is read again as soon as it comes back.
 
-// Generated once from the XML in dbus-interfaces/ with zbus-xmlgen 5.4.1 (a 5.x generator, for
-// zbus 5): `zbus-xmlgen file dbus-interfaces/org.freedesktop.NetworkManager.xml` and likewise for
-// Connection.Active, IP4Config and IP6Config. Edits by hand, where generated names clashed: NetworkManager's deprecated
-// `state()` method became `state_method`, and both `StateChanged` signals `state_changed_signal`
-// (the `State` properties' change streams already take `receive_state_changed`).
-#[allow(clippy::all, dead_code)]
-mod active_proxy;
-#[allow(clippy::all, dead_code)]
-mod ip4_proxy;
-#[allow(clippy::all, dead_code)]
-mod ip6_proxy;
-#[allow(clippy::all, dead_code)]
-mod nm_proxy;
+mod proxies;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use futures_util::StreamExt;
-use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use zbus::fdo::DBusProxy;
 use zbus::message::Type as MessageType;
@@ -32,10 +19,8 @@ use zbus::proxy::CacheProperties;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::{Connection, MatchRule, MessageStream};
 
-use self::active_proxy::ActiveProxy;
-use self::ip4_proxy::IP4ConfigProxy;
-use self::ip6_proxy::IP6ConfigProxy;
-use self::nm_proxy::NetworkManagerProxy;
+use self::proxies::{ActiveProxy, IP4ConfigProxy, IP6ConfigProxy, NetworkManagerProxy};
+use crate::event::{Event, Events};
 use crate::reconcile::NetworkView;
 
 const NM_NAME: &str = "org.freedesktop.NetworkManager";
@@ -55,14 +40,12 @@ pub fn assumed_view() -> NetworkView {
     }
 }
 
-/// Follows NetworkManager on `system` until the bus connection fails, publishing each new view.
-/// `with_addresses`: also read the machine's addresses on each connection (only hosts with
-/// `connections` need them; they cost two more calls per active connection and read).
-pub async fn follow(
-    system: Connection,
-    views: watch::Sender<NetworkView>,
-    with_addresses: bool,
-) -> zbus::Result<()> {
+/// Follows NetworkManager on `system` until the bus connection fails (an error) or the agent is
+/// gone (Ok), sending each new view as [`Event::Network`]: the first one read on this
+/// connection, then only changes. `with_addresses`: also read the machine's addresses on each
+/// connection (only hosts with `connections` need them; they cost two more calls per active
+/// connection and read).
+pub async fn follow(system: Connection, events: Events, with_addresses: bool) -> zbus::Result<()> {
     // Subscribe first: NetworkManager's property changes, and its owner coming and going.
     let rule = MatchRule::builder()
         .msg_type(MessageType::Signal)
@@ -95,20 +78,20 @@ pub async fn follow(
         .build()
         .await?;
     let mut present = None;
+    let mut last = None;
     loop {
         match read(&system, &manager, with_addresses).await {
             Ok(view) => {
                 if present != Some(true) {
                     info!("NetworkManager is on the system bus");
                 }
-                // The first view is news even when it equals the assumed one; later, only changes.
-                let first = present.is_none();
                 present = Some(true);
-                views.send_if_modified(|old| {
-                    let changed = first || *old != view;
-                    *old = view;
-                    changed
-                });
+                if last.as_ref() != Some(&view) {
+                    last = Some(view.clone());
+                    if events.send(Event::Network(view)).await.is_err() {
+                        return Ok(()); // The agent is gone.
+                    }
+                }
             }
             Err(err) => {
                 if present != Some(false) {

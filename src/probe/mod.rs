@@ -18,23 +18,16 @@ use std::time::Duration;
 use futures_util::future::{select_ok, BoxFuture};
 use mdns_sd::{HostnameResolutionEvent, IfKind, ScopedIp, ServiceDaemon};
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, warn};
 
 use crate::address::HostAddress;
+use crate::event::{Event, Events, HostId};
 
 /// The mDNS port, where a responder listens for questions.
 const MDNS_PORT: u16 = 5353;
 /// After a closed subscription, wait this long before asking mdns-sd again.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
-
-/// Addresses mDNS found or lost for the host at `index` in the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AddressEvent {
-    Found(usize, Vec<HostAddress>),
-    Removed(usize, Vec<HostAddress>),
-}
 
 /// The process's one mdns-sd daemon.
 pub struct Resolver {
@@ -49,49 +42,52 @@ impl Resolver {
     }
 }
 
+/// One check to run, as [`check`] takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckRequest {
+    pub hostname: String,
+    pub candidates: Vec<HostAddress>,
+    pub port: Option<u16>,
+    pub limit: Duration,
+    pub via: Option<BTreeSet<IpAddr>>,
+}
+
 /// How the agent finds hosts and checks that they answer: [`Resolver`] with mDNS and the
 /// network; tests of the agent give it a fake, so that a host can be made reachable, and lost,
 /// on private buses without mDNS.
 pub trait Probe: Send + Sync + 'static {
-    /// Follows `hostname` (with its trailing dot) for as long as the process runs, sending what
-    /// is found and lost, tagged with `index`, to `events`.
-    fn follow(&self, index: usize, hostname: String, events: mpsc::Sender<AddressEvent>);
+    /// Follows `hostname` (with its trailing dot) until the returned future is dropped or
+    /// `events` closes, sending what is found and lost about `host`. The agent runs the future
+    /// as one of its own tasks.
+    fn follow(&self, host: HostId, hostname: String, events: Events) -> BoxFuture<'static, ()>;
     /// NetworkManager changed something: look at the machine's interfaces again.
     fn interfaces_changed(&self);
     /// One check of a host, as [`check`].
-    fn check(
-        &self,
-        hostname: String,
-        candidates: Vec<HostAddress>,
-        port: Option<u16>,
-        limit: Duration,
-        via: Option<BTreeSet<IpAddr>>,
-    ) -> BoxFuture<'static, Result<HostAddress, String>>;
+    fn check(&self, request: CheckRequest) -> BoxFuture<'static, Result<HostAddress, String>>;
     /// The agent is stopping.
     fn shutdown(&self);
 }
 
 impl Probe for Resolver {
-    /// Follows `hostname` (with its trailing dot) for as long as the process runs, sending
-    /// what mDNS finds and loses to `events`, tagged with `index`. A subscription that mdns-sd
-    /// closes (it does so silently when a receiver falls behind) is opened again.
-    fn follow(&self, index: usize, hostname: String, events: mpsc::Sender<AddressEvent>) {
+    /// A subscription that mdns-sd closes (it does so silently when a receiver falls behind)
+    /// is opened again.
+    fn follow(&self, host: HostId, hostname: String, events: Events) -> BoxFuture<'static, ()> {
         let daemon = self.daemon.clone();
-        tokio::spawn(async move {
+        Box::pin(async move {
             loop {
                 match daemon.resolve_hostname(&hostname, None) {
                     Ok(receiver) => {
                         while let Ok(event) = receiver.recv_async().await {
                             let event = match event {
                                 HostnameResolutionEvent::AddressesFound(_, found) => {
-                                    AddressEvent::Found(
-                                        index,
+                                    Event::AddressesFound(
+                                        host,
                                         found.iter().map(to_host_address).collect(),
                                     )
                                 }
                                 HostnameResolutionEvent::AddressesRemoved(_, removed) => {
-                                    AddressEvent::Removed(
-                                        index,
+                                    Event::AddressesRemoved(
+                                        host,
                                         removed.iter().map(to_host_address).collect(),
                                     )
                                 }
@@ -113,7 +109,7 @@ impl Probe for Resolver {
                 }
                 tokio::time::sleep(RESUBSCRIBE_DELAY).await;
             }
-        });
+        })
     }
 
     /// Tells mdns-sd to look at the machine's interfaces now: NetworkManager just changed
@@ -126,15 +122,17 @@ impl Probe for Resolver {
         }
     }
 
-    fn check(
-        &self,
-        hostname: String,
-        candidates: Vec<HostAddress>,
-        port: Option<u16>,
-        limit: Duration,
-        via: Option<BTreeSet<IpAddr>>,
-    ) -> BoxFuture<'static, Result<HostAddress, String>> {
-        Box::pin(async move { check(&hostname, &candidates, port, limit, via.as_ref()).await })
+    fn check(&self, request: CheckRequest) -> BoxFuture<'static, Result<HostAddress, String>> {
+        Box::pin(async move {
+            let CheckRequest {
+                hostname,
+                candidates,
+                port,
+                limit,
+                via,
+            } = request;
+            check(&hostname, &candidates, port, limit, via.as_ref()).await
+        })
     }
 
     /// Stops the daemon's thread.

@@ -3,21 +3,17 @@
 //! agent finds and checks it without a packet sent. This is what lets the bus tests make a host
 //! reachable, and lose it, so that start jobs and their failures can be tested.
 
-use std::collections::BTreeSet;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use reachd::address::HostAddress;
-use reachd::probe::AddressEvent;
-use reachd::probe::Probe;
+use reachd::event::{Event, Events, HostId};
+use reachd::probe::{CheckRequest, Probe};
 use reachd::reconcile::CheckOutcome;
-use tokio::sync::mpsc;
 
 #[derive(Default)]
 struct State {
-    followers: Vec<(usize, mpsc::Sender<AddressEvent>)>,
+    followers: Vec<(HostId, Events)>,
     /// Where the host answers, if it does.
     present: Option<HostAddress>,
 }
@@ -39,10 +35,10 @@ impl FakeProbe {
     /// The host answers at `address` from now on and "mDNS" announces it (a new DHCP lease).
     pub fn move_to(&self, address: HostAddress) {
         let mut state = self.state.lock().unwrap();
-        for (index, events) in &state.followers {
+        for (host, events) in &state.followers {
             events
-                .try_send(AddressEvent::Found(*index, vec![address.clone()]))
-                .expect("the agent's address queue has room");
+                .try_send(Event::AddressesFound(*host, vec![address.clone()]))
+                .expect("the agent's event queue has room");
         }
         state.present = Some(address);
     }
@@ -55,26 +51,25 @@ impl FakeProbe {
 }
 
 impl Probe for FakeProbe {
-    fn follow(&self, index: usize, _hostname: String, events: mpsc::Sender<AddressEvent>) {
+    fn follow(&self, host: HostId, _hostname: String, events: Events) -> BoxFuture<'static, ()> {
         let mut state = self.state.lock().unwrap();
         if let Some(address) = &state.present {
             events
-                .try_send(AddressEvent::Found(index, vec![address.clone()]))
-                .expect("the agent's address queue has room");
+                .try_send(Event::AddressesFound(host, vec![address.clone()]))
+                .expect("the agent's event queue has room");
         }
-        state.followers.push((index, events));
+        state.followers.push((host, events));
+        Box::pin(std::future::pending())
     }
 
     fn interfaces_changed(&self) {}
 
-    fn check(
-        &self,
-        hostname: String,
-        candidates: Vec<HostAddress>,
-        _port: Option<u16>,
-        _limit: Duration,
-        _via: Option<BTreeSet<IpAddr>>,
-    ) -> BoxFuture<'static, CheckOutcome> {
+    fn check(&self, request: CheckRequest) -> BoxFuture<'static, CheckOutcome> {
+        let CheckRequest {
+            hostname,
+            candidates,
+            ..
+        } = request;
         let present = self.state.lock().unwrap().present.clone();
         Box::pin(async move {
             match present {

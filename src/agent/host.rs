@@ -1,0 +1,88 @@
+//! One configured host as the agent holds it: its configuration, what reconcile decided about
+//! it, and how that reads on the bus and in the log.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::config::HostConfig;
+use crate::reconcile::{HostTracker, JobKind, Reach, TargetView, Transition};
+use crate::status::HostStatus;
+
+/// Everything the agent holds about one host.
+pub(super) struct Host {
+    pub config: HostConfig,
+    pub tracker: HostTracker,
+    pub target: TargetView,
+    /// Wall-clock time of the last transition, microseconds since the epoch.
+    since: u64,
+}
+
+impl Host {
+    pub fn new(config: HostConfig, now: Instant) -> Self {
+        Host {
+            config,
+            tracker: HostTracker::new(now),
+            target: TargetView::new(),
+            since: wall_clock_micros(),
+        }
+    }
+
+    /// What the host's D-Bus object shows.
+    pub fn status(&self) -> HostStatus {
+        HostStatus {
+            name: self.config.name.clone(),
+            hostname: self.config.hostname.clone(),
+            target: self.config.target.clone(),
+            reachable: self.tracker.reach == Reach::Reachable,
+            state: self.tracker.reach.as_str().into(),
+            address: self
+                .tracker
+                .address
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            reason: self.tracker.reason.clone(),
+            since: self.since,
+            target_state: self.target.state.as_str().into(),
+            last_job: self.target.last_job.clone(),
+            jobs_sent: self.target.jobs_sent,
+        }
+    }
+
+    /// Records and logs a change of reachability; `took` is the check's duration, if a check
+    /// decided it.
+    pub fn transition(&mut self, transition: Option<Transition>, took: Option<Duration>) {
+        let Some(t) = transition else { return };
+        self.since = wall_clock_micros();
+        info!(
+            host = %self.config.name,
+            from = t.from.as_str(),
+            to = t.to.as_str(),
+            reason = %t.reason,
+            address = %self.tracker.address.as_ref().map(ToString::to_string).unwrap_or_default(),
+            probe_ms = took.map(|d| d.as_millis() as u64),
+            "{}: {} -> {} ({})",
+            self.config.name,
+            t.from.as_str(),
+            t.to.as_str(),
+            t.reason
+        );
+    }
+
+    /// Logs the end of a job for the host's target.
+    pub fn log_job(&self, kind: JobKind, result: &Result<(), String>) {
+        let (host, unit, job) = (&self.config.name, &self.config.target, kind.as_str());
+        match result {
+            Ok(()) => info!(host = %host, unit, job, "{job} {unit}: done"),
+            Err(why) => warn!(host = %host, unit, job, "{job} {unit} failed: {why}"),
+        }
+    }
+}
+
+fn wall_clock_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}

@@ -1,0 +1,298 @@
+//! The agent's loop: every source (NetworkManager, mDNS, the user manager, finished checks and
+//! jobs, `Refresh()` callers) sends an [`Event`] on one channel; the loop takes whatever is
+//! queued, asks [`reconcile`](crate::reconcile) what should be, carries that out through its
+//! [`tasks`] and publishes the result. A burst of events costs one decision per host.
+//!
+//! When the agent stops it ends every task it started and leaves the targets as they are: a
+//! restart (an upgrade, a crash and `Restart=on-failure`) then does not interrupt tunnels and
+//! mounts, and the next start re-evaluates every host at once.
+
+mod host;
+mod tasks;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{info, warn};
+use zbus::connection;
+
+use crate::config::{Config, ProbeSettings};
+use crate::event::{Event, HostId};
+use crate::network;
+use crate::probe::{Probe, Resolver};
+use crate::reconcile::{JobKind, NetworkView, TargetAction};
+use crate::status::{self, Publisher};
+use crate::units::Units;
+
+use self::host::Host;
+use self::tasks::Tasks;
+
+/// How long to wait at start for NetworkManager's first view before assuming a network.
+const FIRST_NETWORK_VIEW: Duration = Duration::from_secs(3);
+/// Events queued for the loop before their senders wait.
+const EVENT_QUEUE: usize = 256;
+/// When nothing is scheduled, look again after this long anyway.
+const IDLE_WAKE: Duration = Duration::from_secs(3600);
+
+/// Where the agent finds its buses: `None` is the default system or session bus.
+#[derive(Debug, Clone, Default)]
+pub struct Buses {
+    pub system: Option<String>,
+    pub session: Option<String>,
+}
+
+/// Runs the agent until `shutdown` completes (Ok) or the session bus is lost (Err).
+pub async fn run(
+    config: Config,
+    buses: Buses,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let resolver = Resolver::new().context("cannot start the mDNS resolver")?;
+    run_with(config, buses, Arc::new(resolver), shutdown).await
+}
+
+/// [`run`], finding and checking hosts with `probe`. When it returns, every task the agent
+/// started has ended and its session bus connection is closed.
+pub async fn run_with(
+    config: Config,
+    buses: Buses,
+    probe: Arc<dyn Probe>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (events, mut inbox) = mpsc::channel(EVENT_QUEUE);
+    let hosts: Vec<Host> = config
+        .hosts
+        .iter()
+        .map(|host| Host::new(host.clone(), Instant::now()))
+        .collect();
+    let session = match &buses.session {
+        Some(address) => connection::Builder::address(address.as_str())?,
+        None => connection::Builder::session()?,
+    };
+    let publisher = status::serve(
+        session,
+        hosts.iter().map(Host::status).collect(),
+        events.clone(),
+    )
+    .await
+    .context("cannot serve org.reachd.Reachd1 on the session bus (is reachd already running?)")?;
+    let units = Units::new(publisher.connection())
+        .await
+        .context("cannot reach the systemd user manager on the session bus")?;
+
+    let mut tasks = Tasks::new(events, probe, units, config.probe.timeout);
+    let with_addresses = config.hosts.iter().any(|h| !h.connections.is_empty());
+    tasks.follow_network(buses.system.clone(), with_addresses);
+    for (index, host) in hosts.iter().enumerate() {
+        tasks.follow_host(HostId(index), &host.config);
+    }
+    let mut agent = Agent {
+        hosts,
+        network: None,
+        network_changed: false,
+        started: Instant::now(),
+        settings: config.probe,
+        tasks,
+        publisher,
+    };
+    info!(
+        hosts = agent.hosts.len(),
+        "reachd {} running",
+        env!("CARGO_PKG_VERSION")
+    );
+    let result = agent.run(&mut inbox, shutdown).await;
+    agent.stop().await;
+    result
+}
+
+/// The loop's state: the hosts, what NetworkManager says, and the agent's hands.
+struct Agent {
+    hosts: Vec<Host>,
+    /// NetworkManager's last view; `None` until its first one (or [`FIRST_NETWORK_VIEW`]).
+    network: Option<NetworkView>,
+    network_changed: bool,
+    started: Instant,
+    settings: ProbeSettings,
+    tasks: Tasks,
+    publisher: Publisher,
+}
+
+impl Agent {
+    /// The loop: wait for an event or a deadline, take everything queued, decide, publish.
+    async fn run(
+        &mut self,
+        inbox: &mut mpsc::Receiver<Event>,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let mut session_lost =
+            std::pin::pin!(session_lost(self.publisher.connection().clone()).await?);
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut wake = self.started + FIRST_NETWORK_VIEW;
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                err = &mut session_lost => return Err(err),
+                Some(event) = inbox.recv() => self.handle(event),
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            while let Ok(event) = inbox.try_recv() {
+                self.handle(event);
+            }
+            wake = self.decide();
+            self.publish().await;
+        }
+    }
+
+    /// Takes one event in: it only records what changed; [`Agent::decide`] acts on it.
+    fn handle(&mut self, event: Event) {
+        let now = Instant::now();
+        match event {
+            Event::Network(view) => {
+                self.network = Some(view);
+                self.network_changed = true;
+            }
+            Event::AddressesFound(id, found) => {
+                self.host(id).tracker.on_addresses_found(found, now);
+            }
+            Event::AddressesRemoved(id, removed) => {
+                self.host(id).tracker.on_addresses_removed(&removed, now);
+            }
+            Event::UnitState(id, state) => self.host(id).target.on_state(state),
+            Event::CheckDone {
+                host,
+                epoch,
+                outcome,
+                took,
+            } => {
+                let settings = self.settings;
+                let host = self.host(host);
+                let transition = host.tracker.on_check(epoch, outcome, &settings, now);
+                host.transition(transition, Some(took));
+            }
+            Event::JobDone {
+                host,
+                kind,
+                result,
+                state,
+            } => {
+                let host = self.host(host);
+                host.target.on_job_done(kind, &result, state, now);
+                host.log_job(kind, &result);
+            }
+            Event::Refresh => {
+                info!("refresh requested");
+                for host in &mut self.hosts {
+                    host.tracker.on_refresh(now);
+                    host.target.on_refresh();
+                }
+            }
+        }
+    }
+
+    fn host(&mut self, id: HostId) -> &mut Host {
+        &mut self.hosts[id.0]
+    }
+
+    /// Asks reconcile what to do for every host, starts the checks and jobs it asks for, and
+    /// returns when to look again.
+    fn decide(&mut self) -> Instant {
+        let now = Instant::now();
+        self.tasks.reap();
+        if self.network.is_none() {
+            if now < self.started + FIRST_NETWORK_VIEW {
+                return self.started + FIRST_NETWORK_VIEW;
+            }
+            warn!(
+                "no word from NetworkManager within {} s: assuming a network until it answers",
+                FIRST_NETWORK_VIEW.as_secs()
+            );
+            self.network = Some(network::assumed_view());
+            self.network_changed = true;
+        }
+        let network = self.network.as_ref().expect("set above");
+        if std::mem::take(&mut self.network_changed) {
+            self.tasks.interfaces_changed();
+            for host in &mut self.hosts {
+                let transition = host.tracker.on_network(network.verdict(&host.config), now);
+                host.transition(transition, None);
+            }
+        }
+        let mut wake = now + IDLE_WAKE;
+        for (index, host) in self.hosts.iter_mut().enumerate() {
+            let id = HostId(index);
+            let plan = host.tracker.plan(now);
+            if let Some(candidates) = plan.check {
+                self.tasks.check(id, host, candidates, network);
+            }
+            let tracker = &host.tracker;
+            let action =
+                host.target
+                    .next_action(tracker.wants_target(), tracker.address.as_ref(), now);
+            let target_wake = match action {
+                TargetAction::Nothing(at) => at,
+                TargetAction::Start(address) => {
+                    self.tasks.job(id, &host.config, JobKind::Start, address);
+                    None
+                }
+                TargetAction::Stop => {
+                    self.tasks.job(id, &host.config, JobKind::Stop, None);
+                    None
+                }
+                TargetAction::SetAddress(address) => {
+                    self.tasks.set_address(&host.config, address);
+                    None
+                }
+            };
+            for at in [plan.wake, target_wake].into_iter().flatten() {
+                wake = wake.min(at);
+            }
+        }
+        wake
+    }
+
+    /// Publishes every host's state; only what changed is signalled.
+    async fn publish(&self) {
+        for host in &self.hosts {
+            if let Err(err) = self.publisher.update(&host.status()).await {
+                warn!(host = %host.config.name, "cannot publish status: {err}");
+            }
+        }
+    }
+
+    /// Ends every task, gives the bus name up (with a reply, so that a successor started right
+    /// after can take it) and closes the session bus connection.
+    async fn stop(self) {
+        self.tasks.shutdown().await;
+        let connection = self.publisher.into_connection();
+        let _ = connection.release_name(status::BUS_NAME).await;
+        let _ = connection.close().await;
+    }
+}
+
+/// Resolves when the session bus connection is gone, with the error to exit with.
+async fn session_lost(
+    session: zbus::Connection,
+) -> anyhow::Result<impl Future<Output = anyhow::Error>> {
+    let dbus = zbus::fdo::DBusProxy::new(&session).await?;
+    let mut owner = dbus
+        .receive_name_owner_changed_with_args(&[(0, status::BUS_NAME)])
+        .await?;
+    Ok(async move {
+        while let Some(signal) = owner.next().await {
+            if let Ok(args) = signal.args() {
+                if args.new_owner.is_none() {
+                    return anyhow::anyhow!(
+                        "lost the name {} on the session bus",
+                        status::BUS_NAME
+                    );
+                }
+            }
+        }
+        anyhow::anyhow!("the session bus connection was lost")
+    })
+}

@@ -1,0 +1,197 @@
+//! The agent's hands: everything it starts that runs on its own (followers of NetworkManager,
+//! mDNS and the units; checks; jobs; address updates) is a task in one [`JoinSet`] that the
+//! agent owns, and each reports back as an [`Event`]. [`Tasks::shutdown`] ends them all and
+//! waits, so that when the agent returns nothing of it is left running.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{info, warn};
+use zbus::connection;
+
+use crate::address::HostAddress;
+use crate::config::HostConfig;
+use crate::event::{Event, Events, HostId};
+use crate::network;
+use crate::probe::{CheckRequest, Probe};
+use crate::reconcile::{JobKind, NetworkView};
+use crate::units::Units;
+
+use super::host::Host;
+
+/// After losing the system bus, try to connect again this often.
+const SYSTEM_BUS_RETRY: Duration = Duration::from_secs(2);
+
+/// Starts the agent's work and owns it.
+pub(super) struct Tasks {
+    running: JoinSet<()>,
+    events: Events,
+    probe: Arc<dyn Probe>,
+    units: Units,
+    /// The deadline of one check.
+    check_limit: Duration,
+}
+
+impl Tasks {
+    pub fn new(events: Events, probe: Arc<dyn Probe>, units: Units, check_limit: Duration) -> Self {
+        Tasks {
+            running: JoinSet::new(),
+            events,
+            probe,
+            units,
+            check_limit,
+        }
+    }
+
+    /// Follows NetworkManager on the system bus at `address` (the default system bus when
+    /// `None`), reconnecting whenever the bus goes away.
+    pub fn follow_network(&mut self, address: Option<String>, with_addresses: bool) {
+        let events = self.events.clone();
+        self.running.spawn(async move {
+            loop {
+                let connected = match &address {
+                    Some(address) => match connection::Builder::address(address.as_str()) {
+                        Ok(builder) => builder.build().await,
+                        Err(err) => Err(err),
+                    },
+                    None => zbus::Connection::system().await,
+                };
+                let result = match connected {
+                    Ok(system) => network::follow(system, events.clone(), with_addresses).await,
+                    Err(err) => Err(err),
+                };
+                if events.is_closed() {
+                    return;
+                }
+                if let Err(err) = result {
+                    warn!("cannot follow NetworkManager on the system bus: {err}; trying again");
+                }
+                tokio::time::sleep(SYSTEM_BUS_RETRY).await;
+            }
+        });
+    }
+
+    /// Follows the host's addresses (mDNS) and its target's state (the user manager).
+    pub fn follow_host(&mut self, id: HostId, host: &HostConfig) {
+        let events = self.events.clone();
+        self.running
+            .spawn(self.probe.follow(id, host.fqdn(), events.clone()));
+        let units = self.units.clone();
+        self.running
+            .spawn(units.follow(id, host.target.clone(), events));
+    }
+
+    /// NetworkManager changed something: mDNS should look at the interfaces again.
+    pub fn interfaces_changed(&self) {
+        self.probe.interfaces_changed();
+    }
+
+    /// Starts a check of the host against `candidates`, from the machine's addresses the
+    /// network allows for it, tagged with its tracker's epoch.
+    pub fn check(
+        &mut self,
+        id: HostId,
+        host: &Host,
+        candidates: Vec<HostAddress>,
+        network: &NetworkView,
+    ) {
+        let config = &host.config;
+        let via = network.local_addresses_for(config);
+        let epoch = host.tracker.epoch();
+        let check = self.probe.check(CheckRequest {
+            hostname: config.hostname.clone(),
+            candidates,
+            port: config.port,
+            limit: self.check_limit,
+            via,
+        });
+        let events = self.events.clone();
+        self.running.spawn(async move {
+            let started = Instant::now();
+            let outcome = check.await;
+            let took = started.elapsed();
+            let _ = events
+                .send(Event::CheckDone {
+                    host: id,
+                    epoch,
+                    outcome,
+                    took,
+                })
+                .await;
+        });
+    }
+
+    /// Sends a job for the host's target, after putting `address` in the user manager's
+    /// environment for a start, and reports its result with the unit's state right after.
+    pub fn job(
+        &mut self,
+        id: HostId,
+        host: &HostConfig,
+        kind: JobKind,
+        address: Option<HostAddress>,
+    ) {
+        let unit = host.target.clone();
+        let variable = host.address_variable();
+        let units = self.units.clone();
+        let events = self.events.clone();
+        self.running.spawn(async move {
+            let mut result = Ok(());
+            if let (JobKind::Start, Some(address)) = (kind, address) {
+                // Units started by the target read the address from the manager's environment.
+                result = set_address(&units, &variable, &address).await;
+            }
+            if result.is_ok() {
+                result = units.run_job(kind, &unit).await;
+            }
+            let state = units.state(&unit).await.ok();
+            let _ = events
+                .send(Event::JobDone {
+                    host: id,
+                    kind,
+                    result,
+                    state,
+                })
+                .await;
+        });
+    }
+
+    /// Puts the host's new address in the user manager's environment, without touching its
+    /// target.
+    pub fn set_address(&mut self, host: &HostConfig, address: HostAddress) {
+        let variable = host.address_variable();
+        let name = host.name.clone();
+        let units = self.units.clone();
+        self.running.spawn(async move {
+            match set_address(&units, &variable, &address).await {
+                Ok(()) => info!(host = %name, %address, "{variable}={address}: the host moved"),
+                Err(err) => warn!(host = %name, "{err}"),
+            }
+        });
+    }
+
+    /// Forgets tasks that ended, so that the set holds only running ones.
+    pub fn reap(&mut self) {
+        while let Some(ended) = self.running.try_join_next() {
+            if let Err(err) = ended {
+                if err.is_panic() {
+                    warn!("an agent task panicked: {err}");
+                }
+            }
+        }
+    }
+
+    /// Ends every task and waits for them; then stops the probe.
+    pub async fn shutdown(mut self) {
+        self.running.shutdown().await;
+        self.probe.shutdown();
+    }
+}
+
+async fn set_address(units: &Units, variable: &str, address: &HostAddress) -> Result<(), String> {
+    units
+        .set_environment(&format!("{variable}={address}"))
+        .await
+        .map_err(|err| format!("cannot set {variable}: {err}"))
+}

@@ -1,0 +1,46 @@
+//! What the agent's loop receives: one [`Event`] enum, fed by one channel, from every source
+//! (NetworkManager, mDNS, the user manager, finished checks and jobs, `Refresh()` callers).
+//! Every event only says "look again" about a host or all of them; the decisions are made in
+//! [`reconcile`](crate::reconcile). Adding a source means one variant here and one match arm in
+//! the agent.
+
+use std::time::Duration;
+
+use crate::address::HostAddress;
+use crate::reconcile::{CheckOutcome, JobKind, NetworkView, UnitState};
+
+/// A configured host: its position in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostId(pub usize);
+
+/// Something happened that may change what should be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// NetworkManager's view, read after a change (or for the first time).
+    Network(NetworkView),
+    /// mDNS found addresses of the host (an announcement, an answer).
+    AddressesFound(HostId, Vec<HostAddress>),
+    /// mDNS lost addresses of the host (a goodbye packet, the end of their TTL).
+    AddressesRemoved(HostId, Vec<HostAddress>),
+    /// The host's target changed state (or was read for the first time).
+    UnitState(HostId, UnitState),
+    /// A check of the host ended; `epoch` is the tracker's epoch when it started.
+    CheckDone {
+        host: HostId,
+        epoch: u64,
+        outcome: CheckOutcome,
+        took: Duration,
+    },
+    /// A job for the host's target ended; `state` is the unit's state read right after.
+    JobDone {
+        host: HostId,
+        kind: JobKind,
+        result: Result<(), String>,
+        state: Option<UnitState>,
+    },
+    /// Someone asked to look at every host again now (`reachd refresh`, the dispatcher hook).
+    Refresh,
+}
+
+/// Where every source sends its events.
+pub type Events = tokio::sync::mpsc::Sender<Event>;
