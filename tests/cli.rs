@@ -1,12 +1,9 @@
 //! The `reachd` command as a user meets it: exit codes and messages for a bad configuration and
 //! for an agent that is not running (the lab covers the answers of a running agent).
 
-#[path = "agent_bus/bus.rs"]
-mod bus;
-
 use std::process::{Command, Output};
 
-use bus::PrivateBus;
+use reachd_testkit::bus::PrivateBus;
 
 fn reachd(args: &[&str], session_bus: Option<&str>) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_reachd"));

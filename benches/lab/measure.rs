@@ -7,9 +7,9 @@ use std::fs;
 use std::thread;
 use std::time::Duration;
 
-use crate::lab::{Lab, HOME_UUID};
-use crate::setup::TARGET;
 use crate::watch::{mono_ns, Events};
+use reachd_testkit::lab::bench::TARGET;
+use reachd_testkit::lab::{Lab, HOME_UUID};
 
 /// A step that has not happened after this is "never".
 pub const CAP: Duration = Duration::from_secs(15);

@@ -5,11 +5,11 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::cleanup::{marked, RUN_AVAHI};
-use crate::common::process::Spawn;
-use crate::lab::{OLD_SCRIPT, T};
 use crate::measure::{median, ms, summary, Idle, LinkUp, Series, Step, CYCLES};
-use crate::preflight::{problems as lab_problems, which};
+use reachd_testkit::lab::cleanup::{marked, RUN_AVAHI};
+use reachd_testkit::lab::preflight::{problems as lab_problems, which};
+use reachd_testkit::lab::{OLD_SCRIPT, T};
+use reachd_testkit::process::Spawn;
 
 /// Every reason the bench cannot run here (the lab's, then its own), each with its fix.
 pub fn problems() -> Vec<String> {

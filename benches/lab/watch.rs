@@ -18,8 +18,8 @@ use zbus::message::Type as MessageType;
 use zbus::zvariant::Value;
 use zbus::{Connection, MatchRule, MessageStream};
 
-use crate::common::process::{wait_until, Daemon, Spawn};
-use crate::lab::{dir, io_err, Lab, LAB_CGROUP, SYSTEM_BUS, T};
+use reachd_testkit::lab::{dir, io_err, Lab, LAB_CGROUP, SYSTEM_BUS, T};
+use reachd_testkit::process::{wait_until, Daemon, Spawn};
 
 const UNIT_PATHS: &str = "/org/freedesktop/systemd1/unit";
 const NM_PATH: &str = "/org/freedesktop/NetworkManager";

@@ -1,6 +1,7 @@
 //! reachd's end-to-end lab: the real NetworkManager, systemd --user, avahi, sshd and sshfs in
-//! network namespaces (see lab.rs for the topology and /work/shared/LAB.md for the recipe), with
-//! reachd running as the test user's service from the repo's systemd/ units.
+//! network namespaces (testkit/src/lab/ has the topology and the recipe), with reachd running
+//! as the test user's service from the repo's systemd/ units. The scenarios are here; the lab
+//! itself is in reachd-testkit, shared with the benchmark.
 //!
 //! `cargo test --test lab [-- SUBSTRING...]` as root. It builds the lab once, runs the lab's
 //! self-check and coldplug, then the scenarios whose names contain one of the substrings (all
@@ -11,24 +12,14 @@
 //!
 //! Never run two labs at once on one machine: each starts by removing the other's leftovers.
 
-mod cleanup;
-#[path = "../common/mod.rs"]
-mod common;
-mod expect;
-mod lab;
-mod network;
-mod pi;
-mod preflight;
 mod scenarios;
-mod user;
-mod views;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use lab::Lab;
+use reachd_testkit::lab::{self, cleanup, preflight, Lab};
 use scenarios::{tail, SCENARIOS};
 
 /// The whole run, lab included, must end before this; CI budget is ~8 minutes.

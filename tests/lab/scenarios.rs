@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::process::{wait_until, Spawn};
-use crate::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
-use crate::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
+use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
+use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
+use reachd_testkit::process::{wait_until, Spawn};
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;
 
@@ -415,7 +415,7 @@ fn answered(msgs: &[Value], calls: &[&Value]) -> usize {
 
 fn dispatcher_hook(lab: &mut Lab) -> Result<String, String> {
     baseline(lab)?;
-    let meta = fs::metadata(crate::lab::HOOK).map_err(|e| e.to_string())?;
+    let meta = fs::metadata(reachd_testkit::lab::HOOK).map_err(|e| e.to_string())?;
     if meta.uid() != 0 || meta.permissions().mode() & 0o7777 != 0o755 {
         return Err(format!(
             "hook installed with uid {} mode {:o}",

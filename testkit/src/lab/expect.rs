@@ -6,8 +6,8 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
-use crate::common::process::wait_until;
 use crate::lab::{Lab, GREETING, PI_ADDR, T};
+use crate::process::wait_until;
 
 pub const TARGET: &str = "rpi-accessible.target";
 pub const TUNNEL: &str = "rpi-nix-tunnel.service";

@@ -15,9 +15,9 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::cleanup::state;
-use crate::common::process::{kill_cgroup_tree, wait_until, Daemon, Output, Spawn, Tracker};
+use crate::lab::cleanup::state;
 use crate::lab::{chown_tree, dir, io_err, Lab, HOME_UUID, LAB_CGROUP, PI_ADDR, T};
+use crate::process::{kill_cgroup_tree, wait_until, Daemon, Output, Spawn, Tracker};
 
 pub const USER: &str = "reachd-lab";
 pub const UID: u32 = 1500;
@@ -107,7 +107,7 @@ impl TestUser {
     }
 
     fn install_files(&self, reachd: &Path) -> Result<(), String> {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let repo = crate::repo();
         let units = self.home.join(".config/systemd/user");
         let w = |path: PathBuf, text: String| -> Result<(), String> {
             fs::create_dir_all(path.parent().expect("has a parent"))
@@ -411,7 +411,7 @@ pub fn recover() {
             }
         }
     }
-    crate::cleanup::unmount_below(&dir().join("home"));
+    crate::lab::cleanup::unmount_below(&dir().join("home"));
     if marked("runtime-dir") {
         let _ = fs::remove_dir_all(Path::new("/run/user").join(UID.to_string()));
     }

@@ -6,45 +6,19 @@
 //! reachd's targets a figure misses. About 7 minutes; it cleans up like the lab, also on failure
 //! (and a run that was killed is cleaned up by the next bench or lab run, from its markers).
 
-#[allow(dead_code)]
-#[path = "../tests/lab/cleanup.rs"]
-mod cleanup;
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[allow(dead_code)]
-#[path = "../tests/lab/lab.rs"]
-mod lab;
-#[allow(dead_code)]
-#[path = "../tests/lab/network.rs"]
-mod network;
-#[allow(dead_code)]
-#[path = "../tests/lab/pi.rs"]
-mod pi;
-#[allow(dead_code)]
-#[path = "../tests/lab/preflight.rs"]
-mod preflight;
-#[allow(dead_code)]
-#[path = "../tests/lab/user.rs"]
-mod user;
-
-#[path = "lab/measure.rs"]
 mod measure;
-#[path = "lab/report.rs"]
 mod report;
-#[path = "lab/setup.rs"]
-mod setup;
-#[path = "lab/watch.rs"]
 mod watch;
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use common::process::wait_until;
-use lab::Lab;
 use measure::{Watchers, CYCLES};
+use reachd_testkit::lab::bench::{PiNames, TARGET};
+use reachd_testkit::lab::{self, cleanup, preflight, Lab};
+use reachd_testkit::process::wait_until;
 use report::Report;
-use setup::{PiNames, TARGET};
 use watch::Events;
 
 /// The whole run must end before this (it takes about 7 minutes).

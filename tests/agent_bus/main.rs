@@ -9,16 +9,11 @@
 //! manager's environment, a start job that fails) give it a fake probe through
 //! `reachd::agent::run_with`.
 
-#[path = "agent_bus/bus.rs"]
-mod bus;
-#[path = "agent_bus/fake_nm.rs"]
 mod fake_nm;
-#[path = "agent_bus/fake_probe.rs"]
 mod fake_probe;
-#[path = "agent_bus/fake_systemd.rs"]
 mod fake_systemd;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -32,10 +27,10 @@ use zbus::names::InterfaceName;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::Connection;
 
-use bus::PrivateBus;
 use fake_nm::{FakeNm, Network, NM_STATE_CONNECTED_GLOBAL, NM_STATE_CONNECTED_SITE};
 use fake_probe::FakeProbe;
 use fake_systemd::{Call, FakeSystemd, JobTiming, UnitSpec};
+use reachd_testkit::bus::PrivateBus;
 
 /// The whole of one test, start to finish.
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -77,38 +72,8 @@ fn config_with(extra: &str) -> reachd::config::Config {
     reachd::config::parse(&text, "agent_bus.toml").expect("the test configuration is valid")
 }
 
-/// The published properties of the host `rpi`.
-#[derive(Debug, Clone, PartialEq)]
-struct Host {
-    state: String,
-    reachable: bool,
-    reason: String,
-    address: String,
-    since: u64,
-    target_state: String,
-    last_job: String,
-    jobs_sent: u32,
-}
-
-impl Host {
-    fn from_properties(mut all: HashMap<String, OwnedValue>) -> Host {
-        let mut take = |name: &str| {
-            all.remove(name)
-                .unwrap_or_else(|| panic!("the host has no property {name}"))
-        };
-        let text = |v: OwnedValue| String::try_from(v).expect("a string property");
-        Host {
-            state: text(take("State")),
-            reachable: bool::try_from(take("Reachable")).expect("Reachable is a boolean"),
-            reason: text(take("Reason")),
-            address: text(take("Address")),
-            since: u64::try_from(take("Since")).expect("Since is a u64"),
-            target_state: text(take("TargetState")),
-            last_job: text(take("LastJob")),
-            jobs_sent: u32::try_from(take("JobsSent")).expect("JobsSent is a u32"),
-        }
-    }
-}
+/// The published properties of the host `rpi`, as the CLI reads them.
+type Host = reachd::status::HostStatus;
 
 /// What a test sets up: NetworkManager (absent when `None`), the target, the job timing.
 struct Setup {
@@ -234,7 +199,7 @@ impl Rig {
             .get_all(InterfaceName::from_static_str_unchecked(HOST_INTERFACE))
             .await
             .expect("the host's properties can be read");
-        Host::from_properties(all)
+        Host::from_properties(all).expect("the host's properties are complete and well typed")
     }
 
     async fn host_properties(&self) -> PropertiesProxy<'static> {
@@ -905,6 +870,35 @@ async fn reachable_host_gets_its_address_set_then_its_target_started_then_stoppe
                 mode: "replace".into()
             }
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_of_the_agent_runs_after_run_returned() {
+    within_timeout(async {
+        let (mut rig, probe) = started_with_fake_probe("").await;
+        rig.shutdown().await.expect("run returns Ok on shutdown");
+        let dbus = DBusProxy::new(&rig.client).await.expect("the bus answers");
+        assert!(
+            !dbus
+                .name_has_owner(BUS_NAME.try_into().unwrap())
+                .await
+                .expect("the bus answers"),
+            "{BUS_NAME} is free as soon as run returned"
+        );
+        let (calls, reads) = (rig.systemd.calls(), rig.nm().reads());
+        // Everything a running agent would act on: the network goes, the host vanishes, the
+        // target is stopped by someone else.
+        rig.nm().set(&Network::disconnected()).await.unwrap();
+        probe.vanish();
+        rig.systemd
+            .set_active_state(TARGET, "inactive")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(rig.systemd.calls(), calls, "no call after run returned");
+        assert_eq!(rig.nm().reads(), reads, "NetworkManager not read again");
     })
     .await;
 }

@@ -6,9 +6,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::common::netns;
-use crate::common::process::{kill_cgroup_tree, Spawn, Tracker};
 use crate::lab::{dir, io_err, HOOK, LAB_CGROUP, OLD_SCRIPT, PREFIX, SYSTEM_BUS, T};
+use crate::netns;
+use crate::process::{kill_cgroup_tree, Spawn, Tracker};
 
 /// The machine's avahi runtime directory, which the benchmark's laptop-side avahi uses (and
 /// creates, if the machine has none) so that nss-mdns finds its socket.
@@ -48,7 +48,7 @@ pub fn recover() {
     if let Ok(t) = Tracker::open(&state("pids")) {
         t.stop_recorded();
     }
-    crate::user::recover();
+    crate::lab::user::recover();
     kill_cgroup_tree(Path::new(LAB_CGROUP));
     if marked("hook").is_some() {
         let _ = fs::remove_file(HOOK);

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::process::Output;
+use crate::lab::user::TestUser;
 use crate::lab::{dir, Lab, T};
-use crate::user::TestUser;
+use crate::process::Output;
 
 /// What reachd says about one host, from `reachd status --json` or from D-Bus.
 #[derive(Debug, Clone, PartialEq)]

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crate::cleanup::mark;
-use crate::common::netns::{resolve_once, Avahi, AvahiOptions};
-use crate::common::process::{wait_until, Spawn};
+use crate::lab::cleanup::mark;
+use crate::lab::network::links;
 use crate::lab::{dir, io_err, Lab, GREETING, PI_ADDR, T};
-use crate::network::links;
+use crate::netns::{resolve_once, Avahi, AvahiOptions};
+use crate::process::{wait_until, Spawn};
 
 impl Lab {
     pub fn start_pi(&mut self) -> Result<(), String> {
@@ -53,7 +53,7 @@ impl Lab {
             fs::create_dir_all("/run/sshd").map_err(|e| io_err("/run/sshd", e))?;
             mark("run-sshd", "")?;
         }
-        let sshd_bin = crate::preflight::which("sshd").ok_or("sshd not found")?;
+        let sshd_bin = crate::lab::preflight::which("sshd").ok_or("sshd not found")?;
         let sshd = self.daemon(
             "sshd",
             Spawn::new(sshd_bin)
@@ -89,8 +89,10 @@ impl Lab {
             "rpi",
             "pi0",
             &dir().join("pi").join("avahi"),
-            Some(&self.tracker),
-            options,
+            AvahiOptions {
+                tracker: Some(&self.tracker),
+                ..options
+            },
         )
         .map_err(|e| io_err("avahi on the pi", e))?;
         self.pi_avahi = Some(avahi);

@@ -6,12 +6,12 @@ use std::fs;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use crate::cleanup::{mark, marked, remove_old_way, RUN_AVAHI};
-use crate::common::netns::{Avahi, AvahiOptions};
-use crate::common::process::{wait_until, Daemon, Spawn};
+use crate::lab::cleanup::{mark, marked, remove_old_way, RUN_AVAHI};
+use crate::lab::network::write_dispatcher_script;
+use crate::lab::user::{TestUser, UID, USER};
 use crate::lab::{dir, io_err, Lab, OLD_SCRIPT, PI_ADDR, T};
-use crate::network::write_dispatcher_script;
-use crate::user::{TestUser, UID, USER};
+use crate::netns::{Avahi, AvahiOptions};
+use crate::process::{wait_until, Daemon, Spawn};
 
 pub const TARGET: &str = "rpi-accessible.target";
 const REACHD: &str = "reachd.service";
@@ -71,7 +71,7 @@ impl Lab {
         }
         let options = AvahiOptions {
             machine_run: true,
-            bus: None,
+            ..AvahiOptions::default()
         };
         let laptop = &self.namespaces[0];
         let avahi_dir = dir().join("laptop-avahi");
@@ -81,8 +81,10 @@ impl Lab {
                 "laptop",
                 "lh0",
                 &avahi_dir,
-                Some(&self.tracker),
-                options,
+                AvahiOptions {
+                    tracker: Some(&self.tracker),
+                    ..options
+                },
             )
             .map_err(|e| io_err("avahi in the laptop's namespace", e))?,
         );
@@ -201,8 +203,8 @@ impl PiNames {
                 Ok(UnixStream::connect(&socket).ok().map(drop))
             })?;
             lab.start_pi_avahi_with(AvahiOptions {
-                machine_run: false,
                 bus: Some(&socket),
+                ..AvahiOptions::default()
             })?;
         }
         let address = format!("unix:path={}", socket.display());

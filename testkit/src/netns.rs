@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::process::{Daemon, Spawn, Tracker};
+use crate::process::{Daemon, Spawn, Tracker};
 
 /// Client side address of an [`MdnsPair`].
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -146,7 +146,7 @@ pub struct Avahi {
 
 /// What an [`Avahi`] needs beyond its host name and interface; the default is the plain daemon
 /// (a private /run, no D-Bus).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Clone, Copy, Default)]
 pub struct AvahiOptions<'a> {
     /// Use the machine's /run, so that its socket is /run/avahi-daemon/socket in the machine's
     /// mount namespace, where nss-mdns (`getent ahosts NAME.local`) looks for it. Only one such
@@ -155,6 +155,8 @@ pub struct AvahiOptions<'a> {
     /// Register on the D-Bus bus listening at this socket (as its system bus), so that
     /// `avahi-publish` can add records; without it, `enable-dbus=no`.
     pub bus: Option<&'a Path>,
+    /// Record the daemon here, so that a cleanup after a crash stops it by PID.
+    pub tracker: Option<&'a Tracker>,
 }
 
 impl Avahi {
@@ -167,7 +169,11 @@ impl Avahi {
         dir: &Path,
         tracker: Option<&Tracker>,
     ) -> io::Result<Avahi> {
-        Avahi::start_with(ns, host_name, iface, dir, tracker, AvahiOptions::default())
+        let options = AvahiOptions {
+            tracker,
+            ..AvahiOptions::default()
+        };
+        Avahi::start_with(ns, host_name, iface, dir, options)
     }
 
     /// [`Avahi::start`] with [`AvahiOptions`].
@@ -176,7 +182,6 @@ impl Avahi {
         host_name: &str,
         iface: &str,
         dir: &Path,
-        tracker: Option<&Tracker>,
         options: AvahiOptions,
     ) -> io::Result<Avahi> {
         fs::create_dir_all(dir)?;
@@ -218,7 +223,7 @@ impl Avahi {
             let address = format!("unix:path={}", bus.display());
             spawn = spawn.env("DBUS_SYSTEM_BUS_ADDRESS", address);
         }
-        let daemon = spawn.start(&format!("avahi-{}", ns.name()), &log, tracker)?;
+        let daemon = spawn.start(&format!("avahi-{}", ns.name()), &log, options.tracker)?;
         let mut avahi = Avahi { daemon };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

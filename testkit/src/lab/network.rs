@@ -8,9 +8,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cleanup::{mark, state};
-use crate::common::process::{wait_until, Spawn};
+use crate::lab::cleanup::{mark, state};
 use crate::lab::{dir, io_err, Lab, CAFE_UUID, HOME_UUID, HOOK, PREFIX, SYSTEM_BUS, T};
+use crate::process::{wait_until, Spawn};
 
 impl Lab {
     /// The machine has no system bus (no systemd as PID 1): the lab runs one at the standard
@@ -207,7 +207,7 @@ fn write_system_bus_config() -> Result<PathBuf, String> {
 /// Installs dispatcher/90-reachd as nm-dispatcher wants it: root-owned, 0755, not writable by
 /// others (it silently skips other files). A file already there is kept aside and put back.
 pub fn install_hook() -> Result<(), String> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("dispatcher/90-reachd");
+    let src = crate::repo().join("dispatcher/90-reachd");
     let hook = Path::new(HOOK);
     if hook.exists() {
         let backup = state("hook.orig");

@@ -1,7 +1,7 @@
 //! The lab as a whole: its constants, the namespaces and links between them, the order in which
 //! the pieces (network.rs, pi.rs, user.rs) are started, and the teardown.
 //!
-//! Topology (LAB.md):
+//! Topology:
 //!     rl-laptop (NetworkManager, systemd --user, reachd)
 //!        lh0 192.0.2.2/24 ("home") --veth-- rl-lan: br0 --veth-- rl-pi: pi0 192.0.2.10/24
 //!        lc0 192.0.2.130/25 ("cafe") --veth-- rl-cafe: c0 192.0.2.140/25 (another avahi "rpi")
@@ -17,12 +17,22 @@ use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cleanup::{marked, recover, state};
-use crate::common::netns::{self, Avahi, Netns};
-use crate::common::process::{Daemon, Spawn, Tracker};
-use crate::network::install_hook;
-use crate::pi::EchoServer;
-use crate::user::TestUser;
+pub mod bench;
+pub mod cleanup;
+pub mod expect;
+pub mod network;
+pub mod pi;
+pub mod preflight;
+pub mod user;
+pub mod views;
+
+use crate::netns::{self, Avahi, Netns};
+use crate::process::{Daemon, Spawn, Tracker};
+
+use self::cleanup::{marked, recover, state};
+use self::network::install_hook;
+use self::pi::EchoServer;
+use self::user::TestUser;
 
 /// All the lab's files; removed at the end (and at the start, if a run died halfway).
 pub const DIR: &str = "/var/tmp/reachd-lab";
