@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod logging;
 pub mod network;
+pub mod nix;
 pub mod probe;
 pub mod reconcile;
 pub mod status;
