@@ -12,6 +12,7 @@ pub mod config;
 pub mod event;
 pub mod logging;
 pub mod network;
+pub mod nix;
 pub mod probe;
 pub mod reconcile;
 pub mod status;

@@ -1,0 +1,507 @@
+//! The Pi's store as a Nix HTTP binary cache on the laptop's loopback. A `unix://` substituter
+//! cannot fetch from another machine (Nix reads the NAR from the local disk), but an `http://`
+//! one fetches everything over its connection: so reachd answers Nix's binary-cache requests by
+//! asking the Pi's nix-daemon, reached through the tunnelled socket, and passes the Pi's
+//! signatures through (it signs nothing), so the laptop still checks them.
+//!
+//! - `GET|HEAD /nix-cache-info`: the store directory, mass queries wanted, the priority.
+//! - `GET|HEAD /<hash>.narinfo`: the path's info, 404 if the Pi does not have it.
+//! - `GET|HEAD /nar/<hash>-<nar hash>.nar`: the NAR itself, uncompressed, streamed. The URL
+//!   names the path and its NAR hash, so no state is kept between the two requests, and a path
+//!   that changed on the Pi since its `.narinfo` was served (rebuilt after garbage collection)
+//!   gives a 404 rather than a download that fails its hash check.
+//!
+//! Not found is 404; the Pi's daemon unreachable or too slow is 503 within the deadline, never
+//! 404: Nix remembers a missing `.narinfo` for `narinfo-cache-negative-ttl` (an hour), but
+//! retries a 5xx and then fails the command without remembering anything. A daemon answering
+//! nonsense is 502. Each request opens its own daemon connection (a handshake: two round trips
+//! through the tunnel), which keeps no state to go stale when the tunnel drops.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
+
+use super::daemon::{within, Daemon, DaemonError, NarStream, PathInfo, ProtocolError};
+use super::hash::{hash_part_of, is_hash_part, Sha256};
+
+/// The store directory the cache serves, the Pi's and the laptop's.
+const STORE_DIR: &str = "/nix/store";
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// On shutdown, how long responses under way may take to finish before their connections
+/// are dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+/// After this many accept errors in a row, the listener is taken to be broken.
+const MAX_ACCEPT_ERRORS: u32 = 100;
+
+/// How the cache presents itself and how long it waits for the daemon.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// `Priority:` in `nix-cache-info`; Nix prefers lower (cache.nixos.org says 40).
+    pub priority: u32,
+    /// The longest a request waits for the daemon (connect, handshake, queries) before it
+    /// answers 503; while a NAR streams, the longest the daemon may send nothing.
+    pub deadline: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            priority: 30,
+            deadline: Duration::from_secs(3),
+        }
+    }
+}
+
+type Body = UnsyncBoxBody<Bytes, DaemonError>;
+
+struct State {
+    upstream: PathBuf,
+    settings: CacheSettings,
+}
+
+/// Serves the cache on `listener` (bind it to loopback), asking the daemon at the socket
+/// `upstream` for each request, until `shutdown` completes. Then it stops accepting, lets
+/// responses under way finish for a moment ([`SHUTDOWN_GRACE`]), drops the connections and
+/// returns once every connection task has ended. An error only if accepting keeps failing.
+pub async fn serve(
+    listener: TcpListener,
+    upstream: PathBuf,
+    settings: CacheSettings,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let state = Arc::new(State { upstream, settings });
+    let (stop, stopped) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut errors = 0;
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    errors = 0;
+                    connections.spawn(connection(stream, state.clone(), stopped.clone()));
+                }
+                Err(err) => {
+                    // Mostly one connection's trouble, or out of file descriptors for a while.
+                    errors += 1;
+                    warn!("binary cache: accepting a connection: {err}");
+                    if errors >= MAX_ACCEPT_ERRORS {
+                        break Err(err);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    };
+    drop(listener);
+    // Every connection task holds a receiver; this tells them all.
+    let _ = stop.send(true);
+    while connections.join_next().await.is_some() {}
+    result
+}
+
+/// Connects to the daemon at `socket` and completes the handshake within `deadline`: the
+/// cheapest proof that the cache's upstream answers.
+pub async fn daemon_answers(socket: &Path, deadline: Duration) -> Result<(), DaemonError> {
+    Daemon::connect(socket, deadline).await.map(drop)
+}
+
+async fn connection(stream: TcpStream, state: Arc<State>, mut stop: watch::Receiver<bool>) {
+    let service = service_fn(move |request| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(respond(&state, request).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(err) = result {
+                debug!("binary cache: connection ended: {err}");
+            }
+        }
+        // Also when the sender is gone: either way the server is stopping.
+        () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+        }
+    }
+}
+
+/// What a request asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    CacheInfo,
+    NarInfo(&'a str),
+    Nar { hash: &'a str, nar_hash: Sha256 },
+}
+
+impl<'a> Route<'a> {
+    /// Exactly the paths the cache serves, hash parts in Nix's base32; nothing else.
+    fn parse(path: &'a str) -> Option<Route<'a>> {
+        if path == "/nix-cache-info" {
+            return Some(Route::CacheInfo);
+        }
+        if let Some(hash) = path
+            .strip_prefix('/')
+            .and_then(|p| p.strip_suffix(".narinfo"))
+        {
+            return is_hash_part(hash).then_some(Route::NarInfo(hash));
+        }
+        let name = path.strip_prefix("/nar/")?.strip_suffix(".nar")?;
+        let (hash, nar_hash) = name.split_once('-')?;
+        // A NAR hash in nix32 (52 characters), as narinfo() writes it.
+        if !is_hash_part(hash) || nar_hash.len() != 52 {
+            return None;
+        }
+        let nar_hash = Sha256::parse(nar_hash).ok()?;
+        Some(Route::Nar { hash, nar_hash })
+    }
+}
+
+async fn respond(state: &State, request: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    let head = match *request.method() {
+        Method::GET => false,
+        Method::HEAD => true,
+        _ => {
+            let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return response;
+        }
+    };
+    let path = request.uri().path();
+    let response = match Route::parse(path) {
+        Some(Route::CacheInfo) => typed(
+            "text/x-nix-cache-info",
+            format!(
+                "StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: {}\n",
+                state.settings.priority
+            ),
+        ),
+        Some(Route::NarInfo(hash)) => narinfo(state, hash).await,
+        Some(Route::Nar { hash, nar_hash }) => nar(state, hash, nar_hash, head).await,
+        None => text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    debug!(
+        "binary cache: {} {path}: {} in {:?}",
+        request.method(),
+        response.status(),
+        start.elapsed()
+    );
+    if head {
+        // hyper sends no body for HEAD; the Content-Length stays as the GET would have it.
+        let (parts, _) = response.into_parts();
+        return Response::from_parts(parts, empty());
+    }
+    response
+}
+
+async fn narinfo(state: &State, hash: &str) -> Response<Body> {
+    let deadline = state.settings.deadline;
+    let lookup = async {
+        let mut daemon = Daemon::connect(&state.upstream, deadline).await?;
+        match daemon.query_path_from_hash_part(hash, deadline).await? {
+            Some(path) => daemon.query_path_info(&path, deadline).await,
+            None => Ok(None),
+        }
+    };
+    match within(deadline, lookup).await {
+        Ok(Some(info)) => match render_narinfo(hash, &info) {
+            Ok(narinfo) => typed("text/x-nix-narinfo", narinfo),
+            Err(err) => upstream_failed(hash, err.into()),
+        },
+        Ok(None) => text(StatusCode::NOT_FOUND, "no such path\n"),
+        Err(err) => upstream_failed(hash, err),
+    }
+}
+
+async fn nar(state: &State, hash: &str, nar_hash: Sha256, head: bool) -> Response<Body> {
+    let deadline = state.settings.deadline;
+    let lookup = async {
+        let mut daemon = Daemon::connect(&state.upstream, deadline).await?;
+        let Some(path) = daemon.query_path_from_hash_part(hash, deadline).await? else {
+            return Ok(None);
+        };
+        let Some(info) = daemon.query_path_info(&path, deadline).await? else {
+            return Ok(None);
+        };
+        if info.nar_hash != nar_hash {
+            return Ok(None);
+        }
+        let stream = if head {
+            None
+        } else {
+            Some(daemon.nar_from_path(&path, deadline).await?)
+        };
+        Ok(Some((info.nar_size, stream)))
+    };
+    let (size, stream) = match within(deadline, lookup).await {
+        Ok(Some(found)) => found,
+        Ok(None) => return text(StatusCode::NOT_FOUND, "no such NAR\n"),
+        Err(err) => return upstream_failed(hash, err),
+    };
+    let body = match stream {
+        Some(stream) => nar_body(stream, size),
+        None => empty(),
+    };
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-nix-nar"),
+    );
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(size));
+    response
+}
+
+/// The NAR as a response body that fails (so hyper cuts the connection short, and Nix retries)
+/// if the daemon stalls, breaks off, or sends a NAR of another size than it said.
+fn nar_body(stream: NarStream<UnixStream>, size: u64) -> Body {
+    let frames = futures_util::stream::try_unfold(stream, move |mut stream| async move {
+        let chunk = stream.next_chunk().await?;
+        let got = stream.consumed();
+        if got > size || (chunk.is_none() && got != size) {
+            let err = ProtocolError::NarSize {
+                expected: size,
+                got,
+            };
+            return Err(DaemonError::from(err));
+        }
+        Ok(chunk.map(|chunk| (Frame::data(chunk), stream)))
+    });
+    StreamBody::new(frames).boxed_unsync()
+}
+
+/// The `.narinfo` for `info`, whose hash part is `hash`. Every value comes from the daemon, so
+/// each is checked to be one line of what it should be.
+fn render_narinfo(hash: &str, info: &PathInfo) -> Result<String, ProtocolError> {
+    let base = |path: &str| -> Result<String, ProtocolError> {
+        let name = path
+            .strip_prefix(STORE_DIR)
+            .and_then(|p| p.strip_prefix('/'))
+            .filter(|name| hash_part_of(path).is_some() && !name.contains('/'))
+            .filter(|name| name.bytes().all(|c| c.is_ascii_graphic()));
+        name.map(str::to_string)
+            .ok_or_else(|| ProtocolError::BadStorePath(path.chars().take(300).collect()))
+    };
+    let line = |value: &str| -> Result<(), ProtocolError> {
+        if value.chars().any(char::is_control) {
+            return Err(ProtocolError::BadField(value.chars().take(300).collect()));
+        }
+        Ok(())
+    };
+    base(&info.path)?;
+    let nar_hash = info.nar_hash;
+    let mut out = format!(
+        "StorePath: {path}\nURL: nar/{hash}-{nix32}.nar\nCompression: none\n\
+         FileHash: {nar_hash}\nFileSize: {size}\nNarHash: {nar_hash}\nNarSize: {size}\n",
+        path = info.path,
+        nix32 = nar_hash.to_nix32(),
+        size = info.nar_size,
+    );
+    let references: Vec<String> = info
+        .references
+        .iter()
+        .map(|r| base(r))
+        .collect::<Result<_, _>>()?;
+    out += &format!("References: {}\n", references.join(" "));
+    if let Some(deriver) = &info.deriver {
+        out += &format!("Deriver: {}\n", base(deriver)?);
+    }
+    for sig in &info.sigs {
+        line(sig)?;
+        out += &format!("Sig: {sig}\n");
+    }
+    if let Some(ca) = &info.ca {
+        line(ca)?;
+        out += &format!("CA: {ca}\n");
+    }
+    Ok(out)
+}
+
+/// 503 when the daemon cannot be reached in time (Nix retries, then fails, caching nothing);
+/// 502 when it answered something wrong.
+fn upstream_failed(hash: &str, err: DaemonError) -> Response<Body> {
+    warn!("binary cache: {hash}: {err}");
+    let status = match err {
+        DaemonError::Protocol(_) | DaemonError::Remote(_) => StatusCode::BAD_GATEWAY,
+        DaemonError::Connect { .. }
+        | DaemonError::Timeout(_)
+        | DaemonError::Closed
+        | DaemonError::Io(_)
+        | DaemonError::Desynchronized => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    text(status, format!("{err}\n"))
+}
+
+fn typed(content_type: &'static str, body: String) -> Response<Body> {
+    let mut response = full(body);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut response = typed("text/plain; charset=utf-8", body.into());
+    *response.status_mut() = status;
+    response
+}
+
+/// A response with a body of known length (hyper writes the Content-Length).
+fn full(body: String) -> Response<Body> {
+    let len = body.len();
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    response
+        .headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(len));
+    response
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "39swg37h91gk143pfmv87gqplp0xj96l";
+    const NAR_HASH: &str = "1pf6yfd4kxnprqxmm5ipgx2q39vz1xfr6wrkwrmjmv2i4b57vycn";
+
+    fn info() -> PathInfo {
+        PathInfo {
+            path: format!("/nix/store/{HASH}-withref"),
+            deriver: Some("/nix/store/cz6kjqr7di3ycz8n71xc4k37q453zmci-withref.drv".into()),
+            nar_hash: Sha256::parse(NAR_HASH).unwrap(),
+            references: vec![
+                "/nix/store/cc84x1xzmv1y70awlphx8w9zcjv530x4-dep".into(),
+                format!("/nix/store/{HASH}-withref"),
+            ],
+            registration_time: 1,
+            nar_size: 160,
+            ultimate: true,
+            sigs: vec!["pi-1:c2ln".into(), "other-1:c2ln".into()],
+            ca: Some("text:sha256:1yk2yvvf7cfngmwxh0qmaawdpzlpcpzz7511b7x538cq09q27v37".into()),
+        }
+    }
+
+    #[test]
+    fn routes_are_exactly_the_cache_files() {
+        assert_eq!(Route::parse("/nix-cache-info"), Some(Route::CacheInfo));
+        assert_eq!(
+            Route::parse(&format!("/{HASH}.narinfo")),
+            Some(Route::NarInfo(HASH))
+        );
+        assert_eq!(
+            Route::parse(&format!("/nar/{HASH}-{NAR_HASH}.nar")),
+            Some(Route::Nar {
+                hash: HASH,
+                nar_hash: Sha256::parse(NAR_HASH).unwrap()
+            })
+        );
+        for bad in [
+            "/",
+            "",
+            "/nix-cache-info/",
+            "//nix-cache-info",
+            "/nix-cache-info.narinfo",
+            &format!("/{}.narinfo", &HASH[1..]),
+            &format!("/{HASH}e.narinfo"),
+            &format!("/{}.narinfo", HASH.replace('9', "e")),
+            &format!("/{}.narinfo", HASH.to_uppercase()),
+            &format!("/x/{HASH}.narinfo"),
+            &format!("/{HASH}.narinfo.xz"),
+            &format!("/{HASH}.ls"),
+            &format!("/nar/{HASH}.nar"),
+            &format!("/nar/{HASH}-{NAR_HASH}.nar.xz"),
+            &format!("/nar/{HASH}-{}.nar", &NAR_HASH[1..]),
+            &format!("/nar/{HASH}-{}.nar", "0".repeat(64)),
+            &format!("/nar/../{HASH}.narinfo"),
+            "/nar/%2e%2e/etc/passwd.nar",
+        ] {
+            assert_eq!(Route::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn narinfo_names_the_nar_and_passes_signatures_through() {
+        let text = render_narinfo(HASH, &info()).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "StorePath: /nix/store/{HASH}-withref\n\
+                 URL: nar/{HASH}-{NAR_HASH}.nar\n\
+                 Compression: none\n\
+                 FileHash: sha256:{NAR_HASH}\n\
+                 FileSize: 160\n\
+                 NarHash: sha256:{NAR_HASH}\n\
+                 NarSize: 160\n\
+                 References: cc84x1xzmv1y70awlphx8w9zcjv530x4-dep {HASH}-withref\n\
+                 Deriver: cz6kjqr7di3ycz8n71xc4k37q453zmci-withref.drv\n\
+                 Sig: pi-1:c2ln\n\
+                 Sig: other-1:c2ln\n\
+                 CA: text:sha256:1yk2yvvf7cfngmwxh0qmaawdpzlpcpzz7511b7x538cq09q27v37\n"
+            )
+        );
+        let bare = PathInfo {
+            deriver: None,
+            references: vec![],
+            sigs: vec![],
+            ca: None,
+            ..info()
+        };
+        let text = render_narinfo(HASH, &bare).unwrap();
+        assert!(text.ends_with("NarSize: 160\nReferences: \n"), "{text}");
+    }
+
+    #[test]
+    fn narinfo_refuses_what_would_corrupt_it() {
+        let cases: [fn(&mut PathInfo); 5] = [
+            |i| i.sigs.push("pi-1:x\nStorePath: /nix/store/evil".into()),
+            |i| i.ca = Some("text:\r".into()),
+            |i| {
+                i.references
+                    .push("/elsewhere/cc84x1xzmv1y70awlphx8w9zcjv530x4-dep".into())
+            },
+            |i| {
+                i.references
+                    .push("/nix/store/cc84x1xzmv1y70awlphx8w9zcjv530x4-a b".into())
+            },
+            |i| i.deriver = Some("/nix/store/short-x.drv".into()),
+        ];
+        for case in cases {
+            let mut bad = info();
+            case(&mut bad);
+            assert!(render_narinfo(HASH, &bad).is_err(), "{bad:?}");
+        }
+    }
+}
