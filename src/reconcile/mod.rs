@@ -3,11 +3,13 @@
 //! should be, so a burst of events costs one decision per host and a lost event is repaired by
 //! the next one. The agent feeds them and carries out what they return.
 //!
-//! Two halves: [`reach`] decides whether a host is reachable and when to check it; [`target`]
-//! decides what to do about its systemd target.
+//! [`reach`] decides whether a host is reachable and when to check it; [`target`] what to do
+//! about its systemd target; [`nix`] whether Nix may use its cache.
 
+pub mod nix;
 pub mod reach;
 pub mod target;
 
+pub use nix::{nix_eligibility, NixGate, NixPlan, NIX_CHECK_DEADLINE};
 pub use reach::{CheckOutcome, HostTracker, NetworkView, Plan, Reach, Transition};
 pub use target::{JobKind, TargetAction, TargetView, UnitState};

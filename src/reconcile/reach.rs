@@ -326,6 +326,7 @@ mod tests {
             target: "rpi-accessible.target".into(),
             port: None,
             connections: connections.iter().map(|s| s.to_string()).collect(),
+            nix: None,
         }
     }
 

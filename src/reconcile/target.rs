@@ -167,6 +167,11 @@ impl TargetView {
         self.last_job = format!("{}: running", kind.as_str());
     }
 
+    /// Whether reachd sent a stop job that has not ended yet.
+    pub fn stopping(&self) -> bool {
+        self.job_running == Some(JobKind::Stop)
+    }
+
     /// systemd reported the unit's state (a change, or the first read).
     pub fn on_state(&mut self, state: UnitState) {
         self.state = state;

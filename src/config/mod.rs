@@ -9,6 +9,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod nix;
+
+pub use self::nix::{expand_runtime_dir, http_authority, NixCache, DEFAULT_LISTEN};
+
 /// The configuration used when no file exists: the Raspberry Pi at `rpi.local`.
 pub const EMBEDDED_DEFAULT: &str = r#"[[host]]
 name = "rpi"
@@ -36,6 +40,8 @@ pub struct HostConfig {
     /// When not empty, the host is reachable only while one of these NetworkManager connection
     /// UUIDs is active.
     pub connections: Vec<String>,
+    /// `[host.nix]`: Nix is pointed at the host's store while it is there.
+    pub nix: Option<NixCache>,
 }
 
 impl HostConfig {
@@ -168,6 +174,7 @@ struct RawHost {
     port: Option<Spanned<u16>>,
     #[serde(default)]
     connections: Vec<Spanned<String>>,
+    nix: Option<Spanned<nix::RawNix>>,
 }
 
 #[derive(Deserialize)]
@@ -205,6 +212,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let raw = spanned.into_inner();
         let name_span = raw.name.span();
         let target_span = raw.target.as_ref().map_or(name_span.clone(), Spanned::span);
+        let nix_span = raw.nix.as_ref().map_or(name_span.clone(), Spanned::span);
         let host = validate_host(raw, at)?;
         if hosts.iter().any(|h| h.name == host.name) {
             return Err(at(
@@ -220,6 +228,20 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
                     host.target, other.name
                 ),
             ));
+        }
+        if let Some(NixCache::Served { listen, .. }) = &host.nix {
+            let taken = hosts.iter().find(|h| {
+                matches!(&h.nix, Some(NixCache::Served { listen: other, .. }) if other == listen)
+            });
+            if let Some(other) = taken {
+                return Err(at(
+                    nix_span,
+                    format!(
+                        "key `listen`: {listen} is already where host {:?}'s cache is served; give each host its own port",
+                        other.name
+                    ),
+                ));
+            }
         }
         hosts.push(host);
     }
@@ -290,12 +312,17 @@ fn validate_host(
         }
         connections.push(uuid.into_inner().to_ascii_lowercase());
     }
+    let nix = match raw.nix {
+        Some(table) => Some(nix::validate(table.into_inner(), name, &at)?),
+        None => None,
+    };
     Ok(HostConfig {
         name: raw.name.into_inner(),
         hostname,
         target,
         port,
         connections,
+        nix,
     })
 }
 
@@ -431,6 +458,7 @@ mod tests {
                 target: "rpi-accessible.target".into(),
                 port: None,
                 connections: vec![],
+                nix: None,
             }]
         );
         assert_eq!(config.probe, ProbeSettings::default());
@@ -545,6 +573,79 @@ connections = ["0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0"]
         let msg = error("[[host]]\nname = 3\nhostname = \"rpi.local\"\n");
         assert!(msg.starts_with("config.toml:2:8: "), "{msg}");
         assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn nix_defaults_to_a_cache_served_from_the_tunnelled_daemon_socket() {
+        let config = parse(
+            "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n[host.nix]\n",
+            "c.toml",
+        )
+        .unwrap();
+        let nix = config.hosts[0].nix.clone().unwrap();
+        assert_eq!(
+            nix,
+            NixCache::Served {
+                daemon_socket: "%t/rpi-nix-daemon.sock".into(),
+                listen: DEFAULT_LISTEN,
+            }
+        );
+        assert_eq!(nix.substituter(), "http://127.0.0.1:37515");
+        assert_eq!(
+            expand_runtime_dir("%t/rpi-nix-daemon.sock", Path::new("/run/user/1000")),
+            Path::new("/run/user/1000/rpi-nix-daemon.sock")
+        );
+        let config = parse(
+            "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n[host.nix]\nsubstituter = \"http://127.0.0.1:5000/\"\n",
+            "c.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            config.hosts[0].nix.as_ref().unwrap().substituter(),
+            "http://127.0.0.1:5000"
+        );
+    }
+
+    #[test]
+    fn bad_nix_settings_are_rejected_with_their_line() {
+        let host = "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n[host.nix]\n";
+        let cases = [
+            ("listen = \"0.0.0.0:37515\"\n", "key `listen`", "loopback"),
+            ("listen = \"127.0.0.1\"\n", "key `listen`", "loopback"),
+            (
+                "daemon_socket = \"rpi.sock\"\n",
+                "key `daemon_socket`",
+                "absolute",
+            ),
+            (
+                "substituter = \"https://cache\"\n",
+                "key `substituter`",
+                "http://",
+            ),
+            (
+                "substituter = \"http://h\\npost-build-hook = /x\"\n",
+                "key `substituter`",
+                "http://",
+            ),
+            (
+                "listen = \"127.0.0.1:1\"\nsubstituter = \"http://127.0.0.1:5000\"\n",
+                "key `substituter`",
+                "exclude",
+            ),
+            ("cache = 1\n", "unknown field `cache`", "daemon_socket"),
+        ];
+        for (table, key, words) in cases {
+            let msg = error(&format!("{host}{table}"));
+            assert!(msg.starts_with("config.toml:5:"), "{msg}");
+            assert!(msg.contains(key) && msg.contains(words), "{msg}");
+        }
+        let msg = error(&format!(
+            "{host}[[host]]\nname = \"nas\"\nhostname = \"nas.local\"\n[host.nix]\n"
+        ));
+        assert!(
+            msg.contains("already where host \"rpi\"'s cache is served"),
+            "{msg}"
+        );
     }
 
     #[test]

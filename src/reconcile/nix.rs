@@ -1,0 +1,242 @@
+//! Nix: whether Nix may be pointed at a host's cache now. Only while the host is reachable, its
+//! target is active (so the tunnel unit runs) and the cache answered its last check; the check
+//! is repeated while that holds, so a cache that stops answering (a half-dead tunnel) is dropped
+//! within [`NIX_CHECK_INTERVAL`] + the check's deadline. Away from home Nix never hears of the
+//! host. The clock is passed in.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::reach::{HostTracker, Reach};
+use super::target::{TargetView, UnitState};
+
+/// How often a cache in use (or one that failed) is checked again, from the last check's start.
+pub const NIX_CHECK_INTERVAL: Duration = Duration::from_secs(3);
+/// How long one check may take before the cache counts as not answering.
+pub const NIX_CHECK_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Whether a host's cache may be used at all now (reachable, target active), and if not, why.
+pub fn nix_eligibility(tracker: &HostTracker, target: &TargetView) -> Result<(), String> {
+    if tracker.reach != Reach::Reachable {
+        return Err(format!("host {}", tracker.reach.as_str()));
+    }
+    if target.state != UnitState::Active || target.stopping() {
+        return Err(format!("target {}", target.state.as_str()));
+    }
+    Ok(())
+}
+
+/// What the agent must do about a host's cache now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NixPlan {
+    /// Start a check of the cache.
+    pub check: bool,
+    /// Call `plan` again no later than this.
+    pub wake: Option<Instant>,
+}
+
+/// The decision state of one host's cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NixGate {
+    in_use: bool,
+    /// Why the cache is or is not in use, in words.
+    pub reason: String,
+    eligible: bool,
+    /// Bumped whenever the host stops being eligible, so that older check results are dropped.
+    epoch: u64,
+    check_started: Option<Instant>,
+    check_due: Option<Instant>,
+}
+
+impl Default for NixGate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NixGate {
+    pub fn new() -> Self {
+        NixGate {
+            in_use: false,
+            reason: "starting".into(),
+            eligible: false,
+            epoch: 0,
+            check_started: None,
+            check_due: None,
+        }
+    }
+
+    /// Whether Nix is to be pointed at the cache.
+    pub fn in_use(&self) -> bool {
+        self.in_use
+    }
+
+    /// The epoch to tag a check with when starting it.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Takes the host's eligibility (see [`nix_eligibility`]) and says whether to check the
+    /// cache now and when to look again. An ineligible host's cache is out of use at once.
+    pub fn plan(&mut self, eligibility: Result<(), String>, now: Instant) -> NixPlan {
+        if let Err(why) = eligibility {
+            if self.eligible {
+                self.epoch += 1;
+            }
+            *self = NixGate {
+                reason: why,
+                epoch: self.epoch,
+                ..NixGate::new()
+            };
+            return NixPlan::default();
+        }
+        if !self.eligible {
+            self.eligible = true;
+            self.check_due = Some(now);
+            self.reason = "checking the cache".into();
+        }
+        if self.check_started.is_some() {
+            return NixPlan::default(); // Its result wakes the agent.
+        }
+        match self.check_due {
+            Some(due) if due <= now => {
+                self.check_due = None;
+                self.check_started = Some(now);
+                NixPlan {
+                    check: true,
+                    wake: None,
+                }
+            }
+            wake => NixPlan { check: false, wake },
+        }
+    }
+
+    /// A check ended. Results of checks started before the host last stopped being eligible are
+    /// dropped. Returns the new `in_use` when it changed.
+    pub fn on_check(
+        &mut self,
+        epoch: u64,
+        result: Result<(), String>,
+        now: Instant,
+    ) -> Option<bool> {
+        if epoch != self.epoch {
+            return None;
+        }
+        let started = self.check_started.take()?;
+        self.check_due = Some((started + NIX_CHECK_INTERVAL).max(now));
+        let was = self.in_use;
+        match result {
+            Ok(()) => {
+                self.in_use = true;
+                self.reason = "in use".into();
+            }
+            Err(why) => {
+                self.in_use = false;
+                self.reason = format!("cache not answering: {why}");
+            }
+        }
+        (was != self.in_use).then_some(self.in_use)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eligible_checked(gate: &mut NixGate, result: Result<(), String>, now: Instant) {
+        let plan = gate.plan(Ok(()), now);
+        assert!(plan.check, "a check is due at once: {plan:?}");
+        gate.on_check(gate.epoch(), result, now);
+    }
+
+    #[test]
+    fn in_use_only_once_a_check_answered() {
+        let t0 = Instant::now();
+        let mut gate = NixGate::new();
+        assert_eq!(
+            gate.plan(Err("host unknown".into()), t0),
+            NixPlan::default()
+        );
+        assert!(!gate.in_use());
+        assert!(gate.plan(Ok(()), t0).check);
+        assert!(!gate.in_use(), "not before the check answers");
+        assert_eq!(
+            gate.plan(Ok(()), t0),
+            NixPlan::default(),
+            "one check at a time"
+        );
+        assert_eq!(gate.on_check(gate.epoch(), Ok(()), t0), Some(true));
+        assert_eq!(gate.reason, "in use");
+        // Checked again after the interval, from the check's start.
+        assert_eq!(gate.plan(Ok(()), t0).wake, Some(t0 + NIX_CHECK_INTERVAL));
+    }
+
+    #[test]
+    fn a_failed_or_timed_out_check_takes_the_cache_out_of_use() {
+        let t0 = Instant::now();
+        let mut gate = NixGate::new();
+        eligible_checked(&mut gate, Ok(()), t0);
+        let t1 = t0 + NIX_CHECK_INTERVAL;
+        assert!(gate.plan(Ok(()), t1).check);
+        let end = t1 + NIX_CHECK_DEADLINE;
+        assert_eq!(
+            gate.on_check(gate.epoch(), Err("no answer within 2 s".into()), end),
+            Some(false)
+        );
+        assert_eq!(gate.reason, "cache not answering: no answer within 2 s");
+        // Retried on the same schedule, and back in use when it answers.
+        assert_eq!(gate.plan(Ok(()), end).wake, Some(t1 + NIX_CHECK_INTERVAL));
+        eligible_checked(&mut gate, Ok(()), t1 + NIX_CHECK_INTERVAL);
+        assert!(gate.in_use());
+    }
+
+    #[test]
+    fn losing_eligibility_drops_the_cache_at_once_and_ignores_late_results() {
+        let t0 = Instant::now();
+        let mut gate = NixGate::new();
+        eligible_checked(&mut gate, Ok(()), t0);
+        let t1 = t0 + NIX_CHECK_INTERVAL;
+        assert!(gate.plan(Ok(()), t1).check);
+        let running = gate.epoch();
+        assert_eq!(
+            gate.plan(Err("host unreachable".into()), t1),
+            NixPlan::default()
+        );
+        assert!(!gate.in_use());
+        assert_eq!(gate.reason, "host unreachable");
+        assert_eq!(gate.on_check(running, Ok(()), t1), None, "a stale answer");
+        assert!(!gate.in_use());
+        // Eligible again: checked afresh before use.
+        assert!(gate.plan(Ok(()), t1).check);
+        assert!(!gate.in_use());
+    }
+
+    #[test]
+    fn eligibility_needs_a_reachable_host_and_an_active_target() {
+        let t0 = Instant::now();
+        let mut tracker = HostTracker::new(t0);
+        let mut target = TargetView::new();
+        assert_eq!(
+            nix_eligibility(&tracker, &target),
+            Err("host unknown".into())
+        );
+        tracker.reach = Reach::Reachable;
+        assert_eq!(
+            nix_eligibility(&tracker, &target),
+            Err("target unknown".into())
+        );
+        target.on_state(UnitState::Activating);
+        assert_eq!(
+            nix_eligibility(&tracker, &target),
+            Err("target activating".into())
+        );
+        target.on_state(UnitState::Active);
+        assert_eq!(nix_eligibility(&tracker, &target), Ok(()));
+        tracker.reach = Reach::Unreachable;
+        assert_eq!(
+            nix_eligibility(&tracker, &target),
+            Err("host unreachable".into())
+        );
+    }
+}
