@@ -38,6 +38,12 @@ pub enum Event {
         result: Result<(), String>,
         state: Option<UnitState>,
     },
+    /// A check of the host's Nix cache ended; `epoch` is the gate's epoch when it started.
+    NixChecked {
+        host: HostId,
+        epoch: u64,
+        result: Result<(), String>,
+    },
     /// Someone asked to look at every host again now (`reachd refresh`, the dispatcher hook).
     Refresh,
 }

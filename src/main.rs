@@ -106,7 +106,7 @@ async fn run(path: Option<PathBuf>, check_only: bool) -> ExitCode {
         println!("{source}: OK");
         for host in &config.hosts {
             println!(
-                "host {}: {} -> {}{}{}",
+                "host {}: {} -> {}{}{}{}",
                 host.name,
                 host.hostname,
                 host.target,
@@ -118,13 +118,27 @@ async fn run(path: Option<PathBuf>, check_only: bool) -> ExitCode {
                 } else {
                     format!(", only on {}", host.connections.join(", "))
                 },
+                match &host.nix {
+                    None => String::new(),
+                    Some(cache @ config::NixCache::Served { daemon_socket, .. }) => format!(
+                        ", Nix cache {} served from the daemon at {daemon_socket}",
+                        cache.substituter()
+                    ),
+                    Some(cache) => format!(", Nix cache {}", cache.substituter()),
+                },
             );
         }
         return ExitCode::SUCCESS;
     }
     logging::init();
     tracing::info!("configuration: {source}");
-    match agent::run(config, agent::Buses::default(), shutdown_signal()).await {
+    match agent::run(
+        config,
+        agent::Environment::from_process(),
+        shutdown_signal(),
+    )
+    .await
+    {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
@@ -169,8 +183,13 @@ async fn status(json: bool) -> Result<(), ClientError> {
         } else {
             &h.address
         };
+        let nix = if h.nix_reason.is_empty() {
+            String::new()
+        } else {
+            format!("\tnix: {}", h.nix_reason)
+        };
         println!(
-            "{}\t{}\t{}\t{} {}\t{}",
+            "{}\t{}\t{}\t{} {}\t{}{nix}",
             h.name, h.state, address, h.target, h.target_state, h.reason
         );
     }

@@ -92,6 +92,10 @@ host_record! {
     last_job: String = "LastJob",
     /// How many jobs reachd has sent for the target since it started.
     jobs_sent: u32 = "JobsSent",
+    /// Whether Nix is pointed at the host's cache now (see `nix_reason`).
+    nix_in_use: bool = "NixInUse",
+    /// Why Nix is or is not pointed at it; empty for a host without `[host.nix]`.
+    nix_reason: String = "NixReason",
 }
 
 /// Takes the property `name` out of `all`, as a `T`.
@@ -219,6 +223,8 @@ mod tests {
             target_state: "unknown".into(),
             last_job: String::new(),
             jobs_sent: 0,
+            nix_in_use: false,
+            nix_reason: String::new(),
         }
     }
 
@@ -260,6 +266,8 @@ mod tests {
             target_state: "active".into(),
             last_job: "start: done".into(),
             jobs_sent: 1,
+            nix_in_use: true,
+            nix_reason: "in use".into(),
         };
         let all = old
             .changed_to(&new)

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::HostConfig;
-use crate::reconcile::{HostTracker, JobKind, Reach, TargetView, Transition};
+use crate::reconcile::{HostTracker, JobKind, NixGate, Reach, TargetView, Transition};
 use crate::status::HostStatus;
 
 /// Everything the agent holds about one host.
@@ -15,6 +15,8 @@ pub(super) struct Host {
     pub config: HostConfig,
     pub tracker: HostTracker,
     pub target: TargetView,
+    /// Whether Nix may use the host's cache; `None` without `[host.nix]`.
+    pub nix: Option<NixGate>,
     /// Wall-clock time of the last transition, microseconds since the epoch.
     since: u64,
 }
@@ -22,6 +24,7 @@ pub(super) struct Host {
 impl Host {
     pub fn new(config: HostConfig, now: Instant) -> Self {
         Host {
+            nix: config.nix.as_ref().map(|_| NixGate::new()),
             config,
             tracker: HostTracker::new(now),
             target: TargetView::new(),
@@ -48,6 +51,12 @@ impl Host {
             target_state: self.target.state.as_str().into(),
             last_job: self.target.last_job.clone(),
             jobs_sent: self.target.jobs_sent,
+            nix_in_use: self.nix.as_ref().is_some_and(NixGate::in_use),
+            nix_reason: self
+                .nix
+                .as_ref()
+                .map(|g| g.reason.clone())
+                .unwrap_or_default(),
         }
     }
 

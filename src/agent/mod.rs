@@ -5,12 +5,14 @@
 //!
 //! When the agent stops it ends every task it started and leaves the targets as they are: a
 //! restart (an upgrade, a crash and `Restart=on-failure`) then does not interrupt tunnels and
-//! mounts, and the next start re-evaluates every host at once.
+//! mounts, and the next start re-evaluates every host at once. Nix is pointed away from every
+//! cache first: nothing watches them once the agent is gone.
 
 mod host;
 mod tasks;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,11 +23,12 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 use zbus::connection;
 
-use crate::config::{Config, ProbeSettings};
+use crate::config::{Config, NixCache, ProbeSettings};
 use crate::event::{Event, HostId};
 use crate::network;
+use crate::nix::fragment::Fragment;
 use crate::probe::{Probe, Resolver};
-use crate::reconcile::{JobKind, NetworkView, TargetAction};
+use crate::reconcile::{nix_eligibility, JobKind, NetworkView, TargetAction};
 use crate::status::{self, Publisher};
 use crate::units::Units;
 
@@ -38,39 +41,81 @@ const FIRST_NETWORK_VIEW: Duration = Duration::from_secs(3);
 const EVENT_QUEUE: usize = 256;
 /// When nothing is scheduled, look again after this long anyway.
 const IDLE_WAKE: Duration = Duration::from_secs(3600);
+/// After a failed write of the nix.conf fragment, try again this soon.
+const FRAGMENT_RETRY: Duration = Duration::from_secs(1);
 
-/// Where the agent finds its buses: `None` is the default system or session bus.
+/// Where the agent finds its buses (`None`: the default system or session bus) and its runtime
+/// directory (`$XDG_RUNTIME_DIR`: the Nix fragment, tunnelled sockets).
 #[derive(Debug, Clone, Default)]
-pub struct Buses {
-    pub system: Option<String>,
-    pub session: Option<String>,
+pub struct Environment {
+    pub system_bus: Option<String>,
+    pub session_bus: Option<String>,
+    pub runtime_dir: Option<PathBuf>,
+}
+
+impl Environment {
+    /// The process's own: the default buses and `$XDG_RUNTIME_DIR`.
+    pub fn from_process() -> Self {
+        Environment {
+            runtime_dir: std::env::var_os("XDG_RUNTIME_DIR")
+                .filter(|dir| !dir.is_empty())
+                .map(PathBuf::from),
+            ..Environment::default()
+        }
+    }
 }
 
 /// Runs the agent until `shutdown` completes (Ok) or the session bus is lost (Err).
 pub async fn run(
     config: Config,
-    buses: Buses,
+    environment: Environment,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let resolver = Resolver::new().context("cannot start the mDNS resolver")?;
-    run_with(config, buses, Arc::new(resolver), shutdown).await
+    run_with(config, environment, Arc::new(resolver), shutdown).await
 }
 
 /// [`run`], finding and checking hosts with `probe`. When it returns, every task the agent
 /// started has ended and its session bus connection is closed.
 pub async fn run_with(
     config: Config,
-    buses: Buses,
+    environment: Environment,
     probe: Arc<dyn Probe>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let uses_nix = config.hosts.iter().any(|h| h.nix.is_some());
+    let runtime_dir = match (environment.runtime_dir, uses_nix) {
+        (Some(dir), _) => dir,
+        (None, false) => PathBuf::new(),
+        (None, true) => anyhow::bail!(
+            "XDG_RUNTIME_DIR is not set: reachd keeps its nix.conf fragment there and finds tunnelled sockets by it"
+        ),
+    };
+    // Nix is pointed at nothing until a cache is checked; a fragment left by a crash goes now.
+    let mut fragment = uses_nix.then(|| Fragment::in_runtime_dir(&runtime_dir));
+    if let Some(fragment) = &mut fragment {
+        fragment
+            .set(&[])
+            .with_context(|| format!("cannot write {}", fragment.path().display()))?;
+    }
+    let mut listeners = Vec::new();
+    for host in &config.hosts {
+        if let Some(NixCache::Served { listen, .. }) = &host.nix {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| {
+                    format!("cannot serve host {}'s Nix cache on {listen}", host.name)
+                })?;
+            listeners.push((listener, host.clone()));
+        }
+    }
     let (events, mut inbox) = mpsc::channel(EVENT_QUEUE);
     let hosts: Vec<Host> = config
         .hosts
         .iter()
         .map(|host| Host::new(host.clone(), Instant::now()))
         .collect();
-    let session = match &buses.session {
+    let session = match &environment.session_bus {
         Some(address) => connection::Builder::address(address.as_str())?,
         None => connection::Builder::session()?,
     };
@@ -85,9 +130,12 @@ pub async fn run_with(
         .await
         .context("cannot reach the systemd user manager on the session bus")?;
 
-    let mut tasks = Tasks::new(events, probe, units, config.probe.timeout);
+    let mut tasks = Tasks::new(events, probe, units, config.probe.timeout, runtime_dir);
     let with_addresses = config.hosts.iter().any(|h| !h.connections.is_empty());
-    tasks.follow_network(buses.system.clone(), with_addresses);
+    tasks.follow_network(environment.system_bus.clone(), with_addresses);
+    for (listener, host) in listeners {
+        tasks.serve_cache(listener, &host);
+    }
     for (index, host) in hosts.iter().enumerate() {
         tasks.follow_host(HostId(index), &host.config);
     }
@@ -97,6 +145,7 @@ pub async fn run_with(
         network_changed: false,
         started: Instant::now(),
         settings: config.probe,
+        fragment,
         tasks,
         publisher,
     };
@@ -118,6 +167,8 @@ struct Agent {
     network_changed: bool,
     started: Instant,
     settings: ProbeSettings,
+    /// The nix.conf fragment; `None` when no host has `[host.nix]`.
+    fragment: Option<Fragment>,
     tasks: Tasks,
     publisher: Publisher,
 }
@@ -184,6 +235,15 @@ impl Agent {
                 host.target.on_job_done(kind, &result, state, now);
                 host.log_job(kind, &result);
             }
+            Event::NixChecked {
+                host,
+                epoch,
+                result,
+            } => {
+                if let Some(gate) = &mut self.host(host).nix {
+                    gate.on_check(epoch, result, now);
+                }
+            }
             Event::Refresh => {
                 info!("refresh requested");
                 for host in &mut self.hosts {
@@ -223,36 +283,70 @@ impl Agent {
             }
         }
         let mut wake = now + IDLE_WAKE;
+        let mut actions = Vec::new();
         for (index, host) in self.hosts.iter_mut().enumerate() {
             let id = HostId(index);
             let plan = host.tracker.plan(now);
             if let Some(candidates) = plan.check {
                 self.tasks.check(id, host, candidates, network);
             }
+            if let Some(gate) = &mut host.nix {
+                let nix = gate.plan(nix_eligibility(&host.tracker, &host.target), now);
+                if nix.check {
+                    self.tasks.nix_check(id, &host.config, gate.epoch());
+                }
+                wake = wake.min(nix.wake.unwrap_or(wake));
+            }
             let tracker = &host.tracker;
             let action =
                 host.target
                     .next_action(tracker.wants_target(), tracker.address.as_ref(), now);
-            let target_wake = match action {
-                TargetAction::Nothing(at) => at,
-                TargetAction::Start(address) => {
-                    self.tasks.job(id, &host.config, JobKind::Start, address);
-                    None
-                }
-                TargetAction::Stop => {
-                    self.tasks.job(id, &host.config, JobKind::Stop, None);
-                    None
-                }
-                TargetAction::SetAddress(address) => {
-                    self.tasks.set_address(&host.config, address);
-                    None
-                }
-            };
-            for at in [plan.wake, target_wake].into_iter().flatten() {
+            if let TargetAction::Nothing(Some(at)) = action {
                 wake = wake.min(at);
+            }
+            wake = wake.min(plan.wake.unwrap_or(wake));
+            actions.push((id, action));
+        }
+        // Nix leaves a cache before its target (and the tunnel) is stopped.
+        if let Some(retry) = self.point_nix() {
+            wake = wake.min(retry);
+        }
+        for (id, action) in actions {
+            let host = &self.hosts[id.0].config;
+            match action {
+                TargetAction::Nothing(_) => {}
+                TargetAction::Start(address) => self.tasks.job(id, host, JobKind::Start, address),
+                TargetAction::Stop => self.tasks.job(id, host, JobKind::Stop, None),
+                TargetAction::SetAddress(address) => self.tasks.set_address(host, address),
             }
         }
         wake
+    }
+
+    /// Writes the nix.conf fragment with the caches in use now, if that changed. When the write
+    /// fails, returns when to try again.
+    fn point_nix(&mut self) -> Option<Instant> {
+        let fragment = self.fragment.as_mut()?;
+        let in_use: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|h| h.nix.as_ref().is_some_and(|g| g.in_use()))
+            .filter_map(|h| h.config.nix.as_ref().map(NixCache::substituter))
+            .collect();
+        match fragment.set(&in_use) {
+            Ok(true) => {
+                info!(caches = ?in_use, "{}: Nix caches in use: {in_use:?}", fragment.path().display())
+            }
+            Ok(false) => {}
+            Err(err) => {
+                warn!(
+                    "cannot write {}: {err}; trying again",
+                    fragment.path().display()
+                );
+                return Some(Instant::now() + FRAGMENT_RETRY);
+            }
+        }
+        None
     }
 
     /// Publishes every host's state; only what changed is signalled.
@@ -264,9 +358,14 @@ impl Agent {
         }
     }
 
-    /// Ends every task, gives the bus name up (with a reply, so that a successor started right
+    /// Points Nix away from every cache, ends every task, gives the bus name up (with a reply, so that a successor started right
     /// after can take it) and closes the session bus connection.
-    async fn stop(self) {
+    async fn stop(mut self) {
+        if let Some(fragment) = &mut self.fragment {
+            if let Err(err) = fragment.set(&[]) {
+                warn!("cannot write {}: {err}", fragment.path().display());
+            }
+        }
         self.tasks.shutdown().await;
         let connection = self.publisher.into_connection();
         let _ = connection.release_name(status::BUS_NAME).await;

@@ -3,6 +3,7 @@
 //! agent owns, and each reports back as an [`Event`]. [`Tasks::shutdown`] ends them all and
 //! waits, so that when the agent returns nothing of it is left running.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,11 +13,13 @@ use tracing::{info, warn};
 use zbus::connection;
 
 use crate::address::HostAddress;
-use crate::config::HostConfig;
+use crate::config::{expand_runtime_dir, HostConfig, NixCache};
 use crate::event::{Event, Events, HostId};
 use crate::network;
+use crate::nix::cache::{self, CacheSettings};
+use crate::nix::health;
 use crate::probe::{CheckRequest, Probe};
-use crate::reconcile::{JobKind, NetworkView};
+use crate::reconcile::{JobKind, NetworkView, NIX_CHECK_DEADLINE};
 use crate::units::Units;
 
 use super::host::Host;
@@ -32,16 +35,25 @@ pub(super) struct Tasks {
     units: Units,
     /// The deadline of one check.
     check_limit: Duration,
+    /// `$XDG_RUNTIME_DIR`, where tunnelled daemon sockets (`%t/`) are.
+    runtime_dir: PathBuf,
 }
 
 impl Tasks {
-    pub fn new(events: Events, probe: Arc<dyn Probe>, units: Units, check_limit: Duration) -> Self {
+    pub fn new(
+        events: Events,
+        probe: Arc<dyn Probe>,
+        units: Units,
+        check_limit: Duration,
+        runtime_dir: PathBuf,
+    ) -> Self {
         Tasks {
             running: JoinSet::new(),
             events,
             probe,
             units,
             check_limit,
+            runtime_dir,
         }
     }
 
@@ -168,6 +180,45 @@ impl Tasks {
                 Ok(()) => info!(host = %name, %address, "{variable}={address}: the host moved"),
                 Err(err) => warn!(host = %name, "{err}"),
             }
+        });
+    }
+
+    /// Serves a host's store as a binary cache on `listener`, from the daemon socket of `cache`.
+    pub fn serve_cache(&mut self, listener: tokio::net::TcpListener, host: &HostConfig) {
+        let Some(NixCache::Served { daemon_socket, .. }) = &host.nix else {
+            return;
+        };
+        let upstream = expand_runtime_dir(daemon_socket, &self.runtime_dir);
+        let name = host.name.clone();
+        let serving = cache::serve(
+            listener,
+            upstream,
+            CacheSettings::default(),
+            std::future::pending(),
+        );
+        self.running.spawn(async move {
+            if let Err(err) = serving.await {
+                warn!(host = %name, "the binary cache stopped: {err}");
+            }
+        });
+    }
+
+    /// Checks the host's Nix cache within [`NIX_CHECK_DEADLINE`], tagged with `epoch`.
+    pub fn nix_check(&mut self, id: HostId, host: &HostConfig, epoch: u64) {
+        let Some(cache) = host.nix.clone() else {
+            return;
+        };
+        let runtime_dir = self.runtime_dir.clone();
+        let events = self.events.clone();
+        self.running.spawn(async move {
+            let result = health::check(&cache, &runtime_dir, NIX_CHECK_DEADLINE).await;
+            let _ = events
+                .send(Event::NixChecked {
+                    host: id,
+                    epoch,
+                    result,
+                })
+                .await;
         });
     }
 

@@ -9,6 +9,7 @@
 //! manager's environment, a start job that fails) give it a fake probe through
 //! `reachd::agent::run_with`.
 
+mod fake_cache;
 mod fake_nm;
 mod fake_probe;
 mod fake_systemd;
@@ -27,6 +28,7 @@ use zbus::names::InterfaceName;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::Connection;
 
+use fake_cache::FakeCache;
 use fake_nm::{FakeNm, Network, NM_STATE_CONNECTED_GLOBAL, NM_STATE_CONNECTED_SITE};
 use fake_probe::FakeProbe;
 use fake_systemd::{Call, FakeSystemd, JobTiming, UnitSpec};
@@ -59,16 +61,17 @@ fn init_logging() {
         .try_init();
 }
 
-/// A configuration with one host `rpi` whose mDNS name nobody on any network answers for, and
-/// `extra` TOML (e.g. a `[probe]` table) before it.
-fn config_with(extra: &str) -> reachd::config::Config {
+/// A configuration with one host `rpi` whose mDNS name nobody on any network answers for,
+/// `extra` TOML (e.g. a `[probe]` table) before it and `host_extra` (e.g. `[host.nix]`) after.
+fn config_with(extra: &str, host_extra: &str) -> reachd::config::Config {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let hostname = format!(
         "reachd-test-{}-{}.local",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::SeqCst)
     );
-    let text = format!("{extra}\n[[host]]\nname = \"rpi\"\nhostname = \"{hostname}\"\n");
+    let text =
+        format!("{extra}\n[[host]]\nname = \"rpi\"\nhostname = \"{hostname}\"\n{host_extra}");
     reachd::config::parse(&text, "agent_bus.toml").expect("the test configuration is valid")
 }
 
@@ -83,6 +86,8 @@ struct Setup {
     /// A fake probe instead of mDNS, and the configuration's extra TOML.
     probe: Option<Arc<FakeProbe>>,
     extra_config: &'static str,
+    /// TOML after the host's own keys (its `[host.nix]`).
+    host_config: String,
 }
 
 impl Setup {
@@ -93,6 +98,7 @@ impl Setup {
             timing: JobTiming::After(Duration::from_millis(20)),
             probe: None,
             extra_config: "",
+            host_config: String::new(),
         }
     }
 }
@@ -106,6 +112,8 @@ struct Rig {
     client: Connection,
     agent: Option<JoinHandle<anyhow::Result<()>>>,
     stop: Option<oneshot::Sender<()>>,
+    /// The agent's `$XDG_RUNTIME_DIR` (its nix.conf fragment).
+    runtime: tempfile::TempDir,
 }
 
 impl Rig {
@@ -139,18 +147,22 @@ impl Rig {
             .build()
             .await
             .expect("the test connects to its session bus");
-        let buses = reachd::agent::Buses {
-            system: Some(system.address().to_string()),
-            session: Some(session.address().to_string()),
+        let runtime = tempfile::tempdir().expect("a runtime directory");
+        let environment = reachd::agent::Environment {
+            system_bus: Some(system.address().to_string()),
+            session_bus: Some(session.address().to_string()),
+            runtime_dir: Some(runtime.path().to_path_buf()),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let stopped = async move {
             let _ = stopped.await;
         };
-        let config = config_with(setup.extra_config);
+        let config = config_with(setup.extra_config, &setup.host_config);
         let agent = match setup.probe {
-            Some(probe) => tokio::spawn(reachd::agent::run_with(config, buses, probe, stopped)),
-            None => tokio::spawn(reachd::agent::run(config, buses, stopped)),
+            Some(probe) => {
+                tokio::spawn(reachd::agent::run_with(config, environment, probe, stopped))
+            }
+            None => tokio::spawn(reachd::agent::run(config, environment, stopped)),
         };
         let mut rig = Rig {
             system,
@@ -160,6 +172,7 @@ impl Rig {
             client,
             agent: Some(agent),
             stop: Some(stop),
+            runtime,
         };
         rig.wait_for_agent().await;
         rig
@@ -280,6 +293,24 @@ impl Rig {
         })
         .await
         .unwrap_or_else(|_| panic!("the agent did not read NetworkManager {n} times"));
+    }
+
+    /// The substituters the agent's nix.conf fragment names now (none: no setting).
+    fn fragment_substituters(&self) -> Vec<String> {
+        let path = self.runtime.path().join("reachd/nix.conf");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|err| panic!("the fragment {} is there: {err}", path.display()));
+        let settings: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        match settings[..] {
+            [] => vec![],
+            [line] => line
+                .strip_prefix("extra-substituters = ")
+                .unwrap_or_else(|| panic!("only extra-substituters in the fragment: {text}"))
+                .split(' ')
+                .map(String::from)
+                .collect(),
+            _ => panic!("one setting at most in the fragment: {text}"),
+        }
     }
 
     fn assert_agent_running(&self) {
@@ -899,6 +930,61 @@ async fn nothing_of_the_agent_runs_after_run_returned() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(rig.systemd.calls(), calls, "no call after run returned");
         assert_eq!(rig.nm().reads(), reads, "NetworkManager not read again");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nix_uses_a_cache_only_while_it_answers_and_leaves_it_before_the_stop() {
+    within_timeout(async {
+        let cache = FakeCache::start().await;
+        let setup = Setup {
+            host_config: format!("[host.nix]\nsubstituter = \"{}\"\n", cache.url()),
+            ..reachable(
+                UnitSpec::loaded("inactive"),
+                JobTiming::After(Duration::from_millis(20)),
+            )
+        };
+        let mut rig = Rig::start(setup).await;
+        let host = rig.wait_host("using its cache", |h| h.nix_in_use).await;
+        assert_eq!(host.nix_reason, "in use");
+        assert_eq!(host.target_state, "active");
+        assert_eq!(rig.fragment_substituters(), [cache.url()]);
+
+        // The tunnel's far end stops answering: Nix is pointed away within a check's deadline.
+        cache.hang(true);
+        let host = rig
+            .wait_host("dropping a cache that hangs", |h| !h.nix_in_use)
+            .await;
+        assert!(
+            host.nix_reason.starts_with("cache not answering: "),
+            "{}",
+            host.nix_reason
+        );
+        assert_eq!(rig.fragment_substituters(), Vec::<String>::new());
+        cache.hang(false);
+        rig.wait_host("using its cache again", |h| h.nix_in_use)
+            .await;
+
+        // The network goes: the fragment loses the cache before the stop job is sent.
+        rig.nm().set(&Network::disconnected()).await.unwrap();
+        rig.wait_calls("a stop job", |calls| {
+            calls.iter().any(|c| matches!(c, Call::Stop { .. }))
+        })
+        .await;
+        assert_eq!(rig.fragment_substituters(), Vec::<String>::new());
+        let host = rig
+            .wait_host("reporting why", |h| h.nix_reason == "host unreachable")
+            .await;
+        assert!(!host.nix_in_use);
+
+        // Back home, then the agent stops: it leaves Nix pointed at nothing.
+        let home = Network::connected(NM_STATE_CONNECTED_GLOBAL, HOME_UUID);
+        rig.nm().set(&home).await.unwrap();
+        rig.wait_host("using its cache at home", |h| h.nix_in_use)
+            .await;
+        rig.shutdown().await.expect("run returns Ok on shutdown");
+        assert_eq!(rig.fragment_substituters(), Vec::<String>::new());
     })
     .await;
 }

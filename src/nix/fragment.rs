@@ -1,0 +1,119 @@
+//! The one nix.conf fragment reachd owns, `$XDG_RUNTIME_DIR/reachd/nix.conf`, which the user
+//! includes from their nix.conf with `!include` (a missing file is ignored). It names the caches
+//! Nix may use now, and nothing at all while none is there, so that away from home Nix never
+//! hears of them. The file is replaced atomically (write, fsync, rename, fsync the directory):
+//! a Nix command reading it concurrently sees the old or the new file, never half of one (a
+//! syntax error in an included file would break every Nix command). It lives in the runtime
+//! directory so that a reboot or a logout never leaves a stale cache behind.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// The fragment and what was last written to it.
+#[derive(Debug)]
+pub struct Fragment {
+    path: PathBuf,
+    written: Option<String>,
+}
+
+impl Fragment {
+    /// The fragment under `runtime_dir` (`$XDG_RUNTIME_DIR`); nothing is written yet.
+    pub fn in_runtime_dir(runtime_dir: &Path) -> Self {
+        Fragment {
+            path: runtime_dir.join("reachd").join("nix.conf"),
+            written: None,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes the fragment name exactly `substituters` (in this order; none: no setting at all).
+    /// Writes only when that changes what was written; returns whether it wrote.
+    pub fn set(&mut self, substituters: &[String]) -> io::Result<bool> {
+        let text = render(substituters, &self.path);
+        if self.written.as_ref() == Some(&text) {
+            return Ok(false);
+        }
+        replace(&self.path, &text)?;
+        self.written = Some(text);
+        Ok(true)
+    }
+}
+
+/// The fragment's text. Substituter URIs are validated by the configuration (no whitespace, no
+/// `#`), so each is one word of the one setting line.
+fn render(substituters: &[String], path: &Path) -> String {
+    let mut text = format!(
+        "# Written by reachd: the Nix caches on this network that answer now (`reachd status`\n\
+         # says why one is not here). reachd replaces this file; include it from nix.conf with\n\
+         # !include {}\n",
+        path.display()
+    );
+    if !substituters.is_empty() {
+        text.push_str(&format!(
+            "extra-substituters = {}\n",
+            substituters.join(" ")
+        ));
+    }
+    text
+}
+
+/// Replaces `path` with `text` atomically and durably.
+fn replace(path: &Path, text: &str) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let temporary = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let written = (|| {
+        let mut file = File::create(&temporary)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        fs::rename(&temporary, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&temporary);
+    }
+    written?;
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_caches_only_while_there_are_some() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fragment = Fragment::in_runtime_dir(dir.path());
+        assert_eq!(fragment.path(), dir.path().join("reachd/nix.conf"));
+        assert!(fragment.set(&[]).unwrap());
+        let away = fs::read_to_string(fragment.path()).unwrap();
+        assert!(away.lines().all(|l| l.starts_with('#')), "{away}");
+        assert!(!fragment.set(&[]).unwrap(), "unchanged: not written again");
+
+        let home = ["http://127.0.0.1:37515".to_string()];
+        assert!(fragment.set(&home).unwrap());
+        let text = fs::read_to_string(fragment.path()).unwrap();
+        let settings: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(settings, ["extra-substituters = http://127.0.0.1:37515"]);
+        let leftovers: Vec<_> = fs::read_dir(dir.path().join("reachd"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers, ["nix.conf"], "no temporary file is left");
+    }
+
+    #[test]
+    fn a_write_that_fails_is_reported_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        // The fragment's directory cannot be created: a file stands in its way.
+        fs::write(dir.path().join("reachd"), "").unwrap();
+        let mut fragment = Fragment::in_runtime_dir(dir.path());
+        assert!(fragment.set(&[]).is_err());
+        fs::remove_file(dir.path().join("reachd")).unwrap();
+        assert!(fragment.set(&[]).unwrap(), "written once it can be");
+    }
+}

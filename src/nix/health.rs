@@ -1,0 +1,75 @@
+//! The cheap check that decides whether Nix may use a host's cache right now: for a cache reachd
+//! serves, a handshake with the host's nix-daemon through the tunnelled socket; for an HTTP
+//! cache served by someone else, `GET /nix-cache-info` answering 200. Each within a deadline, so
+//! that a tunnel that accepts and never answers (the far end stopped) counts as down.
+
+use std::path::Path;
+use std::time::Duration;
+
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::config::{expand_runtime_dir, http_authority, NixCache};
+
+use super::cache::daemon_answers;
+
+/// Checks `cache` within `deadline`; `runtime_dir` expands `%t/` in a daemon socket path.
+pub async fn check(cache: &NixCache, runtime_dir: &Path, deadline: Duration) -> Result<(), String> {
+    match cache {
+        NixCache::Served { daemon_socket, .. } => {
+            let socket = expand_runtime_dir(daemon_socket, runtime_dir);
+            daemon_answers(&socket, deadline)
+                .await
+                .map_err(|err| format!("{}: {err}", socket.display()))
+        }
+        NixCache::Http { url } => match tokio::time::timeout(deadline, cache_info(url)).await {
+            Ok(result) => result.map_err(|err| format!("{url}/nix-cache-info: {err}")),
+            Err(_) => Err(format!(
+                "{url}/nix-cache-info: no answer within {} ms",
+                deadline.as_millis()
+            )),
+        },
+    }
+}
+
+/// `GET <url>/nix-cache-info` over one HTTP/1.1 connection: Ok on 200.
+async fn cache_info(url: &str) -> Result<(), String> {
+    let authority = http_authority(url).ok_or("not an http:// URL")?;
+    let address = if authority.contains(':') && !authority.ends_with(']') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let stream = TcpStream::connect(&address)
+        .await
+        .map_err(|err| err.to_string())?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|err| err.to_string())?;
+    let prefix = &url["http://".len() + authority.len()..];
+    let request = Request::get(format!("{prefix}/nix-cache-info"))
+        .header(hyper::header::HOST, authority)
+        .body(Empty::<Bytes>::new())
+        .map_err(|err| err.to_string())?;
+    // The connection is driven right here, beside the request; both end with this function.
+    let response = sender.send_request(request);
+    tokio::pin!(response, connection);
+    let response = tokio::select! {
+        biased;
+        response = &mut response => response,
+        ended = &mut connection => match ended {
+            // The server answered and closed: the answer is already there.
+            Ok(()) => response.await,
+            Err(err) => return Err(err.to_string()),
+        },
+    };
+    let status = response.map_err(|err| err.to_string())?.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("HTTP {status}"))
+    }
+}
