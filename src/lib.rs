@@ -3,7 +3,8 @@
 //! target through the user manager, publishing what it holds on the session bus.
 //!
 //! The shape: I/O at the edges ([`network`], [`probe`], [`units`], [`status`]), a pure core in
-//! the middle ([`reconcile`]), and [`agent`] as the loop that joins them.
+//! the middle ([`reconcile`]), and [`agent`] as the loop that joins them. [`nix`] queues Nix
+//! builds for upload to a host and uploads them.
 
 pub mod address;
 pub mod agent;
@@ -11,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod logging;
 pub mod network;
+pub mod nix;
 pub mod probe;
 pub mod reconcile;
 pub mod status;
