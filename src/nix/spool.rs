@@ -583,10 +583,15 @@ impl Spool {
     /// linking is refused), the queues fsynced, then the entry unlinked from `incoming/`. An
     /// entry whose paths a queue already holds is merged (that queue keeps the older one). A full
     /// queue stops the claim: the rest waits in `incoming/`. Also removes writers' stale
-    /// temporary files.
+    /// temporary files. With no host at all nothing is claimed (an entry is removed from
+    /// `incoming/` only once some queue holds it).
     pub fn claim(&self, hosts: &[&str]) -> Result<ClaimReport, SpoolError> {
         const CHUNK: usize = 256;
         let mut report = ClaimReport::default();
+        let hosts: BTreeSet<&str> = hosts.iter().copied().collect();
+        if hosts.is_empty() {
+            return Ok(report);
+        }
         let mut queues = Vec::with_capacity(hosts.len());
         for host in hosts {
             let dir = self.queue(host)?;
@@ -1232,6 +1237,18 @@ mod tests {
         assert_eq!(spool.pending("nas").expect("pending"), vec![a, b]);
         assert_eq!(spool.load("rpi", &a).expect("load"), None);
         spool.done("rpi", &[a]).expect("done twice is fine");
+    }
+
+    #[test]
+    fn claiming_for_no_host_removes_nothing() {
+        let (_dir, spool) = spool();
+        spool.record(&entry(Some(DRV), &[])).expect("record");
+        let report = spool.claim(&[]).expect("claim");
+        assert_eq!(report.claimed, 0);
+        assert_eq!(spool.incoming_len().expect("count"), 1);
+        let report = spool.claim(&["rpi", "rpi"]).expect("claim");
+        assert_eq!((report.claimed, report.merged), (1, 0));
+        assert_eq!(spool.pending("rpi").expect("pending").len(), 1);
     }
 
     #[test]
