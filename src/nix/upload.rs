@@ -171,8 +171,11 @@ pub struct BatchReport {
 /// Uploads the oldest due entries of `host`'s queue in `spool` (at most about `max_paths`
 /// paths) to `to_store` (a Nix store URI such as `unix:///run/user/1000/rpi-nix-daemon.sock`
 /// or `ssh-ng://pi`), giving up at `deadline`. Call [`Spool::claim`] first so that new builds
-/// are in the queue. Dropping the future stops it: Nix is killed, and the queue stays as it
-/// was before the step in progress (each step is atomic).
+/// are in the queue. It does not wait for the queue's backoff ([`BatchReport::next_try`] after
+/// a [`Scope::Queue`] failure): the caller may try earlier, e.g. when the host has just become
+/// reachable; entries that the store refused keep their own backoff. Dropping the future stops
+/// it: Nix is killed, and the queue stays as it was before the step in progress (each step is
+/// atomic).
 pub async fn upload_batch(
     spool: &Spool,
     host: &str,
@@ -313,7 +316,7 @@ fn select(
         rejected: Vec::new(),
     };
     let mut paths = 0;
-    for id in &ids {
+    for (index, id) in ids.iter().enumerate() {
         let queued = match spool.load(host, id) {
             Ok(Some(queued)) => queued,
             Ok(None) => {
@@ -338,7 +341,7 @@ fn select(
             }
             Some(_) if selection.batch.is_empty() => {
                 selection.batch.push(queued);
-                selection.more = true;
+                selection.more = index + 1 < ids.len();
                 break;
             }
             Some(_) => {
