@@ -3,7 +3,8 @@
 //! target through the user manager, publishing what it holds on the session bus.
 //!
 //! The shape: I/O at the edges ([`network`], [`probe`], [`units`], [`status`]), a pure core in
-//! the middle ([`reconcile`]), and [`agent`] as the loop that joins them.
+//! the middle ([`reconcile`]), and [`agent`] as the loop that joins them. [`nix`] lets Nix use a
+//! host's store while it is there, and uploads builds to it.
 
 pub mod address;
 pub mod agent;
