@@ -16,7 +16,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use reachd::nix::spool::{Retry, Spool, StorePath};
-use reachd::nix::upload::{upload_batch, BatchReport, Nix, Scope};
+use reachd::nix::upload::{upload_batch, BatchReport, Limits, Nix, Scope};
 use reachd_testkit::process::{Daemon, Spawn};
 
 const HOOK: &str = env!("CARGO_BIN_EXE_reachd-nix-upload");
@@ -293,7 +293,17 @@ async fn drain(stores: &Stores, spool: &Spool, max_paths: usize) -> Vec<BatchRep
     let (nix, uri) = (stores.nix(), stores.pi_uri());
     let mut reports = Vec::new();
     loop {
-        let report = upload_batch(spool, "rpi", &nix, &uri, max_paths, deadline(SHORT)).await;
+        let report = upload_batch(
+            spool,
+            "rpi",
+            &nix,
+            &uri,
+            Limits {
+                max_paths,
+                deadline: deadline(SHORT),
+            },
+        )
+        .await;
         if let Some(failure) = &report.failure {
             panic!("batch {} failed: {}", reports.len(), failure.error);
         }
@@ -544,8 +554,17 @@ fn an_unreachable_store_keeps_every_entry_and_the_error() {
         let nix = stores.nix();
         for attempt in 1..=2 {
             let before = SystemTime::now();
-            let report =
-                upload_batch(&spool, "rpi", &nix, &stores.pi_uri(), 100, deadline(SHORT)).await;
+            let report = upload_batch(
+                &spool,
+                "rpi",
+                &nix,
+                &stores.pi_uri(),
+                Limits {
+                    max_paths: 100,
+                    deadline: deadline(SHORT),
+                },
+            )
+            .await;
             let failure = report.failure.expect("a failure");
             assert_eq!((failure.scope, failure.attempts), (Scope::Queue, attempt));
             assert!(
@@ -591,7 +610,17 @@ fn a_refused_path_backs_off_alone_and_the_others_go_on() {
         spool.claim(&["rpi"]).expect("claim");
         let (nix, uri) = (stores.nix(), stores.pi_uri());
 
-        let report = upload_batch(&spool, "rpi", &nix, &uri, 100, deadline(SHORT)).await;
+        let report = upload_batch(
+            &spool,
+            "rpi",
+            &nix,
+            &uri,
+            Limits {
+                max_paths: 100,
+                deadline: deadline(SHORT),
+            },
+        )
+        .await;
         let failure = report.failure.expect("refused");
         assert_eq!((failure.scope, failure.attempts), (Scope::Entries, 1));
         assert!(
@@ -612,7 +641,17 @@ fn a_refused_path_backs_off_alone_and_the_others_go_on() {
         }
         assert!(report.next_try.expect("next") > SystemTime::now() + Duration::from_secs(50));
         // Not due yet: nothing to do, and the report says until when.
-        let idle = upload_batch(&spool, "rpi", &nix, &uri, 100, deadline(SHORT)).await;
+        let idle = upload_batch(
+            &spool,
+            "rpi",
+            &nix,
+            &uri,
+            Limits {
+                max_paths: 100,
+                deadline: deadline(SHORT),
+            },
+        )
+        .await;
         assert!(idle.entries.is_empty() && idle.failure.is_none());
         assert_eq!(idle.next_try, report.next_try);
 
@@ -630,7 +669,17 @@ fn a_refused_path_backs_off_alone_and_the_others_go_on() {
         spool.set_retries("rpi", &due).expect("make due");
         let mut outcomes = Vec::new();
         for _ in 0..3 {
-            let report = upload_batch(&spool, "rpi", &nix, &uri, 100, deadline(SHORT)).await;
+            let report = upload_batch(
+                &spool,
+                "rpi",
+                &nix,
+                &uri,
+                Limits {
+                    max_paths: 100,
+                    deadline: deadline(SHORT),
+                },
+            )
+            .await;
             assert_eq!(report.entries.len(), 1, "tried alone");
             outcomes.push(report.failure.map(|f| (f.scope, f.attempts)));
         }
@@ -671,8 +720,10 @@ fn a_store_that_never_answers_is_given_up_at_the_deadline_and_dropping_stops_nix
             "rpi",
             &nix,
             &uri,
-            100,
-            deadline(Duration::from_secs(3)),
+            Limits {
+                max_paths: 100,
+                deadline: deadline(Duration::from_secs(3)),
+            },
         )
         .await;
         assert!(
@@ -693,7 +744,16 @@ fn a_store_that_never_answers_is_given_up_at_the_deadline_and_dropping_stops_nix
         let far = deadline(Duration::from_secs(600));
         let dropped = tokio::time::timeout(
             Duration::from_secs(2),
-            upload_batch(&spool, "rpi", &nix, &uri, 100, far),
+            upload_batch(
+                &spool,
+                "rpi",
+                &nix,
+                &uri,
+                Limits {
+                    max_paths: 100,
+                    deadline: far,
+                },
+            ),
         )
         .await;
         assert!(dropped.is_err(), "the upload should still be waiting");

@@ -168,7 +168,14 @@ pub struct BatchReport {
     pub next_try: Option<SystemTime>,
 }
 
-/// Uploads the oldest due entries of `host`'s queue in `spool` (at most about `max_paths`
+/// How much one batch may do: about `max_paths` paths, until `deadline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_paths: usize,
+    pub deadline: Instant,
+}
+
+/// Uploads the oldest due entries of `host`'s queue in `spool` (at most about `limits.max_paths`
 /// paths) to `to_store` (a Nix store URI such as `unix:///run/user/1000/rpi-nix-daemon.sock`
 /// or `ssh-ng://pi`), giving up at `deadline`. Call [`Spool::claim`] first so that new builds
 /// are in the queue. It does not wait for the queue's backoff ([`BatchReport::next_try`] after
@@ -181,9 +188,12 @@ pub async fn upload_batch(
     host: &str,
     nix: &Nix,
     to_store: &str,
-    max_paths: usize,
-    deadline: Instant,
+    limits: Limits,
 ) -> BatchReport {
+    let Limits {
+        max_paths,
+        deadline,
+    } = limits;
     let now = SystemTime::now();
     let mut report = BatchReport::default();
     let selection = match blocking(spool, host, move |s, h| select(s, h, max_paths, now)).await {
