@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use crate::address::HostAddress;
-use crate::reconcile::{CheckOutcome, JobKind, NetworkView, UnitState};
+use crate::reconcile::{BatchOutcome, CheckOutcome, JobKind, NetworkView, UnitState};
 
 /// A configured host: its position in the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -43,6 +43,12 @@ pub enum Event {
         host: HostId,
         epoch: u64,
         result: Result<(), String>,
+    },
+    /// A run over the host's upload queue ended (a count, or a batch uploaded).
+    UploadDone {
+        host: HostId,
+        epoch: u64,
+        outcome: BatchOutcome,
     },
     /// Someone asked to look at every host again now (`reachd refresh`, the dispatcher hook).
     Refresh,

@@ -3,9 +3,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use reachd::client::{Client, ClientError};
+use reachd::nix::listing::Listing;
 use reachd::{agent, config, logging};
 
 /// Keeps systemd user targets started exactly while LAN hosts are reachable.
@@ -50,6 +52,21 @@ enum Command {
     },
     /// Ask the running agent to re-evaluate every host now (what the dispatcher hook calls).
     Refresh,
+    /// List the builds waiting for upload to each host with `upload = true`, from the spool.
+    ///
+    /// Reads the spool named by the configuration (as `run` finds it), not the agent: it works
+    /// whether or not the agent runs. Exit 0; 2 if the spool cannot be read.
+    Uploads {
+        /// Configuration file (TOML); it must exist.
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Return only when nothing waits any more (exit 0), for scripts.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds (exit 1).
+        #[arg(long, value_name = "SECONDS", requires = "wait")]
+        timeout: Option<u64>,
+    },
 }
 
 /// Exit code when the CLI cannot tell (agent not running, unknown host, bad config...).
@@ -80,6 +97,11 @@ fn main() -> ExitCode {
                 Err(err) => report(Err(err)),
             },
             Command::Refresh => report(refresh().await),
+            Command::Uploads {
+                config,
+                wait,
+                timeout,
+            } => uploads(config, wait.then(|| timeout.map(Duration::from_secs))).await,
         }
     })
 }
@@ -104,9 +126,12 @@ async fn run(path: Option<PathBuf>, check_only: bool) -> ExitCode {
     };
     if check_only {
         println!("{source}: OK");
+        if config.hosts.iter().any(|h| h.upload.is_some()) {
+            println!("upload spool: {}", config.spool.display());
+        }
         for host in &config.hosts {
             println!(
-                "host {}: {} -> {}{}{}{}",
+                "host {}: {} -> {}{}{}{}{}",
                 host.name,
                 host.hostname,
                 host.target,
@@ -126,6 +151,10 @@ async fn run(path: Option<PathBuf>, check_only: bool) -> ExitCode {
                     ),
                     Some(cache) => format!(", Nix cache {}", cache.substituter()),
                 },
+                host.upload
+                    .as_ref()
+                    .map(|store| format!(", builds uploaded to {store}"))
+                    .unwrap_or_default(),
             );
         }
         return ExitCode::SUCCESS;
@@ -194,6 +223,58 @@ async fn status(json: bool) -> Result<(), ClientError> {
         );
     }
     Ok(())
+}
+
+/// How often `reachd uploads --wait` looks at the spool again.
+const UPLOADS_WAIT_POLL: Duration = Duration::from_millis(500);
+
+/// `reachd uploads`; `wait`: `None` to list, `Some(timeout)` to wait until nothing waits.
+async fn uploads(path: Option<PathBuf>, wait: Option<Option<Duration>>) -> ExitCode {
+    let config = match config::load(path.as_deref()) {
+        Ok((config, _)) => config,
+        Err(err) => {
+            eprintln!("reachd: {err}");
+            return ExitCode::from(CANNOT_TELL);
+        }
+    };
+    let hosts: Vec<String> = config
+        .hosts
+        .iter()
+        .filter(|h| h.upload.is_some())
+        .map(|h| h.name.clone())
+        .collect();
+    if hosts.is_empty() {
+        eprintln!("reachd: no host has `upload = true` in its [host.nix]");
+        return ExitCode::from(CANNOT_TELL);
+    }
+    let started = tokio::time::Instant::now();
+    let mut last = None;
+    loop {
+        let listing = match Listing::read(&config.spool, &hosts) {
+            Ok(listing) => listing,
+            Err(err) => {
+                eprintln!("reachd: {err}");
+                return ExitCode::from(CANNOT_TELL);
+            }
+        };
+        let Some(timeout) = wait else {
+            print!("{listing}");
+            return ExitCode::SUCCESS;
+        };
+        let waiting = listing.waiting();
+        if waiting == 0 {
+            return ExitCode::SUCCESS;
+        }
+        if last != Some(waiting) {
+            println!("{waiting} build(s) waiting for upload");
+            last = Some(waiting);
+        }
+        if timeout.is_some_and(|t| started.elapsed() >= t) {
+            eprintln!("reachd: {waiting} build(s) still waiting for upload");
+            return ExitCode::from(1);
+        }
+        tokio::time::sleep(UPLOADS_WAIT_POLL).await;
+    }
 }
 
 async fn check(host: &str) -> Result<bool, ClientError> {

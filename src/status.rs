@@ -96,6 +96,12 @@ host_record! {
     nix_in_use: bool = "NixInUse",
     /// Why Nix is or is not pointed at it; empty for a host without `[host.nix]`.
     nix_reason: String = "NixReason",
+    /// Builds queued for upload to the host, at the last count.
+    uploads_pending: u32 = "UploadsPending",
+    /// The last upload that copied something, in words.
+    last_upload: String = "LastUpload",
+    /// The last upload's error; empty after one without.
+    upload_error: String = "UploadError",
 }
 
 /// Takes the property `name` out of `all`, as a `T`.
@@ -225,6 +231,9 @@ mod tests {
             jobs_sent: 0,
             nix_in_use: false,
             nix_reason: String::new(),
+            uploads_pending: 0,
+            last_upload: String::new(),
+            upload_error: String::new(),
         }
     }
 
@@ -268,6 +277,9 @@ mod tests {
             jobs_sent: 1,
             nix_in_use: true,
             nix_reason: "in use".into(),
+            uploads_pending: 12,
+            last_upload: "3 paths copied".into(),
+            upload_error: "cannot connect".into(),
         };
         let all = old
             .changed_to(&new)

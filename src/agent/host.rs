@@ -7,7 +7,11 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::HostConfig;
-use crate::reconcile::{HostTracker, JobKind, NixGate, Reach, TargetView, Transition};
+use tokio::task::AbortHandle;
+
+use crate::reconcile::{
+    BatchOutcome, HostTracker, JobKind, NixGate, Reach, TargetView, Transition, UploadGate,
+};
 use crate::status::HostStatus;
 
 /// Everything the agent holds about one host.
@@ -17,6 +21,10 @@ pub(super) struct Host {
     pub target: TargetView,
     /// Whether Nix may use the host's cache; `None` without `[host.nix]`.
     pub nix: Option<NixGate>,
+    /// When to upload builds to the host; `None` without `upload = true`.
+    pub upload: Option<UploadGate>,
+    /// The run over its upload queue under way, to stop it when the host goes.
+    pub upload_run: Option<AbortHandle>,
     /// Wall-clock time of the last transition, microseconds since the epoch.
     since: u64,
 }
@@ -25,6 +33,8 @@ impl Host {
     pub fn new(config: HostConfig, now: Instant) -> Self {
         Host {
             nix: config.nix.as_ref().map(|_| NixGate::new()),
+            upload: config.upload.as_ref().map(|_| UploadGate::new()),
+            upload_run: None,
             config,
             tracker: HostTracker::new(now),
             target: TargetView::new(),
@@ -57,6 +67,17 @@ impl Host {
                 .as_ref()
                 .map(|g| g.reason.clone())
                 .unwrap_or_default(),
+            uploads_pending: self.upload.as_ref().map_or(0, |u| u.pending),
+            last_upload: self
+                .upload
+                .as_ref()
+                .map(|u| u.last_upload.clone())
+                .unwrap_or_default(),
+            upload_error: self
+                .upload
+                .as_ref()
+                .map(|u| u.last_error.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -78,6 +99,18 @@ impl Host {
             t.to.as_str(),
             t.reason
         );
+    }
+
+    /// Logs a run over the upload queue that did something or failed.
+    pub fn log_upload(&self, outcome: &BatchOutcome) {
+        let host = &self.config.name;
+        let pending = outcome.pending;
+        if let Some(error) = &outcome.error {
+            warn!(host = %host, pending, "{host}: upload: {error} ({pending} waiting)");
+        } else if outcome.copied > 0 || outcome.lost > 0 {
+            let (copied, lost) = (outcome.copied, outcome.lost);
+            info!(host = %host, copied, lost, pending, "{host}: uploaded {copied} paths, {lost} lost, {pending} waiting");
+        }
     }
 
     /// Logs the end of a job for the host's target.

@@ -26,6 +26,7 @@ use zbus::connection;
 use crate::config::{Config, NixCache, ProbeSettings};
 use crate::event::{Event, HostId};
 use crate::network;
+use crate::nix::drain::Drain;
 use crate::nix::fragment::Fragment;
 use crate::probe::{Probe, Resolver};
 use crate::reconcile::{nix_eligibility, JobKind, NetworkView, TargetAction};
@@ -131,6 +132,15 @@ pub async fn run_with(
         .context("cannot reach the systemd user manager on the session bus")?;
 
     let mut tasks = Tasks::new(events, probe, units, config.probe.timeout, runtime_dir);
+    let uploading: Vec<String> = config
+        .hosts
+        .iter()
+        .filter(|h| h.upload.is_some())
+        .map(|h| h.name.clone())
+        .collect();
+    if !uploading.is_empty() {
+        tasks.set_drain(Drain::new(config.spool.clone(), uploading));
+    }
     let with_addresses = config.hosts.iter().any(|h| !h.connections.is_empty());
     tasks.follow_network(environment.system_bus.clone(), with_addresses);
     for (listener, host) in listeners {
@@ -244,6 +254,19 @@ impl Agent {
                     gate.on_check(epoch, result, now);
                 }
             }
+            Event::UploadDone {
+                host,
+                epoch,
+                outcome,
+            } => {
+                let host = self.host(host);
+                host.log_upload(&outcome);
+                if let Some(gate) = &mut host.upload {
+                    if gate.on_outcome(epoch, outcome, now) {
+                        host.upload_run = None;
+                    }
+                }
+            }
             Event::Refresh => {
                 info!("refresh requested");
                 for host in &mut self.hosts {
@@ -296,6 +319,19 @@ impl Agent {
                     self.tasks.nix_check(id, &host.config, gate.epoch());
                 }
                 wake = wake.min(nix.wake.unwrap_or(wake));
+            }
+            if let Some(gate) = &mut host.upload {
+                let eligible = nix_eligibility(&host.tracker, &host.target).is_ok();
+                let upload = gate.plan(eligible, now);
+                if upload.stop {
+                    if let Some(run) = host.upload_run.take() {
+                        run.abort();
+                    }
+                }
+                if let Some(run) = upload.start {
+                    host.upload_run = self.tasks.upload(id, &host.config, gate.epoch(), run);
+                }
+                wake = wake.min(upload.wake.unwrap_or(wake));
             }
             let tracker = &host.tracker;
             let action =

@@ -7,19 +7,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{info, warn};
 use zbus::connection;
 
 use crate::address::HostAddress;
-use crate::config::{expand_runtime_dir, HostConfig, NixCache};
+use crate::config::{expand_runtime_dir, expand_store_uri, HostConfig, NixCache};
 use crate::event::{Event, Events, HostId};
 use crate::network;
 use crate::nix::cache::{self, CacheSettings};
+use crate::nix::drain::Drain;
 use crate::nix::health;
 use crate::probe::{CheckRequest, Probe};
-use crate::reconcile::{JobKind, NetworkView, NIX_CHECK_DEADLINE};
+use crate::reconcile::{JobKind, NetworkView, Run, NIX_CHECK_DEADLINE};
 use crate::units::Units;
 
 use super::host::Host;
@@ -37,6 +38,8 @@ pub(super) struct Tasks {
     check_limit: Duration,
     /// `$XDG_RUNTIME_DIR`, where tunnelled daemon sockets (`%t/`) are.
     runtime_dir: PathBuf,
+    /// The upload spool, when a host uploads.
+    drain: Option<Drain>,
 }
 
 impl Tasks {
@@ -54,7 +57,13 @@ impl Tasks {
             units,
             check_limit,
             runtime_dir,
+            drain: None,
         }
+    }
+
+    /// Uploads go through `drain` from now on.
+    pub fn set_drain(&mut self, drain: Drain) {
+        self.drain = Some(drain);
     }
 
     /// Follows NetworkManager on the system bus at `address` (the default system bus when
@@ -220,6 +229,31 @@ impl Tasks {
                 })
                 .await;
         });
+    }
+
+    /// Starts a run over the host's upload queue (a count, or a batch uploaded), tagged with
+    /// `epoch`; the handle stops it.
+    pub fn upload(
+        &mut self,
+        id: HostId,
+        host: &HostConfig,
+        epoch: u64,
+        run: Run,
+    ) -> Option<AbortHandle> {
+        let (drain, store) = (self.drain.clone()?, host.upload.as_ref()?);
+        let store = expand_store_uri(store, &self.runtime_dir);
+        let name = host.name.clone();
+        let events = self.events.clone();
+        Some(self.running.spawn(async move {
+            let outcome = drain.run(&name, &store, run).await;
+            let _ = events
+                .send(Event::UploadDone {
+                    host: id,
+                    epoch,
+                    outcome,
+                })
+                .await;
+        }))
     }
 
     /// Forgets tasks that ended, so that the set holds only running ones.

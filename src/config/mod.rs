@@ -11,7 +11,9 @@ use toml::Spanned;
 
 mod nix;
 
-pub use self::nix::{expand_runtime_dir, http_authority, NixCache, DEFAULT_LISTEN};
+pub use self::nix::{
+    expand_runtime_dir, expand_store_uri, http_authority, NixCache, DEFAULT_LISTEN,
+};
 
 /// The configuration used when no file exists: the Raspberry Pi at `rpi.local`.
 pub const EMBEDDED_DEFAULT: &str = r#"[[host]]
@@ -24,6 +26,8 @@ hostname = "rpi.local"
 pub struct Config {
     pub hosts: Vec<HostConfig>,
     pub probe: ProbeSettings,
+    /// `[nix] spool`: where Nix's post-build hook records builds for upload.
+    pub spool: PathBuf,
 }
 
 /// One host to follow.
@@ -42,6 +46,9 @@ pub struct HostConfig {
     pub connections: Vec<String>,
     /// `[host.nix]`: Nix is pointed at the host's store while it is there.
     pub nix: Option<NixCache>,
+    /// `[host.nix] upload`: builds recorded by the post-build hook are copied to this store
+    /// (a Nix store URI; `unix://%t/…` is under `$XDG_RUNTIME_DIR`) while the host is there.
+    pub upload: Option<String>,
 }
 
 impl HostConfig {
@@ -163,6 +170,13 @@ struct RawConfig {
     #[serde(default)]
     host: Vec<Spanned<RawHost>>,
     probe: Option<RawProbe>,
+    nix: Option<RawNixSettings>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNixSettings {
+    spool: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -249,7 +263,24 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         Some(raw) => validate_probe(raw, at)?,
         None => ProbeSettings::default(),
     };
-    Ok(Config { hosts, probe })
+    let spool = match raw.nix.and_then(|n| n.spool) {
+        Some(spool) if !spool.get_ref().starts_with('/') => {
+            return Err(at(
+                spool.span(),
+                format!(
+                    "key `spool`: {:?} must be an absolute path",
+                    spool.get_ref()
+                ),
+            ))
+        }
+        Some(spool) => PathBuf::from(spool.into_inner()),
+        None => PathBuf::from(crate::nix::spool::DEFAULT_DIR),
+    };
+    Ok(Config {
+        hosts,
+        probe,
+        spool,
+    })
 }
 
 fn validate_host(
@@ -312,9 +343,12 @@ fn validate_host(
         }
         connections.push(uuid.into_inner().to_ascii_lowercase());
     }
-    let nix = match raw.nix {
-        Some(table) => Some(nix::validate(table.into_inner(), name, &at)?),
-        None => None,
+    let (nix, upload) = match raw.nix {
+        Some(table) => {
+            let valid = nix::validate(table.into_inner(), name, &at)?;
+            (Some(valid.cache), valid.upload)
+        }
+        None => (None, None),
     };
     Ok(HostConfig {
         name: raw.name.into_inner(),
@@ -323,6 +357,7 @@ fn validate_host(
         port,
         connections,
         nix,
+        upload,
     })
 }
 
@@ -459,6 +494,7 @@ mod tests {
                 port: None,
                 connections: vec![],
                 nix: None,
+                upload: None,
             }]
         );
         assert_eq!(config.probe, ProbeSettings::default());
@@ -604,6 +640,28 @@ connections = ["0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0"]
             config.hosts[0].nix.as_ref().unwrap().substituter(),
             "http://127.0.0.1:5000"
         );
+        assert_eq!(config.hosts[0].upload, None);
+        assert_eq!(config.spool, Path::new("/var/spool/reachd"));
+    }
+
+    #[test]
+    fn uploads_go_through_the_tunnel_by_default() {
+        let config = parse(
+            "[nix]\nspool = \"/srv/spool\"\n[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n[host.nix]\nupload = true\n",
+            "c.toml",
+        )
+        .unwrap();
+        let upload = config.hosts[0].upload.clone().unwrap();
+        assert_eq!(upload, "unix://%t/rpi-nix-daemon.sock");
+        assert_eq!(
+            expand_store_uri(&upload, Path::new("/run/user/1000")),
+            "unix:///run/user/1000/rpi-nix-daemon.sock"
+        );
+        assert_eq!(config.spool, Path::new("/srv/spool"));
+        assert!(error(
+            "[nix]\nspool = \"spool\"\n[[host]]\nname = \"a\"\nhostname = \"a.local\"\n"
+        )
+        .contains("key `spool`"));
     }
 
     #[test]
@@ -633,6 +691,21 @@ connections = ["0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0"]
                 "exclude",
             ),
             ("cache = 1\n", "unknown field `cache`", "daemon_socket"),
+            (
+                "upload_store = \"unix:///s\"\n",
+                "key `upload_store`",
+                "upload = true",
+            ),
+            (
+                "upload_store = \"-oProxyCommand=x\"\nupload = true\n",
+                "key `upload_store`",
+                "store URI",
+            ),
+            (
+                "upload = true\nsubstituter = \"http://127.0.0.1:5000\"\n",
+                "key `upload_store` is needed",
+                "ssh-ng://",
+            ),
         ];
         for (table, key, words) in cases {
             let msg = error(&format!("{host}{table}"));

@@ -54,10 +54,85 @@ pub(super) struct RawNix {
     daemon_socket: Option<Spanned<String>>,
     listen: Option<Spanned<String>>,
     substituter: Option<Spanned<String>>,
+    upload: Option<Spanned<bool>>,
+    upload_store: Option<Spanned<String>>,
+}
+
+/// A host's `[host.nix]`: the cache, and where builds are uploaded (when they are).
+pub(super) struct ValidNix {
+    pub cache: NixCache,
+    pub upload: Option<String>,
 }
 
 /// Validates a host's `[host.nix]`; `name` is the host's name (for the default socket).
 pub(super) fn validate(
+    mut raw: RawNix,
+    name: &str,
+    at: impl Fn(Range<usize>, String) -> ConfigError,
+) -> Result<ValidNix, ConfigError> {
+    let upload_store = raw.upload_store.take();
+    let upload = raw.upload.take();
+    let cache = validate_cache(raw, name, &at)?;
+    let upload_span = upload.as_ref().map_or(0..0, Spanned::span);
+    let upload = match (upload.map(Spanned::into_inner), upload_store) {
+        (None | Some(false), Some(store)) => {
+            return Err(at(
+                store.span(),
+                "key `upload_store`: set `upload = true` too, or remove it".into(),
+            ))
+        }
+        (None | Some(false), None) => None,
+        (Some(true), Some(store)) => {
+            if !is_store_uri(store.get_ref()) {
+                return Err(at(
+                    store.span(),
+                    format!(
+                        "key `upload_store`: {:?} must be a Nix store URI such as \"unix://%t/rpi-nix-daemon.sock\" or \"ssh-ng://pi\"",
+                        store.get_ref()
+                    ),
+                ));
+            }
+            Some(store.into_inner())
+        }
+        (Some(true), None) => match &cache {
+            NixCache::Served { daemon_socket, .. } => Some(format!("unix://{daemon_socket}")),
+            NixCache::Http { .. } => {
+                return Err(at(
+                    upload_span,
+                    format!("host {name:?}: key `upload_store` is needed with `upload = true` and an HTTP cache (e.g. \"ssh-ng://root@rpi.local\")"),
+                ))
+            }
+        },
+    };
+    Ok(ValidNix { cache, upload })
+}
+
+/// A store URI `nix copy --to` may get as one argument: a scheme, then visible ASCII with no
+/// quote or backslash (it is never given to a shell, but it must not read as an option either).
+fn is_store_uri(uri: &str) -> bool {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return false;
+    };
+    !scheme.is_empty()
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
+        && scheme.as_bytes()[0].is_ascii_lowercase()
+        && !rest.is_empty()
+        && uri
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"\"'\\".contains(&b))
+}
+
+/// The store URI with `%t/` expanded to `runtime_dir` (in `unix://%t/…`).
+pub fn expand_store_uri(uri: &str, runtime_dir: &Path) -> String {
+    match uri.strip_prefix("unix://") {
+        Some(path) => format!("unix://{}", expand_runtime_dir(path, runtime_dir).display()),
+        None => uri.to_string(),
+    }
+}
+
+fn validate_cache(
     raw: RawNix,
     name: &str,
     at: impl Fn(Range<usize>, String) -> ConfigError,

@@ -7,10 +7,12 @@
 
 pub mod cache;
 pub mod daemon;
+pub mod drain;
 pub mod fragment;
 pub mod hash;
 pub mod health;
 pub mod hook;
+pub mod listing;
 pub mod nar;
 pub mod spool;
 pub mod upload;

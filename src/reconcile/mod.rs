@@ -4,12 +4,15 @@
 //! the next one. The agent feeds them and carries out what they return.
 //!
 //! [`reach`] decides whether a host is reachable and when to check it; [`target`] what to do
-//! about its systemd target; [`nix`] whether Nix may use its cache.
+//! about its systemd target; [`nix`] whether Nix may use its cache; [`upload`] when to upload
+//! builds to it.
 
 pub mod nix;
 pub mod reach;
 pub mod target;
+pub mod upload;
 
 pub use nix::{nix_eligibility, NixGate, NixPlan, NIX_CHECK_DEADLINE};
 pub use reach::{CheckOutcome, HostTracker, NetworkView, Plan, Reach, Transition};
 pub use target::{JobKind, TargetAction, TargetView, UnitState};
+pub use upload::{BatchOutcome, Run, UploadGate, UploadPlan};

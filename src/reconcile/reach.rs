@@ -327,6 +327,7 @@ mod tests {
             port: None,
             connections: connections.iter().map(|s| s.to_string()).collect(),
             nix: None,
+            upload: None,
         }
     }
 

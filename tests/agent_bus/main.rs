@@ -85,7 +85,7 @@ struct Setup {
     timing: JobTiming,
     /// A fake probe instead of mDNS, and the configuration's extra TOML.
     probe: Option<Arc<FakeProbe>>,
-    extra_config: &'static str,
+    extra_config: String,
     /// TOML after the host's own keys (its `[host.nix]`).
     host_config: String,
 }
@@ -97,7 +97,7 @@ impl Setup {
             target,
             timing: JobTiming::After(Duration::from_millis(20)),
             probe: None,
-            extra_config: "",
+            extra_config: String::new(),
             host_config: String::new(),
         }
     }
@@ -157,7 +157,7 @@ impl Rig {
         let stopped = async move {
             let _ = stopped.await;
         };
-        let config = config_with(setup.extra_config, &setup.host_config);
+        let config = config_with(&setup.extra_config, &setup.host_config);
         let agent = match setup.probe {
             Some(probe) => {
                 tokio::spawn(reachd::agent::run_with(config, environment, probe, stopped))
@@ -839,7 +839,7 @@ async fn started_with_fake_probe(config: &'static str) -> (Rig, Arc<FakeProbe>) 
     let probe = FakeProbe::present(pi());
     let setup = Setup {
         probe: Some(probe.clone()),
-        extra_config: config,
+        extra_config: config.into(),
         ..reachable(
             UnitSpec::loaded("inactive"),
             JobTiming::After(Duration::from_millis(20)),
@@ -985,6 +985,33 @@ async fn nix_uses_a_cache_only_while_it_answers_and_leaves_it_before_the_stop() 
             .await;
         rig.shutdown().await.expect("run returns Ok on shutdown");
         assert_eq!(rig.fragment_substituters(), Vec::<String>::new());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_recorded_while_away_are_counted_and_kept() {
+    within_timeout(async {
+        let spool_dir = tempfile::tempdir().expect("a spool directory");
+        let spool = reachd::nix::spool::Spool::open(spool_dir.path()).expect("the spool opens");
+        let out = "/nix/store/0c0ixk0gr8kqxzfh6m4zvrhl6wa4b1nq-hello"
+            .parse()
+            .expect("a store path");
+        let entry = reachd::nix::spool::Entry::new(None, [out]).expect("an entry");
+        spool.record(&entry).expect("recorded as the hook does");
+        let setup = Setup {
+            extra_config: format!("[nix]\nspool = \"{}\"\n", spool_dir.path().display()),
+            host_config: "[host.nix]\nupload = true\n".into(),
+            ..Setup::new(Some(Network::disconnected()), UnitSpec::loaded("inactive"))
+        };
+        let rig = Rig::start(setup).await;
+        let host = rig
+            .wait_host("counting the build waiting", |h| h.uploads_pending == 1)
+            .await;
+        assert_eq!(host.state, "unreachable");
+        assert_eq!(host.upload_error, "");
+        assert_eq!(host.last_upload, "", "nothing uploaded while away");
+        assert_eq!(spool.pending("rpi").expect("the queue reads").len(), 1);
     })
     .await;
 }

@@ -1,0 +1,221 @@
+//! Uploads: when to drain a host's upload queue. Batches run only while the host is reachable and
+//! its target active (the tunnel is up), one at a time; the next starts at once while due entries
+//! remain, after the drain's backoff when it failed, and every [`SPOOL_POLL`] otherwise, to pick
+//! up new builds. A host lost mid-batch has the batch stopped at once (its entries stay queued).
+//! While the host is away the queue is still counted every [`SPOOL_POLL`], so that "12 paths
+//! waiting for rpi" shows at a glance. The clock is passed in.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How often the spool is looked at when nothing else is due (new builds, the count away).
+pub const SPOOL_POLL: Duration = Duration::from_secs(5);
+
+/// What one run over the spool found and did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BatchOutcome {
+    /// Entries still queued for the host after the run.
+    pub pending: u32,
+    /// Paths copied to the host's store by the run.
+    pub copied: usize,
+    /// Paths collected on this machine before they could be uploaded: given up.
+    pub lost: usize,
+    /// Why (part of) the run failed.
+    pub error: Option<String>,
+    /// When another run can do something: `None` when the queue is empty.
+    pub next_try: Option<Instant>,
+}
+
+/// A run to start: only count (and claim new builds), or upload too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Run {
+    Count,
+    Upload,
+}
+
+/// What the agent must do about a host's uploads now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UploadPlan {
+    pub start: Option<Run>,
+    /// Stop the upload under way (the host is gone).
+    pub stop: bool,
+    /// Call `plan` again no later than this.
+    pub wake: Option<Instant>,
+}
+
+/// The decision state of one host's uploads, and what its D-Bus object shows of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadGate {
+    /// Entries queued for the host, at the last count.
+    pub pending: u32,
+    /// The last run that copied something, in words.
+    pub last_upload: String,
+    /// The last run's error; empty after a run without one.
+    pub last_error: String,
+    running: Option<Run>,
+    /// Bumped when an upload is stopped, so that its late outcome is dropped.
+    epoch: u64,
+    next: Option<Instant>,
+    eligible: bool,
+}
+
+impl Default for UploadGate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl UploadGate {
+    pub fn new() -> Self {
+        UploadGate {
+            pending: 0,
+            last_upload: String::new(),
+            last_error: String::new(),
+            running: None,
+            epoch: 0,
+            next: None,
+            eligible: false,
+        }
+    }
+
+    /// The epoch to tag a run with when starting it.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Takes the host's eligibility (reachable, target active) and says what to start or stop.
+    pub fn plan(&mut self, eligible: bool, now: Instant) -> UploadPlan {
+        let mut plan = UploadPlan::default();
+        if eligible != self.eligible {
+            self.eligible = eligible;
+            self.next = None; // Look at once: the host just came, or a count is due.
+            if !eligible && self.running == Some(Run::Upload) {
+                self.running = None;
+                self.epoch += 1;
+                plan.stop = true;
+            }
+        }
+        if self.running.is_some() {
+            return plan; // Its outcome wakes the agent.
+        }
+        match self.next {
+            Some(at) if at > now => plan.wake = Some(at),
+            _ => {
+                let run = if eligible { Run::Upload } else { Run::Count };
+                self.running = Some(run);
+                plan.start = Some(run);
+            }
+        }
+        plan
+    }
+
+    /// A run ended. Returns `false` for the outcome of a run that was stopped.
+    pub fn on_outcome(&mut self, epoch: u64, outcome: BatchOutcome, now: Instant) -> bool {
+        if epoch != self.epoch || self.running.take().is_none() {
+            return false;
+        }
+        self.pending = outcome.pending;
+        if outcome.copied > 0 || outcome.lost > 0 {
+            self.last_upload = format!(
+                "{} path{} copied{}",
+                outcome.copied,
+                if outcome.copied == 1 { "" } else { "s" },
+                if outcome.lost > 0 {
+                    format!(", {} collected before upload (lost)", outcome.lost)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        self.last_error = outcome.error.unwrap_or_default();
+        self.next = Some(match outcome.next_try {
+            Some(at) if self.eligible => at.max(now),
+            _ => now + SPOOL_POLL,
+        });
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(pending: u32, next_try: Option<Instant>) -> BatchOutcome {
+        BatchOutcome {
+            pending,
+            next_try,
+            ..BatchOutcome::default()
+        }
+    }
+
+    #[test]
+    fn away_the_queue_is_only_counted_then_drained_on_return() {
+        let t0 = Instant::now();
+        let mut gate = UploadGate::new();
+        assert_eq!(gate.plan(false, t0).start, Some(Run::Count));
+        assert_eq!(
+            gate.plan(false, t0),
+            UploadPlan::default(),
+            "one run at a time"
+        );
+        assert!(gate.on_outcome(gate.epoch(), outcome(12, Some(t0)), t0));
+        assert_eq!(gate.pending, 12);
+        // Counted again after the poll interval, not before, while away.
+        assert_eq!(gate.plan(false, t0).wake, Some(t0 + SPOOL_POLL));
+        // Home: an upload at once.
+        assert_eq!(gate.plan(true, t0).start, Some(Run::Upload));
+    }
+
+    #[test]
+    fn batches_follow_each_other_while_entries_are_due() {
+        let t0 = Instant::now();
+        let mut gate = UploadGate::new();
+        assert_eq!(gate.plan(true, t0).start, Some(Run::Upload));
+        let done = BatchOutcome {
+            pending: 900,
+            copied: 100,
+            next_try: Some(t0),
+            ..BatchOutcome::default()
+        };
+        assert!(gate.on_outcome(gate.epoch(), done, t0));
+        assert_eq!(gate.last_upload, "100 paths copied");
+        assert_eq!(gate.plan(true, t0).start, Some(Run::Upload), "at once");
+        // The queue empties: new builds are looked for every SPOOL_POLL.
+        assert!(gate.on_outcome(gate.epoch(), outcome(0, None), t0));
+        assert_eq!(gate.plan(true, t0).wake, Some(t0 + SPOOL_POLL));
+    }
+
+    #[test]
+    fn a_failure_waits_for_its_backoff_and_keeps_its_error() {
+        let t0 = Instant::now();
+        let mut gate = UploadGate::new();
+        gate.plan(true, t0);
+        let later = t0 + Duration::from_secs(15);
+        let failed = BatchOutcome {
+            pending: 3,
+            error: Some("cannot connect to the store".into()),
+            next_try: Some(later),
+            ..BatchOutcome::default()
+        };
+        assert!(gate.on_outcome(gate.epoch(), failed, t0));
+        assert_eq!(gate.last_error, "cannot connect to the store");
+        assert_eq!(gate.plan(true, t0).wake, Some(later));
+        assert_eq!(gate.plan(true, later).start, Some(Run::Upload));
+    }
+
+    #[test]
+    fn losing_the_host_stops_the_upload_and_drops_its_outcome() {
+        let t0 = Instant::now();
+        let mut gate = UploadGate::new();
+        gate.plan(true, t0);
+        let running = gate.epoch();
+        let plan = gate.plan(false, t0);
+        assert!(plan.stop);
+        assert_eq!(plan.start, Some(Run::Count), "still counted while away");
+        assert!(!gate.on_outcome(running, outcome(0, None), t0), "stale");
+        assert!(gate.on_outcome(gate.epoch(), outcome(5, Some(t0)), t0));
+        assert_eq!(gate.pending, 5);
+        assert_eq!(gate.plan(true, t0).start, Some(Run::Upload));
+    }
+}
