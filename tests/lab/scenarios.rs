@@ -1,6 +1,6 @@
-//! The scenarios of issue 3, in the order they run. Each one starts from the baseline (home up,
-//! Pi present, target active) unless it continues the previous one, asserts the units, reachd's
-//! own view and real traffic, and returns a short report of what it measured.
+//! The scenarios of issue 3, in the order they run. Each one starts from the baseline (home up, Pi present, target active) unless it
+//! continues the previous one, asserts the units, reachd's own view and real traffic, and
+//! returns a short report of what it measured.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -12,6 +12,8 @@ use serde_json::Value;
 use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
 use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
 use reachd_testkit::process::{wait_until, Spawn};
+
+use crate::nix;
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;
 
@@ -61,7 +63,8 @@ fn baseline(lab: &mut Lab) -> Result<(), String> {
 }
 
 /// Checks the lab before reachd runs, so a later failure is reachd's and not the lab's:
-/// NetworkManager, nmcli, the dispatcher hook reaching the user's bus, avahi, sshd, the units.
+/// NetworkManager, nmcli, the dispatcher hook reaching the user's bus, avahi, sshd, the units,
+/// the Pi's and the laptop's Nix.
 fn lab_self_check(lab: &mut Lab) -> Result<String, String> {
     let state = lab.nm_state()?;
     if !(50..=70).contains(&state) {
@@ -73,6 +76,7 @@ fn lab_self_check(lab: &mut Lab) -> Result<String, String> {
     if addr != PI_ADDR {
         return Err(format!("rpi.local resolved to {addr} from the laptop"));
     }
+    let stores = nix::self_check_stores(lab)?;
     // nmcli down/up, and the hook runs on those events and reaches the user's session bus (its
     // Refresh call shows in the bus monitor even with no agent to answer it).
     let mark = lab.user().monitor_mark();
@@ -100,7 +104,7 @@ fn lab_self_check(lab: &mut Lab) -> Result<String, String> {
             .count();
         Ok((active == 2).then_some(()))
     })?;
-    lab.expect_tunnel()?;
+    let tunnel = nix::self_check_tunnel(lab)?;
     lab.expect_mount()?;
     let u = lab.user();
     u.systemctl(&["stop", TARGET])?;
@@ -110,7 +114,7 @@ fn lab_self_check(lab: &mut Lab) -> Result<String, String> {
         return Err("stopping the target left the tunnel socket or the mount behind".into());
     }
     Ok(format!(
-        "NM State {state}, rpi.local = {addr}, hook, tunnel and mount work"
+        "NM State {state}, rpi.local = {addr}, hook, tunnel and mount work; {stores}; {tunnel}"
     ))
 }
 

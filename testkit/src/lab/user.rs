@@ -136,7 +136,7 @@ impl TestUser {
             units.join("rpi-nix-tunnel.service.d/lab.conf"),
             format!(
                 "[Service]\nEnvironment=RPI_NIX_SOCKET={}\n",
-                pi.join("nix-daemon.sock").display()
+                crate::lab::nix::pi_socket().display()
             ),
         )?;
         w(
@@ -146,14 +146,10 @@ impl TestUser {
                 pi.join("files").display()
             ),
         )?;
-        // Only ever reachable on "home": the café's impostor must not count (scenario 6).
-        // No [probe] table: the defaults are under test.
+        w(self.reachd_config_path(), reachd_config())?;
         w(
-            self.home.join(".config/reachd/config.toml"),
-            format!(
-                "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n\
-                 target = \"rpi-accessible.target\"\nport = 22\nconnections = [\"{HOME_UUID}\"]\n"
-            ),
+            self.home.join(".config/nix/nix.conf"),
+            crate::lab::nix::user_nix_conf(true),
         )?;
         let host_key = read(pi.join("host_key.pub"))?;
         let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
@@ -180,6 +176,10 @@ impl TestUser {
                 .map_err(|e| io_err(p.display(), e))?;
         }
         Ok(())
+    }
+
+    fn reachd_config_path(&self) -> PathBuf {
+        self.home.join(".config/reachd/config.toml")
     }
 
     /// The drop-in that runs the lab's binary as `reachd RUN_ARGS` (the repo's unit runs
@@ -345,6 +345,15 @@ impl TestUser {
             m.stop();
         }
     }
+}
+
+/// reachd's config in the lab. Only ever reachable on "home": the café's impostor must not count
+/// (scenario 6). No [probe] table: the defaults are under test.
+fn reachd_config() -> String {
+    format!(
+        "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n\
+         target = \"rpi-accessible.target\"\nport = 22\nconnections = [\"{HOME_UUID}\"]\n"
+    )
 }
 
 /// Makes sure `reachd-lab` exists with uid 1500 and `home` as its home; returns its gid.
