@@ -1,4 +1,5 @@
-//! The scenarios of issue 3, in the order they run. Each one starts from the baseline (home up, Pi present, target active) unless it
+//! The scenarios of issue 3 (and, from 12 on, of reachd's Nix support: nix.rs), in the order
+//! they run. Each one starts from the baseline (home up, Pi present, target active) unless it
 //! continues the previous one, asserts the units, reachd's own view and real traffic, and
 //! returns a short report of what it measured.
 
@@ -31,6 +32,11 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ("9-dispatcher-hook", false, dispatcher_hook),
     ("10-agreement", false, agreement),
     ("11-two-networks", false, two_networks),
+    ("12-nix-home", false, nix::nix_home),
+    ("13-nix-away", false, nix::nix_away),
+    ("14-nix-half-dead", false, nix::nix_half_dead),
+    ("15-nix-missing", false, nix::nix_missing),
+    ("16-nix-fragment-atomic", false, nix::nix_fragment_atomic),
 ];
 
 /// The default bound for noticing a Pi that vanished without a word.
@@ -38,12 +44,12 @@ const POWER_LOSS_BOUND: Duration = Duration::from_secs(20);
 const EVIL_UUID: &str = "3f9a7c1e-5b2d-4e8f-9a61-0c2b7d4e1a03";
 const INJECTED: &str = "/tmp/reachd-lab-injected";
 
-fn secs(d: Duration) -> String {
+pub fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 
 /// Home up, café down, Pi powered with avahi, NetworkManager running; waits for the target.
-fn baseline(lab: &mut Lab) -> Result<(), String> {
+pub fn baseline(lab: &mut Lab) -> Result<(), String> {
     lab.pi_port(true)?;
     if lab.pi_avahi.is_none() {
         lab.start_pi_avahi()?;

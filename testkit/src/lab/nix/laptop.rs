@@ -16,7 +16,7 @@ fn laptop_dir() -> PathBuf {
 }
 
 /// The laptop's "/etc/nix" (NIX_CONF_DIR of its daemon and of the user's commands).
-pub fn laptop_etc() -> PathBuf {
+fn laptop_etc() -> PathBuf {
     laptop_dir().join("etc")
 }
 
@@ -24,7 +24,7 @@ pub fn laptop_store_root() -> PathBuf {
     laptop_dir().join("root")
 }
 
-pub fn laptop_socket() -> PathBuf {
+fn laptop_socket() -> PathBuf {
     laptop_dir().join("daemon.sock")
 }
 

@@ -43,9 +43,7 @@ mod laptop;
 mod pi;
 
 pub use fragment::{fragment_path, Fragment};
-pub use laptop::{
-    laptop_etc, laptop_socket, laptop_store_root, user_conf_without_include, user_nix_conf, NixRun,
-};
+pub use laptop::{laptop_store_root, user_conf_without_include, user_nix_conf, NixRun};
 pub use pi::{pi_socket, pi_store_root, SMALL_TEXT};
 
 /// Where reachd serves the Pi's cache, in the laptop's network namespace (its config's
@@ -71,8 +69,6 @@ pub struct NixPaths {
     pub other: String,
     /// Valid in the laptop's store from the start.
     pub local: String,
-    /// The Pi's public key, `pi-1:…`.
-    pub pi_key: String,
 }
 
 impl Lab {
@@ -85,8 +81,7 @@ impl Lab {
     /// Fills the Pi's store and starts the laptop's Nix; records the paths the scenarios use.
     pub fn start_nix(&mut self) -> Result<(), String> {
         let mut pi = self.pi_nix_build(&["small", "dep", "ref", "other"], "")?;
-        let pi_key = pi::pi_key()?;
-        let local = self.start_laptop_nix(&pi_key)?;
+        let local = self.start_laptop_nix(&pi::pi_key()?)?;
         let (other, reference, dep, small) =
             (pi.remove(3), pi.remove(2), pi.remove(1), pi.remove(0));
         self.nix_paths = Some(NixPaths {
@@ -95,7 +90,6 @@ impl Lab {
             reference,
             other,
             local,
-            pi_key,
         });
         Ok(())
     }
