@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use reachd_testkit::lab::{self, cleanup, preflight, Lab};
 use scenarios::{tail, SCENARIOS};
 
-/// The whole run, lab included, must end before this. A normal run takes about a minute and a
-/// half; the Nix scenarios' deadlines (a fetch may take a minute before it counts as hung) need
-/// room beyond that, and CI's whole budget is 30 minutes.
+/// The whole run, lab included, must end before this. A normal run takes under two minutes;
+/// the Nix scenarios' deadlines (a fetch may take a minute before it counts as hung) need room
+/// beyond that, and CI's whole budget is 30 minutes.
 const BUDGET: Duration = Duration::from_secs(12 * 60);
 
 fn main() -> ExitCode {
