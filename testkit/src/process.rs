@@ -385,6 +385,69 @@ pub fn kill_pid(pid: u32) {
     }
 }
 
+/// Every descendant of `pid` (its children, theirs...), found by PID through
+/// /proc/PID/task/*/children, never by name.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let children = fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                if !out.contains(&c) {
+                    out.push(c);
+                    todo.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A process and all its descendants stopped with SIGSTOP (a machine that hangs without dying),
+/// resumed with SIGCONT when dropped, so a failing test cannot leave them frozen.
+pub struct Frozen {
+    pids: Vec<u32>,
+}
+
+impl Frozen {
+    /// Stops `root` first, so that it forks no more, then its descendants, scanning again until a
+    /// scan finds none that is not stopped yet (a child may have forked in between).
+    pub fn tree(root: u32) -> Frozen {
+        let mut frozen = Frozen { pids: Vec::new() };
+        let mut next = vec![root];
+        while !next.is_empty() {
+            for pid in next {
+                // SAFETY: plain syscall on a PID found in the tree just now.
+                unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+                frozen.pids.push(pid);
+            }
+            next = descendants(root)
+                .into_iter()
+                .filter(|p| !frozen.pids.contains(p))
+                .collect();
+        }
+        frozen
+    }
+
+    pub fn pids(&self) -> &[u32] {
+        &self.pids
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in self.pids.iter().rev() {
+            // SAFETY: plain syscall; nothing kills these while they are frozen, so each PID is
+            // still the process that was stopped.
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        }
+    }
+}
+
 /// Kills (SIGKILL) every process in the cgroup directory `dir` and its sub-cgroups, until they
 /// are empty (or 10 s passed), then removes the directories. For what a test's daemons started
 /// on their own (e.g. nm-dispatcher, activated by the bus and reparented to PID 1).

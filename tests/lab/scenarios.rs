@@ -1,6 +1,7 @@
-//! The scenarios of issue 3, in the order they run. Each one starts from the baseline (home up,
-//! Pi present, target active) unless it continues the previous one, asserts the units, reachd's
-//! own view and real traffic, and returns a short report of what it measured.
+//! The scenarios of issue 3 (and, from 12 on, of reachd's Nix support: nix.rs), in the order
+//! they run. Each one starts from the baseline (home up, Pi present, target active) unless it
+//! continues the previous one, asserts the units, reachd's own view and real traffic, and
+//! returns a short report of what it measured.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -12,6 +13,8 @@ use serde_json::Value;
 use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
 use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
 use reachd_testkit::process::{wait_until, Spawn};
+
+use crate::nix;
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;
 
@@ -29,6 +32,11 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ("9-dispatcher-hook", false, dispatcher_hook),
     ("10-agreement", false, agreement),
     ("11-two-networks", false, two_networks),
+    ("12-nix-home", false, nix::nix_home),
+    ("13-nix-away", false, nix::nix_away),
+    ("14-nix-half-dead", false, nix::nix_half_dead),
+    ("15-nix-missing", false, nix::nix_missing),
+    ("16-nix-fragment-atomic", false, nix::nix_fragment_atomic),
 ];
 
 /// The default bound for noticing a Pi that vanished without a word.
@@ -36,12 +44,12 @@ const POWER_LOSS_BOUND: Duration = Duration::from_secs(20);
 const EVIL_UUID: &str = "3f9a7c1e-5b2d-4e8f-9a61-0c2b7d4e1a03";
 const INJECTED: &str = "/tmp/reachd-lab-injected";
 
-fn secs(d: Duration) -> String {
+pub fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 
 /// Home up, café down, Pi powered with avahi, NetworkManager running; waits for the target.
-fn baseline(lab: &mut Lab) -> Result<(), String> {
+pub fn baseline(lab: &mut Lab) -> Result<(), String> {
     lab.pi_port(true)?;
     if lab.pi_avahi.is_none() {
         lab.start_pi_avahi()?;
@@ -61,7 +69,8 @@ fn baseline(lab: &mut Lab) -> Result<(), String> {
 }
 
 /// Checks the lab before reachd runs, so a later failure is reachd's and not the lab's:
-/// NetworkManager, nmcli, the dispatcher hook reaching the user's bus, avahi, sshd, the units.
+/// NetworkManager, nmcli, the dispatcher hook reaching the user's bus, avahi, sshd, the units,
+/// the Pi's and the laptop's Nix.
 fn lab_self_check(lab: &mut Lab) -> Result<String, String> {
     let state = lab.nm_state()?;
     if !(50..=70).contains(&state) {
@@ -73,6 +82,7 @@ fn lab_self_check(lab: &mut Lab) -> Result<String, String> {
     if addr != PI_ADDR {
         return Err(format!("rpi.local resolved to {addr} from the laptop"));
     }
+    let stores = nix::self_check_stores(lab)?;
     // nmcli down/up, and the hook runs on those events and reaches the user's session bus (its
     // Refresh call shows in the bus monitor even with no agent to answer it).
     let mark = lab.user().monitor_mark();
@@ -100,7 +110,7 @@ fn lab_self_check(lab: &mut Lab) -> Result<String, String> {
             .count();
         Ok((active == 2).then_some(()))
     })?;
-    lab.expect_tunnel()?;
+    let tunnel = nix::self_check_tunnel(lab)?;
     lab.expect_mount()?;
     let u = lab.user();
     u.systemctl(&["stop", TARGET])?;
@@ -110,7 +120,7 @@ fn lab_self_check(lab: &mut Lab) -> Result<String, String> {
         return Err("stopping the target left the tunnel socket or the mount behind".into());
     }
     Ok(format!(
-        "NM State {state}, rpi.local = {addr}, hook, tunnel and mount work"
+        "NM State {state}, rpi.local = {addr}, hook, tunnel and mount work; {stores}; {tunnel}"
     ))
 }
 

@@ -1,7 +1,7 @@
 //! What the scenarios assert, in one place: "the Pi's units are up and reachd says reachable",
-//! "they are down and reachd says not", bytes through the tunnel, files through the mount, and
-//! that every view of reachd's state (`reachd check`, `reachd status --json`, the D-Bus
-//! properties, the units) agrees.
+//! "they are down and reachd says not", the Pi's nix-daemon answering through the tunnel, files
+//! through the mount, and that every view of reachd's state (`reachd check`, `reachd status
+//! --json`, the D-Bus properties, the units) agrees.
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -121,12 +121,14 @@ impl Lab {
         Ok(())
     }
 
-    /// Bytes go through the tunnel to the Pi's socket and come back (retrying while ssh starts).
-    pub fn expect_tunnel(&self) -> Result<(), String> {
-        let token = format!("reachd-lab {:?}\n", Instant::now());
-        wait_until(T, "bytes through the ssh tunnel", || {
-            self.tunnel_echo(&token).map(Some)
-        })
+    /// The Pi's nix-daemon answers through the tunnel: the worker protocol's greeting (retrying
+    /// while ssh starts). Returns the daemon's protocol version.
+    pub fn expect_tunnel(&self) -> Result<String, String> {
+        wait_until(
+            T,
+            "the Pi's nix-daemon greeting through the ssh tunnel",
+            || self.tunnel_handshake().map(Some),
+        )
     }
 
     /// The Pi's file shows through the sshfs mount, read as the user.

@@ -2,8 +2,9 @@
 //! the pieces (network.rs, pi.rs, user.rs) are started, and the teardown.
 //!
 //! Topology:
-//!     rl-laptop (NetworkManager, systemd --user, reachd)
+//!     rl-laptop (NetworkManager, systemd --user, reachd, the laptop's nix-daemon)
 //!        lh0 192.0.2.2/24 ("home") --veth-- rl-lan: br0 --veth-- rl-pi: pi0 192.0.2.10/24
+//!                                        (avahi; sshd and nix-daemon in the Pi's mount namespace)
 //!        lc0 192.0.2.130/25 ("cafe") --veth-- rl-cafe: c0 192.0.2.140/25 (another avahi "rpi")
 //! The bridge matters: taking the Pi's switch port (`lan-p` in rl-lan) down is a power loss that
 //! leaves the laptop's carrier up.
@@ -21,6 +22,7 @@ pub mod bench;
 pub mod cleanup;
 pub mod expect;
 pub mod network;
+pub mod nix;
 pub mod pi;
 pub mod preflight;
 pub mod user;
@@ -31,7 +33,7 @@ use crate::process::{Daemon, Spawn, Tracker};
 
 use self::cleanup::{marked, recover, state};
 use self::network::install_hook;
-use self::pi::EchoServer;
+use self::nix::NixPaths;
 use self::user::TestUser;
 
 /// All the lab's files; removed at the end (and at the start, if a run died halfway).
@@ -71,7 +73,10 @@ pub struct Lab {
     pub pi_avahi: Option<Avahi>,
     pub cafe_avahi: Option<Avahi>,
     pub sshd: Option<Daemon>,
-    pub echo: Option<EchoServer>,
+    /// The Pi's nix-daemon; its mount namespace is the Pi's (sshd's too).
+    pub pi_nix: Option<Daemon>,
+    pub laptop_nix: Option<Daemon>,
+    pub nix_paths: Option<NixPaths>,
     pub user: Option<TestUser>,
     /// `reachd status` & co. mismatches seen by any scenario (scenario 10 reports them).
     pub disagreements: Vec<String>,
@@ -104,7 +109,9 @@ impl Lab {
             pi_avahi: None,
             cafe_avahi: None,
             sshd: None,
-            echo: None,
+            pi_nix: None,
+            laptop_nix: None,
+            nix_paths: None,
             user: None,
             disagreements: Vec::new(),
             agreement_checks: 0,
@@ -115,6 +122,7 @@ impl Lab {
         lab.start_cafe()?;
         lab.write_nm_config()?;
         lab.start_nm()?;
+        lab.start_nix()?;
         lab.wait_home_up()?;
         if hook {
             install_hook()?;
@@ -180,9 +188,15 @@ impl Lab {
             let _ = fs::remove_file(HOOK);
             let _ = fs::remove_file(state("hook"));
         }
-        for d in [&mut self.nm, &mut self.sshd, &mut self.sysbus]
-            .into_iter()
-            .flatten()
+        for d in [
+            &mut self.nm,
+            &mut self.sshd,
+            &mut self.pi_nix,
+            &mut self.laptop_nix,
+            &mut self.sysbus,
+        ]
+        .into_iter()
+        .flatten()
         {
             d.stop();
         }
@@ -192,7 +206,6 @@ impl Lab {
         {
             a.stop();
         }
-        self.echo = None;
         recover();
         self.namespaces.clear();
     }

@@ -1,18 +1,14 @@
 //! The Pi and the café: avahi announcing `rpi.local` in rl-pi (and an impostor in rl-cafe),
-//! sshd with the test key, the files sshfs mounts, and a stand-in for the Pi's nix-daemon socket
-//! at the far end of the ssh tunnel.
+//! sshd with the test key and the files sshfs mounts. sshd shares the mount namespace of the
+//! Pi's nix-daemon (nix.rs), so the tunnel reaches a store the laptop side cannot see.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::lab::cleanup::mark;
 use crate::lab::network::links;
+use crate::lab::nix::daemon_handshake;
 use crate::lab::{dir, io_err, Lab, GREETING, PI_ADDR, T};
 use crate::netns::{resolve_once, Avahi, AvahiOptions};
 use crate::process::{wait_until, Spawn};
@@ -53,10 +49,15 @@ impl Lab {
             fs::create_dir_all("/run/sshd").map_err(|e| io_err("/run/sshd", e))?;
             mark("run-sshd", "")?;
         }
+        self.start_pi_nix()?;
+        // nsenter execs: the PID is sshd's, in the Pi's network and mount namespaces.
         let sshd_bin = crate::lab::preflight::which("sshd").ok_or("sshd not found")?;
         let sshd = self.daemon(
             "sshd",
-            Spawn::new(sshd_bin)
+            Spawn::new("nsenter")
+                .arg(format!("--mount={}", self.pi_mount_ns()?.display()))
+                .arg("--")
+                .arg(sshd_bin)
                 .args(["-D", "-e", "-f"])
                 .arg(&conf)
                 .netns(Lab::netns_path("pi")),
@@ -70,9 +71,8 @@ impl Lab {
             } else {
                 Err(text.trim().to_string())
             }
-        })?;
-        self.echo = Some(EchoServer::start(&pi.join("nix-daemon.sock"))?);
-        Ok(())
+        })
+        .map(drop)
     }
 
     /// (Re)starts the Pi's avahi, announcing `rpi.local`.
@@ -129,73 +129,9 @@ impl Lab {
             .map_err(|e| io_err(format!("rpi.local from the laptop ({})", links()), e))
     }
 
-    /// Sends `token` through the ssh tunnel's local socket and expects it back from the Pi's
-    /// stand-in nix-daemon.
-    pub fn tunnel_echo(&self, token: &str) -> Result<(), String> {
-        let sock = self.user().runtime_dir().join("rpi-nix-daemon.sock");
-        let mut s = UnixStream::connect(&sock).map_err(|e| io_err(sock.display(), e))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(|e| e.to_string())?;
-        s.write_all(token.as_bytes())
-            .map_err(|e| io_err("writing to the tunnel", e))?;
-        let mut buf = vec![0u8; token.len()];
-        s.read_exact(&mut buf)
-            .map_err(|e| io_err("reading from the tunnel", e))?;
-        if buf == token.as_bytes() {
-            Ok(())
-        } else {
-            Err(format!(
-                "the tunnel returned {:?}",
-                String::from_utf8_lossy(&buf)
-            ))
-        }
-    }
-}
-
-/// The Pi's nix-daemon stand-in: echoes whatever a client sends on a unix socket. It runs as a
-/// thread of the lab (sockets on the file system need no namespace); sshd on the Pi connects to it
-/// for the tunnel's `-L local.sock:remote.sock`.
-pub struct EchoServer {
-    stop: Arc<AtomicBool>,
-    path: PathBuf,
-}
-
-impl EchoServer {
-    pub fn start(path: &Path) -> Result<EchoServer, String> {
-        let _ = fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(|e| io_err(path.display(), e))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        thread::spawn(move || {
-            for conn in listener.incoming() {
-                if flag.load(Ordering::SeqCst) {
-                    break;
-                }
-                if let Ok(mut c) = conn {
-                    thread::spawn(move || {
-                        let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
-                        let mut buf = [0u8; 4096];
-                        while let Ok(n) = c.read(&mut buf) {
-                            if n == 0 || c.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    });
-                }
-            }
-        });
-        Ok(EchoServer {
-            stop,
-            path: path.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = UnixStream::connect(&self.path);
-        let _ = fs::remove_file(&self.path);
+    /// The worker protocol's greeting with the Pi's nix-daemon through the ssh tunnel's local
+    /// socket; the daemon's protocol version.
+    pub fn tunnel_handshake(&self) -> Result<String, String> {
+        daemon_handshake(&self.user().runtime_dir().join("rpi-nix-daemon.sock"))
     }
 }

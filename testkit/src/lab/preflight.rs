@@ -25,6 +25,11 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("ssh-keygen", "openssh-client"),
     ("sshfs", "sshfs"),
     ("fusermount3", "fuse3"),
+    ("nsenter", "util-linux"),
+    ("nix-daemon", "nix-bin"),
+    ("nix-store", "nix-bin"),
+    ("nix-build", "nix-bin"),
+    ("nix", "nix-bin"),
 ];
 
 /// Files the lab needs that are not on PATH.

@@ -42,6 +42,9 @@ pub struct TestUser {
     pub uid: u32,
     pub gid: u32,
     pub home: PathBuf,
+    /// Why reachd refused its config's `[host.nix]` table, if it did (a reachd without Nix
+    /// support): it then runs without it, and the Nix scenarios fail saying so.
+    pub nix_rejected: Option<String>,
     manager: Option<Daemon>,
     monitor: Option<Daemon>,
 }
@@ -55,10 +58,12 @@ impl TestUser {
             uid: UID,
             gid,
             home,
+            nix_rejected: None,
             manager: None,
             monitor: None,
         };
         user.install_files(reachd)?;
+        user.nix_rejected = user.configure_reachd_nix()?;
         user.start_manager(tracker)?;
         // Like a user would: the [Install] sections hang the tunnel and mount off the target.
         user.systemctl(&["enable", "rpi-nix-tunnel.service", "rpi-mount.service"])?;
@@ -136,7 +141,7 @@ impl TestUser {
             units.join("rpi-nix-tunnel.service.d/lab.conf"),
             format!(
                 "[Service]\nEnvironment=RPI_NIX_SOCKET={}\n",
-                pi.join("nix-daemon.sock").display()
+                crate::lab::nix::pi_socket().display()
             ),
         )?;
         w(
@@ -146,14 +151,10 @@ impl TestUser {
                 pi.join("files").display()
             ),
         )?;
-        // Only ever reachable on "home": the café's impostor must not count (scenario 6).
-        // No [probe] table: the defaults are under test.
+        w(self.reachd_config_path(), reachd_config(true))?;
         w(
-            self.home.join(".config/reachd/config.toml"),
-            format!(
-                "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n\
-                 target = \"rpi-accessible.target\"\nport = 22\nconnections = [\"{HOME_UUID}\"]\n"
-            ),
+            self.home.join(".config/nix/nix.conf"),
+            crate::lab::nix::user_nix_conf(true),
         )?;
         let host_key = read(pi.join("host_key.pub"))?;
         let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
@@ -180,6 +181,37 @@ impl TestUser {
                 .map_err(|e| io_err(p.display(), e))?;
         }
         Ok(())
+    }
+
+    fn reachd_config_path(&self) -> PathBuf {
+        self.home.join(".config/reachd/config.toml")
+    }
+
+    /// Keeps `[host.nix]` in reachd's config if `reachd run --check-config` accepts it; else
+    /// writes the config without it (so a reachd without Nix support still runs every other
+    /// scenario) and returns why it was refused.
+    fn configure_reachd_nix(&self) -> Result<Option<String>, String> {
+        let path = self.reachd_config_path();
+        let check = || {
+            self.cmd(&dir().join("bin/reachd").to_string_lossy())
+                .args(["run", "--check-config", "--config"])
+                .arg(&path)
+                .run(T)
+                .map_err(|e| e.to_string())
+        };
+        let with_nix = check()?;
+        if with_nix.success() {
+            return Ok(None);
+        }
+        fs::write(&path, reachd_config(false)).map_err(|e| io_err(path.display(), e))?;
+        let without = check()?;
+        if !without.success() {
+            return Err(format!(
+                "reachd refuses the lab's config: {}",
+                without.stderr.trim()
+            ));
+        }
+        Ok(Some(with_nix.stderr.trim().to_string()))
     }
 
     /// The drop-in that runs the lab's binary as `reachd RUN_ARGS` (the repo's unit runs
@@ -345,6 +377,23 @@ impl TestUser {
             m.stop();
         }
     }
+}
+
+/// reachd's config in the lab. Only ever reachable on "home": the café's impostor must not count
+/// (scenario 6). No [probe] table: the defaults are under test. `[host.nix]` with the defaults
+/// written out, where the Nix scenarios look.
+fn reachd_config(nix: bool) -> String {
+    let mut text = format!(
+        "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n\
+         target = \"rpi-accessible.target\"\nport = 22\nconnections = [\"{HOME_UUID}\"]\n"
+    );
+    if nix {
+        text.push_str(&format!(
+            "\n[host.nix]\ndaemon_socket = \"%t/rpi-nix-daemon.sock\"\nlisten = \"{}\"\n",
+            crate::lab::nix::CACHE_LISTEN
+        ));
+    }
+    text
 }
 
 /// Makes sure `reachd-lab` exists with uid 1500 and `home` as its home; returns its gid.

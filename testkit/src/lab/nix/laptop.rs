@@ -1,0 +1,143 @@
+//! The laptop's Nix: a nix-daemon in the laptop's network namespace (where reachd's cache
+//! listens) that trusts only the Pi's key and the one cache URL reachd serves, the lab user's
+//! nix.conf, and nix commands run as that user.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::{daemon_handshake, fragment_path, nix_spawn, write, CACHE_URL};
+use crate::lab::user::TestUser;
+use crate::lab::{dir, io_err, Lab, T};
+use crate::process::{wait_until, Spawn};
+
+fn laptop_dir() -> PathBuf {
+    dir().join("laptop-nix")
+}
+
+/// The laptop's "/etc/nix" (NIX_CONF_DIR of its daemon and of the user's commands).
+fn laptop_etc() -> PathBuf {
+    laptop_dir().join("etc")
+}
+
+pub fn laptop_store_root() -> PathBuf {
+    laptop_dir().join("root")
+}
+
+fn laptop_socket() -> PathBuf {
+    laptop_dir().join("daemon.sock")
+}
+
+/// The user's nix.conf without the `!include` (NIX_USER_CONF_FILES), for comparisons.
+pub fn user_conf_without_include() -> PathBuf {
+    laptop_dir().join("user-without-include.conf")
+}
+
+/// The lab user's ~/.config/nix/nix.conf, with or without reachd's fragment. `store =` stands
+/// for the default daemon socket of a real multi-user install; it is in nix.conf rather than
+/// NIX_REMOTE in the user manager's environment because that is where a user's Nix settings
+/// live: every shell, timer and unit reads the file, while the manager's environment reaches
+/// only its units.
+pub fn user_nix_conf(include: bool) -> String {
+    let mut text = format!(
+        "# The lab's laptop nix-daemon (a chroot store on a socket of its own).\n\
+         store = unix://{}\n",
+        laptop_socket().display()
+    );
+    if include {
+        text.push_str(&format!(
+            "# reachd's fragment: the Pi's cache while it can serve.\n!include {}\n",
+            fragment_path().display()
+        ));
+    }
+    text
+}
+
+/// One command's outcome, with how long it took.
+#[derive(Debug)]
+pub struct NixRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl NixRun {
+    /// Runs `spawn`, killing it after `timeout` (an error saying so).
+    pub fn of(spawn: Spawn, timeout: Duration) -> Result<NixRun, String> {
+        let start = Instant::now();
+        let out = spawn.run(timeout).map_err(|e| e.to_string())?;
+        Ok(NixRun {
+            code: out.code(),
+            stdout: out.stdout,
+            stderr: out.stderr,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    /// "exit N after T s: <last stderr line>", for reports.
+    pub fn summary(&self) -> String {
+        format!(
+            "exit {} after {:.2} s: {}",
+            self.code,
+            self.elapsed.as_secs_f64(),
+            self.stderr.trim().lines().last().unwrap_or("(no stderr)")
+        )
+    }
+}
+
+impl TestUser {
+    /// `args[0]` (nix-store, nix-build, nix...) with `args[1..]` as the user, in the laptop's
+    /// namespace, with the laptop's system nix.conf and the user's own.
+    pub fn nix(&self, args: &[&str]) -> Spawn {
+        self.cmd(args[0])
+            .args(&args[1..])
+            .env("NIX_CONF_DIR", laptop_etc())
+    }
+}
+
+impl Lab {
+    /// A nix command as the lab user (see [`TestUser::nix`]), killed after `timeout`.
+    pub fn nix_as_user(&self, args: &[&str], timeout: Duration) -> Result<NixRun, String> {
+        NixRun::of(self.user().nix(args), timeout)
+    }
+
+    /// Starts the laptop's nix-daemon in the laptop's network namespace (where reachd's cache
+    /// listens) and gives its store one path of its own. Trusts the Pi's key, the one cache URL
+    /// reachd serves, and no user but root.
+    pub(super) fn start_laptop_nix(&mut self, pi_key: &str) -> Result<String, String> {
+        let (etc, home) = (laptop_etc(), laptop_dir().join("home"));
+        for d in [&etc, &home, &laptop_store_root()] {
+            fs::create_dir_all(d).map_err(|e| io_err(d.display(), e))?;
+        }
+        write(
+            &etc.join("nix.conf"),
+            &format!(
+                "# The lab laptop's /etc/nix/nix.conf: no cache but the one reachd serves for the Pi.\n\
+                 trusted-substituters = {CACHE_URL}\ntrusted-public-keys = {pi_key}\n\
+                 require-sigs = true\nsubstituters =\nsandbox = false\nbuild-users-group =\n\
+                 experimental-features = nix-command\nextra-sandbox-paths = /bin /usr /lib /lib64\n"
+            ),
+        )?;
+        write(&user_conf_without_include(), &user_nix_conf(false))?;
+        let daemon = nix_spawn("nix-daemon", &etc, &home)
+            .args(["--option", "store"])
+            .arg(format!("local?root={}", laptop_store_root().display()))
+            .env("NIX_DAEMON_SOCKET_PATH", laptop_socket())
+            .netns(Lab::netns_path("laptop"));
+        self.laptop_nix = Some(self.daemon("laptop-nix-daemon", daemon)?);
+        wait_until(T, "the laptop's nix-daemon", || {
+            daemon_handshake(&laptop_socket()).map(Some)
+        })?;
+        let file = laptop_dir().join("laptop-only");
+        write(&file, "only on the laptop\n")?;
+        let out = nix_spawn("nix-store", &etc, &home)
+            .arg("--store")
+            .arg(format!("unix://{}", laptop_socket().display()))
+            .arg("--add")
+            .arg(&file)
+            .ok(T)
+            .map_err(|e| io_err("adding the laptop's own path", e))?;
+        Ok(out.stdout.trim().to_string())
+    }
+}
