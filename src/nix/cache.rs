@@ -14,8 +14,8 @@
 //! Not found is 404; the Pi's daemon unreachable or too slow is 503 within the deadline, never
 //! 404: Nix remembers a missing `.narinfo` for `narinfo-cache-negative-ttl` (an hour), but
 //! retries a 5xx and then fails the command without remembering anything. A daemon answering
-//! nonsense is 502. Each request opens its own daemon connection (a handshake: two round trips
-//! through the tunnel), which keeps no state to go stale when the tunnel drops.
+//! nonsense is 502. Requests reuse idle daemon connections ([`super::pool`]): a new one costs
+//! the daemon a fork and a store opening, and the tunnel two round trips.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -39,6 +39,7 @@ use tracing::{debug, warn};
 
 use super::daemon::{within, Daemon, DaemonError, NarStream, PathInfo, ProtocolError};
 use super::hash::{hash_part_of, is_hash_part, Sha256};
+use super::pool::{Pool, MAX_IDLE_TIME};
 
 /// The store directory the cache serves, the Pi's and the laptop's.
 const STORE_DIR: &str = "/nix/store";
@@ -72,7 +73,7 @@ impl Default for CacheSettings {
 type Body = UnsyncBoxBody<Bytes, DaemonError>;
 
 struct State {
-    upstream: PathBuf,
+    upstream: Pool,
     settings: CacheSettings,
 }
 
@@ -86,7 +87,11 @@ pub async fn serve(
     settings: CacheSettings,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let state = Arc::new(State { upstream, settings });
+    let state = Arc::new(State {
+        upstream: Pool::new(upstream),
+        settings,
+    });
+    let mut prune = tokio::time::interval(MAX_IDLE_TIME);
     let (stop, stopped) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut errors = 0;
@@ -110,6 +115,7 @@ pub async fn serve(
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = prune.tick() => state.upstream.prune(),
         }
     };
     drop(listener);
@@ -223,11 +229,9 @@ async fn respond(state: &State, request: Request<Incoming>) -> Response<Body> {
 async fn narinfo(state: &State, hash: &str) -> Response<Body> {
     let deadline = state.settings.deadline;
     let lookup = async {
-        let mut daemon = Daemon::connect(&state.upstream, deadline).await?;
-        match daemon.query_path_from_hash_part(hash, deadline).await? {
-            Some(path) => daemon.query_path_info(&path, deadline).await,
-            None => Ok(None),
-        }
+        let (info, daemon) = state.upstream.path_info(hash, deadline).await?;
+        state.upstream.put_back(daemon);
+        Ok(info)
     };
     match within(deadline, lookup).await {
         Ok(Some(info)) => match render_narinfo(hash, &info) {
@@ -242,22 +246,17 @@ async fn narinfo(state: &State, hash: &str) -> Response<Body> {
 async fn nar(state: &State, hash: &str, nar_hash: Sha256, head: bool) -> Response<Body> {
     let deadline = state.settings.deadline;
     let lookup = async {
-        let mut daemon = Daemon::connect(&state.upstream, deadline).await?;
-        let Some(path) = daemon.query_path_from_hash_part(hash, deadline).await? else {
+        let (info, daemon) = state.upstream.path_info(hash, deadline).await?;
+        let Some(info) = info.filter(|info| info.nar_hash == nar_hash) else {
+            state.upstream.put_back(daemon);
             return Ok(None);
         };
-        let Some(info) = daemon.query_path_info(&path, deadline).await? else {
-            return Ok(None);
-        };
-        if info.nar_hash != nar_hash {
-            return Ok(None);
+        if head {
+            state.upstream.put_back(daemon);
+            return Ok(Some((info.nar_size, None)));
         }
-        let stream = if head {
-            None
-        } else {
-            Some(daemon.nar_from_path(&path, deadline).await?)
-        };
-        Ok(Some((info.nar_size, stream)))
+        let stream = daemon.nar_from_path(&info.path, deadline).await?;
+        Ok(Some((info.nar_size, Some(stream))))
     };
     let (size, stream) = match within(deadline, lookup).await {
         Ok(Some(found)) => found,

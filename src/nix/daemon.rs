@@ -262,6 +262,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Daemon<S> {
         self.version
     }
 
+    /// True between operations: the last one ended in step with the daemon (successfully, or
+    /// with an error the daemon reported), so the connection can serve another.
+    pub fn is_ready(&self) -> bool {
+        !self.busy
+    }
+
     /// The daemon's Nix version, which daemons speaking 1.33 or newer tell.
     pub fn nix_version(&self) -> Option<&str> {
         self.nix_version.as_deref()

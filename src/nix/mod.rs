@@ -5,3 +5,4 @@ pub mod cache;
 pub mod daemon;
 pub mod hash;
 pub mod nar;
+pub mod pool;
