@@ -853,9 +853,21 @@ fn the_daemon_client_agrees_with_nix() {
     });
 }
 
-/// Not a test: the figures in docs/nix-cache.md. Substitutes one 100 MiB path through the
-/// cache, reads its NAR straight from the pi store, and substitutes it from a `file://` binary
-/// cache, three times each; prints the median MiB/s of each.
+/// How the throughput test reads the 100 MiB path.
+enum Way {
+    /// `nix-store -r` into a fresh laptop store from this substituter.
+    Substitute(String),
+    /// `nix store dump-path` straight from the pi store to /dev/null.
+    DumpPath,
+    /// `curl` GETs the NAR from the cache to /dev/null.
+    Curl(String),
+    /// reachd's daemon client alone, the chunks discarded.
+    DaemonClient,
+}
+
+/// Not a test: the figures in docs/nix-cache.md. Reads one 100 MiB path three times in each
+/// way and prints the median MiB/s of each, then the cost of a `.narinfo` request and of the
+/// daemon handshake each request pays for.
 #[test]
 #[ignore = "a measurement, run by hand: see docs/nix-cache.md"]
 fn throughput() {
@@ -865,69 +877,109 @@ fn throughput() {
         let pi = lab.store("pi");
         let big = lab.t().join("src/big100.bin");
         write_random(&big, 100 * 1024 * 1024, 100);
-        let path = ok(lab
+        let add = lab
             .nix("nix-store")
             .args(["--store", &pi, "--add"])
-            .arg(&big))
-        .await
-        .stdout
-        .trim()
-        .to_string();
-        ok(lab
+            .arg(&big);
+        let path = ok(add).await.stdout.trim().to_string();
+        let sign = lab
             .nix("nix")
-            .args(["store", "sign", "--store", &pi, "--key-file"])
-            .arg(lab.t().join("pi.sec"))
-            .arg(&path))
-        .await;
+            .args(["store", "sign", "--store", &pi, "--key-file"]);
+        ok(sign.arg(lab.t().join("pi.sec")).arg(&path)).await;
         let bc = format!("file://{}?compression=none", lab.store("bc"));
         ok(lab
             .nix("nix")
             .args(["copy", "--store", &pi, "--to", &bc, &path]))
         .await;
-        let size = fs::metadata(&big).expect("size").len() as f64 / (1024.0 * 1024.0);
+        let hash = hash_part(&path);
+        let narinfo = http(server.addr, "GET", &format!("/{hash}.narinfo")).await;
+        let narinfo = String::from_utf8_lossy(&narinfo.body).into_owned();
+        let url = narinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .expect("URL");
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        let size = mib(fs::metadata(&big).expect("size").len());
 
-        let mut figures = Vec::new();
-        for (what, substituter) in [
-            ("reachd cache (http://127.0.0.1)", Some(server.url())),
-            ("nix store dump-path from the pi store", None),
-            ("file:// binary cache (nix copy)", Some(bc.clone())),
-        ] {
+        let ways = [
+            ("reachd cache, nix-store -r", Way::Substitute(server.url())),
+            ("nix store dump-path > /dev/null", Way::DumpPath),
+            ("file:// cache, nix-store -r", Way::Substitute(bc.clone())),
+            (
+                "reachd cache, curl of the NAR",
+                Way::Curl(format!("{}/{url}", server.url())),
+            ),
+            ("daemon client alone", Way::DaemonClient),
+        ];
+        for (i, (what, way)) in ways.iter().enumerate() {
             let mut rates = Vec::new();
             for round in 0..3 {
-                let lap = lab.store(&format!("lap-{}-{round}", figures.len()));
+                let lap = lab.store(&format!("lap-{i}-{round}"));
                 let start = Instant::now();
-                match &substituter {
-                    Some(url) => {
+                match way {
+                    Way::Substitute(url) => {
                         ok(substitute(&lab, &lap, &path, url, &lab.pi_key)).await;
                     }
-                    None => {
-                        ok(lab.nix("sh").args([
-                            "-c",
-                            "nix store dump-path --store \"$1\" \"$2\" > /dev/null",
-                            "sh",
-                            &pi,
-                            &path,
-                        ]))
-                        .await;
+                    Way::DumpPath => {
+                        let script = "nix store dump-path --store \"$1\" \"$2\" > /dev/null";
+                        ok(lab.nix("sh").args(["-c", script, "sh", &pi, &path])).await;
+                    }
+                    Way::Curl(url) => {
+                        ok(Spawn::new("curl").args(["-sSf", "-o", "/dev/null", url])).await;
+                    }
+                    Way::DaemonClient => {
+                        let daemon = nix_daemon::Daemon::connect(&lab.socket(), DEADLINE)
+                            .await
+                            .expect("connect");
+                        let mut nar = daemon.nar_from_path(&path, DEADLINE).await.expect("nar");
+                        while nar.next_chunk().await.expect("chunk").is_some() {}
                     }
                 }
                 rates.push(size / start.elapsed().as_secs_f64());
-                let _ = fs::remove_dir_all(lab.t().join(format!("lap-{}-{round}", figures.len())));
+                let _ = fs::remove_dir_all(&lap);
             }
             rates.sort_by(f64::total_cmp);
-            figures.push((what, rates));
-        }
-        for (what, rates) in figures {
+            let runs: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
             println!(
                 "{what}: median {:.0} MiB/s (runs: {})",
                 rates[1],
-                rates
-                    .iter()
-                    .map(|r| format!("{r:.0}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                runs.join(", ")
             );
         }
+
+        let rounds = 200;
+        let start = Instant::now();
+        for _ in 0..rounds {
+            let reply = http(server.addr, "GET", &format!("/{hash}.narinfo")).await;
+            assert_eq!(reply.status, 200);
+        }
+        let per_narinfo = start.elapsed() / rounds;
+        let start = Instant::now();
+        for _ in 0..rounds {
+            cache::daemon_answers(&lab.socket(), DEADLINE)
+                .await
+                .expect("handshake");
+        }
+        let per_handshake = start.elapsed() / rounds;
+        let mut daemon = nix_daemon::Daemon::connect(&lab.socket(), DEADLINE)
+            .await
+            .expect("connect");
+        let start = Instant::now();
+        for _ in 0..rounds {
+            daemon
+                .query_path_from_hash_part(hash, DEADLINE)
+                .await
+                .expect("query");
+            daemon
+                .query_path_info(&path, DEADLINE)
+                .await
+                .expect("query");
+        }
+        let per_queries = start.elapsed() / rounds;
+        println!(
+            "GET .narinfo: {per_narinfo:?} each; of which connect + handshake {per_handshake:?}, \
+             the two queries on an open connection {per_queries:?}"
+        );
         server.stop().await;
     });
 }
