@@ -687,6 +687,59 @@ fn an_unreachable_daemon_is_503_within_the_deadline() {
     });
 }
 
+/// Why an unreachable daemon is 503 and never 404: Nix fails the command on a 503 (after its
+/// retries) but remembers nothing, so the path is found as soon as the tunnel is back; a 404 it
+/// remembers (`narinfo-cache-negative-ttl`, an hour), even once the path is there.
+#[test]
+fn nix_remembers_a_404_but_not_a_503() {
+    run_test(async {
+        let lab = lab().await;
+        let tunnel = lab.t().join("tunnel.sock");
+        let server = serve(tunnel.clone(), DEADLINE).await;
+        let path_info = |path: &str| {
+            lab.nix("nix")
+                .args(["path-info", "--store", &server.url(), path])
+        };
+        let path = &lab.paths.small;
+        let start = Instant::now();
+        let out = run(path_info(path)).await;
+        assert!(!out.success(), "{}", out.stdout);
+        assert!(out.stderr.contains("503"), "{}", out.stderr);
+        println!("nix path-info failed on 503 after {:?}", start.elapsed());
+        // The tunnel comes up: the same Nix user (same narinfo cache) finds the path at once.
+        std::os::unix::fs::symlink(lab.socket(), &tunnel).expect("symlink");
+        let out = ok(path_info(path)).await;
+        assert_eq!(out.stdout.trim(), path.as_str());
+
+        // A path that is missing (404) and then added stays missing for this Nix user.
+        fs::write(lab.t().join("src/late.txt"), "added late\n").expect("write");
+        let scratch = lab.store("scratch");
+        let add = |store: &str| {
+            lab.nix("nix-store")
+                .args(["--store", store, "--add"])
+                .arg(lab.t().join("src/late.txt"))
+        };
+        let late = ok(add(&scratch)).await.stdout.trim().to_string();
+        let out = run(path_info(&late)).await;
+        assert!(out.stderr.contains("is not valid"), "{}", out.stderr);
+        assert_eq!(ok(add(&lab.store("pi"))).await.stdout.trim(), late);
+        let narinfo = http(
+            server.addr,
+            "GET",
+            &format!("/{}.narinfo", hash_part(&late)),
+        )
+        .await;
+        assert_eq!(narinfo.status, 200, "the cache has it now");
+        let out = run(path_info(&late)).await;
+        assert!(
+            out.stderr.contains("is not valid"),
+            "Nix did not remember the 404: {}",
+            out.stderr
+        );
+        server.stop().await;
+    });
+}
+
 /// (e) Anything but the cache's own files is 4xx, decided before the daemon is asked (here
 /// there is none, which would be 503).
 #[test]
