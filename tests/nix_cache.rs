@@ -944,6 +944,31 @@ fn throughput() {
             .nix("nix")
             .args(["copy", "--store", &pi, "--to", &bc, &path]))
         .await;
+        // The same binary cache over HTTP from an ordinary static file server, for reference.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let _static_server = Spawn::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
+            .current_dir(lab.store("bc"))
+            .start("python3 -m http.server", &lab.t().join("http.log"), None)
+            .expect("python3 -m http.server");
+        let static_url = format!("http://127.0.0.1:{port}");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "http.server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let hash = hash_part(&path);
         let narinfo = http(server.addr, "GET", &format!("/{hash}.narinfo")).await;
         let narinfo = String::from_utf8_lossy(&narinfo.body).into_owned();
@@ -958,6 +983,10 @@ fn throughput() {
             ("reachd cache, nix-store -r", Way::Substitute(server.url())),
             ("nix store dump-path > /dev/null", Way::DumpPath),
             ("file:// cache, nix-store -r", Way::Substitute(bc.clone())),
+            (
+                "file:// cache over python3 http.server, nix-store -r",
+                Way::Substitute(static_url),
+            ),
             (
                 "reachd cache, curl of the NAR",
                 Way::Curl(format!("{}/{url}", server.url())),
