@@ -264,7 +264,7 @@ async fn nar(state: &State, hash: &str, nar_hash: Sha256, head: bool) -> Respons
         Err(err) => return upstream_failed(hash, err),
     };
     let body = match stream {
-        Some(stream) => nar_body(stream, size),
+        Some(stream) => nar_body(stream, size, hash.to_string()),
         None => empty(),
     };
     let mut response = Response::new(body);
@@ -279,20 +279,33 @@ async fn nar(state: &State, hash: &str, nar_hash: Sha256, head: bool) -> Respons
 
 /// The NAR as a response body that fails (so hyper cuts the connection short, and Nix retries)
 /// if the daemon stalls, breaks off, or sends a NAR of another size than it said.
-fn nar_body(stream: NarStream<UnixStream>, size: u64) -> Body {
-    let frames = futures_util::stream::try_unfold(stream, move |mut stream| async move {
-        let chunk = stream.next_chunk().await?;
-        let got = stream.consumed();
-        if got > size || (chunk.is_none() && got != size) {
-            let err = ProtocolError::NarSize {
-                expected: size,
-                got,
-            };
-            return Err(DaemonError::from(err));
+fn nar_body(stream: NarStream<UnixStream>, size: u64, hash: String) -> Body {
+    let frames = futures_util::stream::try_unfold(stream, move |mut stream| {
+        let hash = hash.clone();
+        async move {
+            let chunk = next_chunk(&mut stream, size)
+                .await
+                .inspect_err(|err| warn!("binary cache: NAR of {hash} broken off: {err}"))?;
+            Ok(chunk.map(|chunk| (Frame::data(chunk), stream)))
         }
-        Ok(chunk.map(|chunk| (Frame::data(chunk), stream)))
     });
     StreamBody::new(frames).boxed_unsync()
+}
+
+async fn next_chunk(
+    stream: &mut NarStream<UnixStream>,
+    size: u64,
+) -> Result<Option<Bytes>, DaemonError> {
+    let chunk = stream.next_chunk().await?;
+    let got = stream.consumed();
+    if got > size || (chunk.is_none() && got != size) {
+        return Err(ProtocolError::NarSize {
+            expected: size,
+            got,
+        }
+        .into());
+    }
+    Ok(chunk)
 }
 
 /// The `.narinfo` for `info`, whose hash part is `hash`. Every value comes from the daemon, so
