@@ -404,7 +404,10 @@ fn empty() -> Body {
 
 #[cfg(test)]
 mod tests {
+    use super::super::daemon::{STDERR_ERROR, STDERR_LAST};
+    use super::super::fake_daemon::{self, Wire, HASH_PART, HEX};
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const HASH: &str = "39swg37h91gk143pfmv87gqplp0xj96l";
     const NAR_HASH: &str = "1pf6yfd4kxnprqxmm5ipgx2q39vz1xfr6wrkwrmjmv2i4b57vycn";
@@ -515,5 +518,108 @@ mod tests {
             case(&mut bad);
             assert!(render_narinfo(HASH, &bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// The cache in front of a fake daemon that gives its connections `scripts` in turn;
+    /// returns its address (the server runs until the test ends).
+    async fn cache_before(scripts: Vec<Wire>) -> (std::net::SocketAddr, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("daemon.sock");
+        fake_daemon::serve(&socket, scripts);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let settings = CacheSettings {
+            deadline: Duration::from_secs(2),
+            ..CacheSettings::default()
+        };
+        tokio::spawn(serve(listener, socket, settings, std::future::pending()));
+        (addr, dir)
+    }
+
+    /// GET `path`; the status, the Content-Length and the body as far as it came (status 0 if
+    /// the connection closed before a whole header).
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Option<u64>, Vec<u8>) {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut raw = Vec::new();
+        let read = stream.read_to_end(&mut raw);
+        let _ = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("reply");
+        let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+            // Closed before the headers were complete.
+            return (0, None, raw);
+        };
+        let head = String::from_utf8_lossy(&raw[..end]).to_lowercase();
+        let status = head[9..12].parse().expect("status");
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|l| l.trim().parse().ok());
+        (status, length, raw[end + 4..].to_vec())
+    }
+
+    fn nar_url() -> String {
+        format!(
+            "/nar/{HASH_PART}-{}.nar",
+            Sha256::parse(HEX).unwrap().to_nix32()
+        )
+    }
+
+    #[tokio::test]
+    async fn requests_share_a_daemon_connection() {
+        let lookup = || Wire::found().raw(&Wire::path_info(160).0);
+        let one_connection = Wire::hello_2_8().raw(&lookup().0).raw(&lookup().0);
+        let (addr, _dir) = cache_before(vec![one_connection]).await;
+        for _ in 0..2 {
+            let (status, _, body) = get(addr, &format!("/{HASH_PART}.narinfo")).await;
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_nar_of_the_wrong_size_is_cut_short() {
+        let tree = include_bytes!("testdata/tree.nar");
+        for claimed in [tree.len() as u64 + 8, tree.len() as u64 - 8] {
+            let script = Wire::hello_2_8()
+                .raw(&Wire::found().0)
+                .raw(&Wire::path_info(claimed).0)
+                .num(STDERR_LAST)
+                .raw(tree);
+            let (addr, _dir) = cache_before(vec![script]).await;
+            // Either the headers went out and the body stops short, or hyper met the error
+            // before sending anything: a failed download for Nix either way.
+            match get(addr, &nar_url()).await {
+                (0, _, raw) => assert!(raw.is_empty(), "{raw:?}"),
+                (status, length, body) => {
+                    assert_eq!((status, length), (200, Some(claimed)));
+                    assert!((body.len() as u64) < claimed, "{} bytes", body.len());
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_daemon_error_or_wrong_answer_is_502() {
+        let error = Wire::hello_2_8()
+            .num(STDERR_ERROR)
+            .str("Error")
+            .num(0)
+            .str("Error")
+            .str("database is locked")
+            .num(0)
+            .num(0);
+        let (addr, _dir) = cache_before(vec![error]).await;
+        let (status, _, body) = get(addr, &format!("/{HASH_PART}.narinfo")).await;
+        assert_eq!(status, 502);
+        assert!(String::from_utf8_lossy(&body).contains("database is locked"));
+
+        // Asked for one hash part, answers a path with another.
+        let wrong = Wire::hello_2_8().raw(&Wire::found().0);
+        let (addr, _dir) = cache_before(vec![wrong]).await;
+        let other = "00000000000000000000000000000000";
+        let (status, _, _) = get(addr, &format!("/{other}.narinfo")).await;
+        assert_eq!(status, 502);
     }
 }

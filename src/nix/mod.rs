@@ -6,3 +6,6 @@ pub mod daemon;
 pub mod hash;
 pub mod nar;
 pub mod pool;
+
+#[cfg(test)]
+mod fake_daemon;

@@ -107,48 +107,21 @@ async fn path_info(
 
 #[cfg(test)]
 mod tests {
+    use super::super::fake_daemon::{Wire, HASH_PART as HASH, PATH};
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixListener;
     use tokio::sync::oneshot;
 
-    const HASH: &str = "d6xhxnk87bzm95j6nka4wmvynsm61imz";
-    const PATH: &str = "/nix/store/d6xhxnk87bzm95j6nka4wmvynsm61imz-small.txt";
     const DEADLINE: Duration = Duration::from_secs(5);
-
-    fn num(out: &mut Vec<u8>, n: u64) {
-        out.extend_from_slice(&n.to_le_bytes());
-    }
-
-    fn string(out: &mut Vec<u8>, s: &str) {
-        num(out, s.len() as u64);
-        out.extend_from_slice(s.as_bytes());
-        out.resize(out.len().div_ceil(8) * 8, 0);
-    }
 
     /// What a Nix 2.8 daemon says on a new connection, then to `lookups` path lookups.
     fn script(lookups: usize) -> Vec<u8> {
-        let mut out = Vec::new();
-        num(&mut out, 0x6478_696f);
-        num(&mut out, 0x122);
-        string(&mut out, "2.8.0");
-        let last = 0x616c_7473;
-        num(&mut out, last);
+        let mut wire = Wire::hello_2_8();
         for _ in 0..lookups {
-            num(&mut out, last);
-            string(&mut out, PATH);
-            num(&mut out, last);
-            num(&mut out, 1);
-            string(&mut out, "");
-            string(&mut out, &"ab".repeat(32));
-            num(&mut out, 0);
-            num(&mut out, 1);
-            num(&mut out, 120);
-            num(&mut out, 0);
-            num(&mut out, 0);
-            string(&mut out, "");
+            wire = wire.raw(&Wire::found().0).raw(&Wire::path_info(120).0);
         }
-        out
+        wire.0
     }
 
     #[tokio::test]
