@@ -14,8 +14,8 @@
 //! Not found is 404; the Pi's daemon unreachable or too slow is 503 within the deadline, never
 //! 404: Nix remembers a missing `.narinfo` for `narinfo-cache-negative-ttl` (an hour), but
 //! retries a 5xx and then fails the command without remembering anything. A daemon answering
-//! nonsense is 502. Each request opens its own daemon connection (a handshake: two round trips
-//! through the tunnel), which keeps no state to go stale when the tunnel drops.
+//! nonsense is 502. Requests reuse idle daemon connections ([`super::pool`]): a new one costs
+//! the daemon a fork and a store opening, and the tunnel two round trips.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -39,6 +39,7 @@ use tracing::{debug, warn};
 
 use super::daemon::{within, Daemon, DaemonError, NarStream, PathInfo, ProtocolError};
 use super::hash::{hash_part_of, is_hash_part, Sha256};
+use super::pool::{Pool, MAX_IDLE_TIME};
 
 /// The store directory the cache serves, the Pi's and the laptop's.
 const STORE_DIR: &str = "/nix/store";
@@ -72,7 +73,7 @@ impl Default for CacheSettings {
 type Body = UnsyncBoxBody<Bytes, DaemonError>;
 
 struct State {
-    upstream: PathBuf,
+    upstream: Pool,
     settings: CacheSettings,
 }
 
@@ -86,7 +87,11 @@ pub async fn serve(
     settings: CacheSettings,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let state = Arc::new(State { upstream, settings });
+    let state = Arc::new(State {
+        upstream: Pool::new(upstream),
+        settings,
+    });
+    let mut prune = tokio::time::interval(MAX_IDLE_TIME);
     let (stop, stopped) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut errors = 0;
@@ -110,6 +115,7 @@ pub async fn serve(
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = prune.tick() => state.upstream.prune(),
         }
     };
     drop(listener);
@@ -223,11 +229,9 @@ async fn respond(state: &State, request: Request<Incoming>) -> Response<Body> {
 async fn narinfo(state: &State, hash: &str) -> Response<Body> {
     let deadline = state.settings.deadline;
     let lookup = async {
-        let mut daemon = Daemon::connect(&state.upstream, deadline).await?;
-        match daemon.query_path_from_hash_part(hash, deadline).await? {
-            Some(path) => daemon.query_path_info(&path, deadline).await,
-            None => Ok(None),
-        }
+        let (info, daemon) = state.upstream.path_info(hash, deadline).await?;
+        state.upstream.put_back(daemon);
+        Ok(info)
     };
     match within(deadline, lookup).await {
         Ok(Some(info)) => match render_narinfo(hash, &info) {
@@ -242,22 +246,17 @@ async fn narinfo(state: &State, hash: &str) -> Response<Body> {
 async fn nar(state: &State, hash: &str, nar_hash: Sha256, head: bool) -> Response<Body> {
     let deadline = state.settings.deadline;
     let lookup = async {
-        let mut daemon = Daemon::connect(&state.upstream, deadline).await?;
-        let Some(path) = daemon.query_path_from_hash_part(hash, deadline).await? else {
+        let (info, daemon) = state.upstream.path_info(hash, deadline).await?;
+        let Some(info) = info.filter(|info| info.nar_hash == nar_hash) else {
+            state.upstream.put_back(daemon);
             return Ok(None);
         };
-        let Some(info) = daemon.query_path_info(&path, deadline).await? else {
-            return Ok(None);
-        };
-        if info.nar_hash != nar_hash {
-            return Ok(None);
+        if head {
+            state.upstream.put_back(daemon);
+            return Ok(Some((info.nar_size, None)));
         }
-        let stream = if head {
-            None
-        } else {
-            Some(daemon.nar_from_path(&path, deadline).await?)
-        };
-        Ok(Some((info.nar_size, stream)))
+        let stream = daemon.nar_from_path(&info.path, deadline).await?;
+        Ok(Some((info.nar_size, Some(stream))))
     };
     let (size, stream) = match within(deadline, lookup).await {
         Ok(Some(found)) => found,
@@ -265,7 +264,7 @@ async fn nar(state: &State, hash: &str, nar_hash: Sha256, head: bool) -> Respons
         Err(err) => return upstream_failed(hash, err),
     };
     let body = match stream {
-        Some(stream) => nar_body(stream, size),
+        Some(stream) => nar_body(stream, size, hash.to_string()),
         None => empty(),
     };
     let mut response = Response::new(body);
@@ -280,20 +279,33 @@ async fn nar(state: &State, hash: &str, nar_hash: Sha256, head: bool) -> Respons
 
 /// The NAR as a response body that fails (so hyper cuts the connection short, and Nix retries)
 /// if the daemon stalls, breaks off, or sends a NAR of another size than it said.
-fn nar_body(stream: NarStream<UnixStream>, size: u64) -> Body {
-    let frames = futures_util::stream::try_unfold(stream, move |mut stream| async move {
-        let chunk = stream.next_chunk().await?;
-        let got = stream.consumed();
-        if got > size || (chunk.is_none() && got != size) {
-            let err = ProtocolError::NarSize {
-                expected: size,
-                got,
-            };
-            return Err(DaemonError::from(err));
+fn nar_body(stream: NarStream<UnixStream>, size: u64, hash: String) -> Body {
+    let frames = futures_util::stream::try_unfold(stream, move |mut stream| {
+        let hash = hash.clone();
+        async move {
+            let chunk = next_chunk(&mut stream, size)
+                .await
+                .inspect_err(|err| warn!("binary cache: NAR of {hash} broken off: {err}"))?;
+            Ok(chunk.map(|chunk| (Frame::data(chunk), stream)))
         }
-        Ok(chunk.map(|chunk| (Frame::data(chunk), stream)))
     });
     StreamBody::new(frames).boxed_unsync()
+}
+
+async fn next_chunk(
+    stream: &mut NarStream<UnixStream>,
+    size: u64,
+) -> Result<Option<Bytes>, DaemonError> {
+    let chunk = stream.next_chunk().await?;
+    let got = stream.consumed();
+    if got > size || (chunk.is_none() && got != size) {
+        return Err(ProtocolError::NarSize {
+            expected: size,
+            got,
+        }
+        .into());
+    }
+    Ok(chunk)
 }
 
 /// The `.narinfo` for `info`, whose hash part is `hash`. Every value comes from the daemon, so
@@ -392,7 +404,10 @@ fn empty() -> Body {
 
 #[cfg(test)]
 mod tests {
+    use super::super::daemon::{STDERR_ERROR, STDERR_LAST};
+    use super::super::fake_daemon::{self, Wire, HASH_PART, HEX};
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const HASH: &str = "39swg37h91gk143pfmv87gqplp0xj96l";
     const NAR_HASH: &str = "1pf6yfd4kxnprqxmm5ipgx2q39vz1xfr6wrkwrmjmv2i4b57vycn";
@@ -503,5 +518,108 @@ mod tests {
             case(&mut bad);
             assert!(render_narinfo(HASH, &bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// The cache in front of a fake daemon that gives its connections `scripts` in turn;
+    /// returns its address (the server runs until the test ends).
+    async fn cache_before(scripts: Vec<Wire>) -> (std::net::SocketAddr, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("daemon.sock");
+        fake_daemon::serve(&socket, scripts);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let settings = CacheSettings {
+            deadline: Duration::from_secs(2),
+            ..CacheSettings::default()
+        };
+        tokio::spawn(serve(listener, socket, settings, std::future::pending()));
+        (addr, dir)
+    }
+
+    /// GET `path`; the status, the Content-Length and the body as far as it came (status 0 if
+    /// the connection closed before a whole header).
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Option<u64>, Vec<u8>) {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut raw = Vec::new();
+        let read = stream.read_to_end(&mut raw);
+        let _ = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("reply");
+        let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+            // Closed before the headers were complete.
+            return (0, None, raw);
+        };
+        let head = String::from_utf8_lossy(&raw[..end]).to_lowercase();
+        let status = head[9..12].parse().expect("status");
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|l| l.trim().parse().ok());
+        (status, length, raw[end + 4..].to_vec())
+    }
+
+    fn nar_url() -> String {
+        format!(
+            "/nar/{HASH_PART}-{}.nar",
+            Sha256::parse(HEX).unwrap().to_nix32()
+        )
+    }
+
+    #[tokio::test]
+    async fn requests_share_a_daemon_connection() {
+        let lookup = || Wire::found().raw(&Wire::path_info(160).0);
+        let one_connection = Wire::hello_2_8().raw(&lookup().0).raw(&lookup().0);
+        let (addr, _dir) = cache_before(vec![one_connection]).await;
+        for _ in 0..2 {
+            let (status, _, body) = get(addr, &format!("/{HASH_PART}.narinfo")).await;
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_nar_of_the_wrong_size_is_cut_short() {
+        let tree = include_bytes!("testdata/tree.nar");
+        for claimed in [tree.len() as u64 + 8, tree.len() as u64 - 8] {
+            let script = Wire::hello_2_8()
+                .raw(&Wire::found().0)
+                .raw(&Wire::path_info(claimed).0)
+                .num(STDERR_LAST)
+                .raw(tree);
+            let (addr, _dir) = cache_before(vec![script]).await;
+            // Either the headers went out and the body stops short, or hyper met the error
+            // before sending anything: a failed download for Nix either way.
+            match get(addr, &nar_url()).await {
+                (0, _, raw) => assert!(raw.is_empty(), "{raw:?}"),
+                (status, length, body) => {
+                    assert_eq!((status, length), (200, Some(claimed)));
+                    assert!((body.len() as u64) < claimed, "{} bytes", body.len());
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_daemon_error_or_wrong_answer_is_502() {
+        let error = Wire::hello_2_8()
+            .num(STDERR_ERROR)
+            .str("Error")
+            .num(0)
+            .str("Error")
+            .str("database is locked")
+            .num(0)
+            .num(0);
+        let (addr, _dir) = cache_before(vec![error]).await;
+        let (status, _, body) = get(addr, &format!("/{HASH_PART}.narinfo")).await;
+        assert_eq!(status, 502);
+        assert!(String::from_utf8_lossy(&body).contains("database is locked"));
+
+        // Asked for one hash part, answers a path with another.
+        let wrong = Wire::hello_2_8().raw(&Wire::found().0);
+        let (addr, _dir) = cache_before(vec![wrong]).await;
+        let other = "00000000000000000000000000000000";
+        let (status, _, _) = get(addr, &format!("/{other}.narinfo")).await;
+        assert_eq!(status, 502);
     }
 }

@@ -28,21 +28,21 @@ use tracing::debug;
 use super::hash::{hash_part_of, BadHash, Sha256};
 use super::nar::{NarError, NarFramer};
 
-const WORKER_MAGIC_1: u64 = 0x6e69_7863;
-const WORKER_MAGIC_2: u64 = 0x6478_696f;
+pub(super) const WORKER_MAGIC_1: u64 = 0x6e69_7863;
+pub(super) const WORKER_MAGIC_2: u64 = 0x6478_696f;
 
-const STDERR_NEXT: u64 = 0x6f6c_6d67;
-const STDERR_READ: u64 = 0x6461_7461;
-const STDERR_WRITE: u64 = 0x6461_7416;
-const STDERR_LAST: u64 = 0x616c_7473;
-const STDERR_ERROR: u64 = 0x6378_7470;
-const STDERR_START_ACTIVITY: u64 = 0x5354_5254;
-const STDERR_STOP_ACTIVITY: u64 = 0x5354_4f50;
-const STDERR_RESULT: u64 = 0x5253_4c54;
+pub(super) const STDERR_NEXT: u64 = 0x6f6c_6d67;
+pub(super) const STDERR_READ: u64 = 0x6461_7461;
+pub(super) const STDERR_WRITE: u64 = 0x6461_7416;
+pub(super) const STDERR_LAST: u64 = 0x616c_7473;
+pub(super) const STDERR_ERROR: u64 = 0x6378_7470;
+pub(super) const STDERR_START_ACTIVITY: u64 = 0x5354_5254;
+pub(super) const STDERR_STOP_ACTIVITY: u64 = 0x5354_4f50;
+pub(super) const STDERR_RESULT: u64 = 0x5253_4c54;
 
-const OP_QUERY_PATH_INFO: u64 = 26;
-const OP_QUERY_PATH_FROM_HASH_PART: u64 = 29;
-const OP_NAR_FROM_PATH: u64 = 38;
+pub(super) const OP_QUERY_PATH_INFO: u64 = 26;
+pub(super) const OP_QUERY_PATH_FROM_HASH_PART: u64 = 29;
+pub(super) const OP_NAR_FROM_PATH: u64 = 38;
 
 /// The newest version this client speaks: 1.38 added the feature exchange (we offer none).
 const CLIENT_VERSION: ProtocolVersion = ProtocolVersion {
@@ -260,6 +260,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Daemon<S> {
     /// The protocol version in use: the smaller of the daemon's and ours.
     pub fn protocol(&self) -> ProtocolVersion {
         self.version
+    }
+
+    /// True between operations: the last one ended in step with the daemon (successfully, or
+    /// with an error the daemon reported), so the connection can serve another.
+    pub fn is_ready(&self) -> bool {
+        !self.busy
     }
 
     /// The daemon's Nix version, which daemons speaking 1.33 or newer tell.
@@ -605,54 +611,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NarStream<S> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fake_daemon::{Wire, HASH_PART, HEX, PATH};
     use super::*;
     use tokio::io::{duplex, DuplexStream};
     use tokio::task::JoinHandle;
 
     const TREE: &[u8] = include_bytes!("testdata/tree.nar");
     const DEADLINE: Duration = Duration::from_secs(2);
-    const PATH: &str = "/nix/store/d6xhxnk87bzm95j6nka4wmvynsm61imz-small.txt";
-    const HASH_PART: &str = "d6xhxnk87bzm95j6nka4wmvynsm61imz";
-    const HEX: &str = "27883179b38a624df9b1285436d2414c63aeb9a9ee79a0bd3ec9454e35c4273c";
-
-    /// What a daemon sends, put together as it would.
-    #[derive(Default, Clone)]
-    struct Wire(Vec<u8>);
-
-    impl Wire {
-        fn num(mut self, n: u64) -> Self {
-            self.0.extend_from_slice(&n.to_le_bytes());
-            self
-        }
-        fn str(self, s: &str) -> Self {
-            self.bytes(s.as_bytes())
-        }
-        fn bytes(mut self, s: &[u8]) -> Self {
-            self = self.num(s.len() as u64);
-            self.0.extend_from_slice(s);
-            self.0.resize(self.0.len() + padding(s.len() as u64), 0);
-            self
-        }
-        fn strs(mut self, items: &[&str]) -> Self {
-            self = self.num(items.len() as u64);
-            for s in items {
-                self = self.str(s);
-            }
-            self
-        }
-        fn raw(mut self, b: &[u8]) -> Self {
-            self.0.extend_from_slice(b);
-            self
-        }
-        /// Nix 2.8's greeting: 1.34, its version, no error.
-        fn hello_2_8() -> Self {
-            Wire::default()
-                .num(WORKER_MAGIC_2)
-                .num(0x122)
-                .str("2.8.0")
-                .num(STDERR_LAST)
-        }
-    }
 
     /// A daemon that sends `reply` and records what the client sent until it hangs up.
     fn fake(reply: Wire) -> (DuplexStream, JoinHandle<Vec<u8>>) {
@@ -675,20 +640,6 @@ mod tests {
             let _ = server.read_to_end(&mut Vec::new()).await;
         });
         client
-    }
-
-    fn path_info_reply() -> Wire {
-        Wire::default()
-            .num(STDERR_LAST)
-            .num(1)
-            .str("/nix/store/cz6kjqr7di3ycz8n71xc4k37q453zmci-withref.drv")
-            .str(HEX)
-            .strs(&["/nix/store/cc84x1xzmv1y70awlphx8w9zcjv530x4-dep"])
-            .num(1_700_000_000)
-            .num(160)
-            .num(1)
-            .strs(&["pi-1:c2lnbmF0dXJl"])
-            .str("")
     }
 
     #[tokio::test]
@@ -757,7 +708,7 @@ mod tests {
             .str(PATH)
             .num(STDERR_LAST)
             .str("")
-            .raw(&path_info_reply().0)
+            .raw(&Wire::path_info(160).0)
             .num(STDERR_LAST)
             .num(0);
         let (stream, sent) = fake(reply);
@@ -1046,7 +997,7 @@ mod tests {
         };
         for _ in 0..300 {
             // A valid reply with a few bytes changed, cut at a random point.
-            let mut reply = Wire::hello_2_8().raw(&path_info_reply().0).0;
+            let mut reply = Wire::hello_2_8().raw(&Wire::path_info(160).0).0;
             for _ in 0..1 + next() % 3 {
                 let at = (next() % reply.len() as u64) as usize;
                 reply[at] = next() as u8;

@@ -74,7 +74,7 @@ pub fn hash_part_of(store_path: &str) -> Option<&str> {
 }
 
 /// Nix's `printHash32`: the last character holds the lowest bits.
-pub fn nix32_encode(bytes: &[u8]) -> String {
+fn nix32_encode(bytes: &[u8]) -> String {
     let len = (bytes.len() * 8).div_ceil(5);
     (0..len)
         .rev()

@@ -14,5 +14,9 @@ pub mod health;
 pub mod hook;
 pub mod listing;
 pub mod nar;
+pub mod pool;
 pub mod spool;
 pub mod upload;
+
+#[cfg(test)]
+mod fake_daemon;
