@@ -7,6 +7,8 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
+use zbus::fdo::{RequestNameFlags, RequestNameReply};
+use zbus::names::{BusName, WellKnownName};
 use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{self, OwnedObjectPath, OwnedValue, Value};
 use zbus::{connection, fdo, interface, Connection};
@@ -153,14 +155,25 @@ pub struct Publisher {
     connection: Connection,
 }
 
+/// Why the objects could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Exactly one agent may drive the targets of a session: the name is not taken over.
+    #[error("reachd is already running on this session bus (pid {pid}, {owner}): one agent drives the targets; stop it first (`systemctl --user stop reachd`)")]
+    AlreadyRunning { owner: String, pid: String },
+    #[error(transparent)]
+    Bus(#[from] zbus::Error),
+}
+
 /// Serves the objects for `hosts` on the bus `builder` connects to and then takes the name
-/// (serving first, so that a client activated by the name finds the objects). `Refresh()` calls
-/// arrive on `events` as [`Event::Refresh`].
+/// (serving first, so that a client activated by the name finds the objects). The name is
+/// neither taken from a running agent nor given up to a later one: a second agent refuses to
+/// start, naming the first. `Refresh()` calls arrive on `events` as [`Event::Refresh`].
 pub async fn serve(
     builder: connection::Builder<'static>,
     hosts: Vec<HostStatus>,
     events: Events,
-) -> zbus::Result<Publisher> {
+) -> Result<Publisher, ServeError> {
     let root = RootObject {
         hosts: hosts.iter().map(|h| host_path(&h.name)).collect(),
         events,
@@ -169,8 +182,40 @@ pub async fn serve(
     for host in hosts {
         builder = builder.serve_at(host_path(&host.name), HostObject(host))?;
     }
-    let connection = builder.name(BUS_NAME)?.build().await?;
-    Ok(Publisher { connection })
+    let connection = builder.build().await?;
+    let taken = connection
+        .request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into())
+        .await;
+    match taken {
+        Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => {
+            Ok(Publisher { connection })
+        }
+        Ok(RequestNameReply::Exists | RequestNameReply::InQueue) | Err(zbus::Error::NameTaken) => {
+            Err(running_agent(&connection).await)
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// The agent that owns the name, as an error.
+async fn running_agent(connection: &Connection) -> ServeError {
+    let dbus = match fdo::DBusProxy::new(connection).await {
+        Ok(dbus) => dbus,
+        Err(err) => return err.into(),
+    };
+    let name = BusName::WellKnown(WellKnownName::from_static_str_unchecked(BUS_NAME));
+    let owner = match dbus.get_name_owner(name).await {
+        Ok(owner) => owner,
+        Err(err) => return zbus::Error::from(err).into(),
+    };
+    let pid = dbus
+        .get_connection_unix_process_id(owner.clone().into())
+        .await
+        .map_or_else(|_| "unknown".to_string(), |pid| pid.to_string());
+    ServeError::AlreadyRunning {
+        owner: owner.to_string(),
+        pid,
+    }
 }
 
 impl Publisher {

@@ -12,18 +12,19 @@ mod host;
 mod tasks;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::StreamExt;
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
 use zbus::connection;
 
-use crate::config::{Config, NixCache, ProbeSettings};
+use crate::config::{Config, HostConfig, NixCache, ProbeSettings};
 use crate::event::{Event, HostId};
 use crate::network;
 use crate::nix::drain::Drain;
@@ -92,24 +93,6 @@ pub async fn run_with(
             "XDG_RUNTIME_DIR is not set: reachd keeps its nix.conf fragment there and finds tunnelled sockets by it"
         ),
     };
-    // Nix is pointed at nothing until a cache is checked; a fragment left by a crash goes now.
-    let mut fragment = uses_nix.then(|| Fragment::in_runtime_dir(&runtime_dir));
-    if let Some(fragment) = &mut fragment {
-        fragment
-            .set(&[])
-            .with_context(|| format!("cannot write {}", fragment.path().display()))?;
-    }
-    let mut listeners = Vec::new();
-    for host in &config.hosts {
-        if let Some(NixCache::Served { listen, .. }) = &host.nix {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| {
-                    format!("cannot serve host {}'s Nix cache on {listen}", host.name)
-                })?;
-            listeners.push((listener, host.clone()));
-        }
-    }
     let (events, mut inbox) = mpsc::channel(EVENT_QUEUE);
     let hosts: Vec<Host> = config
         .hosts
@@ -126,7 +109,9 @@ pub async fn run_with(
         events.clone(),
     )
     .await
-    .context("cannot serve org.reachd.Reachd1 on the session bus (is reachd already running?)")?;
+    .context("cannot serve org.reachd.Reachd1 on the session bus")?;
+    // Only the one agent that holds the name touches the fragment and the cache ports.
+    let (fragment, listeners) = start_nix(&config, &runtime_dir).await?;
     let units = Units::new(publisher.connection())
         .await
         .context("cannot reach the systemd user manager on the session bus")?;
@@ -167,6 +152,31 @@ pub async fn run_with(
     let result = agent.run(&mut inbox, shutdown).await;
     agent.stop().await;
     result
+}
+
+/// Empties the nix.conf fragment (Nix is pointed at nothing until a cache answers; one left by
+/// a crash goes now) and binds each served cache's port.
+async fn start_nix(
+    config: &Config,
+    runtime_dir: &Path,
+) -> anyhow::Result<(Option<Fragment>, Vec<(TcpListener, HostConfig)>)> {
+    let uses_nix = config.hosts.iter().any(|h| h.nix.is_some());
+    let mut fragment = uses_nix.then(|| Fragment::in_runtime_dir(runtime_dir));
+    if let Some(fragment) = &mut fragment {
+        fragment
+            .set(&[])
+            .with_context(|| format!("cannot write {}", fragment.path().display()))?;
+    }
+    let mut listeners = Vec::new();
+    for host in &config.hosts {
+        if let Some(NixCache::Served { listen, .. }) = &host.nix {
+            let listener = TcpListener::bind(listen).await.with_context(|| {
+                format!("cannot serve host {}'s Nix cache on {listen}", host.name)
+            })?;
+            listeners.push((listener, host.clone()));
+        }
+    }
+    Ok((fragment, listeners))
 }
 
 /// The loop's state: the hosts, what NetworkManager says, and the agent's hands.

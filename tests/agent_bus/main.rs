@@ -688,6 +688,43 @@ async fn losing_the_session_bus_ends_run_with_an_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_refuses_to_start_and_the_first_keeps_the_name() {
+    within_timeout(async {
+        let mut rig = Rig::offline().await;
+        rig.wait_host("unreachable", |h| h.state == "unreachable")
+            .await;
+        let dbus = DBusProxy::new(&rig.client).await.expect("the bus answers");
+        let name = zbus::names::BusName::try_from(BUS_NAME).unwrap();
+        let first = dbus.get_name_owner(name.clone()).await.expect("owned");
+        let environment = reachd::agent::Environment {
+            system_bus: Some(rig.system.address().to_string()),
+            session_bus: Some(rig.session.address().to_string()),
+            runtime_dir: Some(rig.runtime.path().to_path_buf()),
+        };
+        let second = reachd::agent::run(config_with("", ""), environment, std::future::pending());
+        let refused = tokio::time::timeout(WAIT, second)
+            .await
+            .expect("the second agent returns at once")
+            .expect_err("the second agent refuses to run");
+        let message = format!("{refused:#}");
+        assert!(
+            message.contains("reachd is already running on this session bus (pid "),
+            "{message}"
+        );
+        assert!(
+            message.contains(first.as_str()),
+            "names the first: {message}"
+        );
+        assert_eq!(dbus.get_name_owner(name).await.expect("owned"), first);
+        rig.assert_agent_running();
+        rig.shutdown()
+            .await
+            .expect("the first agent stops normally");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_future_ends_run_with_ok() {
     within_timeout(async {
         let mut rig = Rig::offline().await;
