@@ -947,7 +947,8 @@ fn measure_drain_against_bare_nix_copy() {
                 assert_eq!(reports.iter().map(|r| r.copied).sum::<usize>(), 1000);
             }
         }
-        eprintln!("1000 paths to a fresh Pi store, median of 3:");
+        let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        eprintln!("1000 paths to a fresh Pi store, median of 3 (load average now: {load}):");
         eprintln!("  bare nix copy: {:?} ({bare:?})", median(bare.clone()));
         for (batch, times) in drained {
             eprintln!(
