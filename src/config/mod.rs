@@ -227,11 +227,24 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let name_span = raw.name.span();
         let target_span = raw.target.as_ref().map_or(name_span.clone(), Spanned::span);
         let nix_span = raw.nix.as_ref().map_or(name_span.clone(), Spanned::span);
+        let hostname_span = raw.hostname.span();
         let host = validate_host(raw, at)?;
         if hosts.iter().any(|h| h.name == host.name) {
             return Err(at(
                 name_span,
                 format!("key `name`: duplicate host name {:?}", host.name),
+            ));
+        }
+        if let Some(other) = hosts
+            .iter()
+            .find(|h| h.hostname.eq_ignore_ascii_case(&host.hostname))
+        {
+            return Err(at(
+                hostname_span,
+                format!(
+                    "key `hostname`: {:?} is already the mDNS name of host {:?} (names are case-insensitive)",
+                    host.hostname, other.name
+                ),
             ));
         }
         if let Some(other) = hosts.iter().find(|h| h.target == host.target) {
@@ -420,7 +433,12 @@ fn validate_probe(
 }
 
 fn locate(text: &str, file: &str, offset: usize) -> Location {
-    let before = &text[..offset.min(text.len())];
+    // An offset inside a multi-byte character (it should not happen) counts from its start.
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
     Location {
@@ -719,6 +737,26 @@ connections = ["0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0"]
             msg.contains("already where host \"rpi\"'s cache is served"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn an_offset_inside_a_multi_byte_character_does_not_panic() {
+        let text = "# é\n[[host]]\nname = \"ünï\"\n";
+        for offset in 0..=text.len() + 3 {
+            let location = locate(text, "c.toml", offset);
+            assert!(location.line >= 1 && location.column >= 1);
+        }
+        let msg = error("[[host]]\nname = \"ü\"\nhostname = \"é.local\"\n");
+        assert!(msg.starts_with("config.toml:2:"), "{msg}");
+    }
+
+    #[test]
+    fn two_hosts_with_one_mdns_name_are_rejected_whatever_the_case() {
+        let msg = error(
+            "[[host]]\nname = \"a\"\nhostname = \"rpi.local\"\n[[host]]\nname = \"b\"\nhostname = \"RPI.local.\"\n",
+        );
+        assert!(msg.starts_with("config.toml:6:12: key `hostname`"), "{msg}");
+        assert!(msg.contains("host \"a\""), "{msg}");
     }
 
     #[test]

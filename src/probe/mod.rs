@@ -168,6 +168,11 @@ pub async fn check(
     if candidates.is_empty() {
         return Err(format!("{hostname} not found by mDNS"));
     }
+    if via.is_some_and(BTreeSet::is_empty) {
+        return Err(format!(
+            "not checked: NetworkManager gave this machine no address on {hostname}'s connections"
+        ));
+    }
     let mut asks = Vec::with_capacity(candidates.len());
     let mut elsewhere = Vec::new();
     for address in candidates {

@@ -17,6 +17,9 @@ pub const ABSENT_FAST_PERIOD: Duration = Duration::from_secs(120);
 /// How long to wait for mDNS to find a host that has no known address before calling it
 /// unreachable, after the network comes up.
 pub const RESOLVE_GRACE: Duration = Duration::from_secs(3);
+/// At most this many addresses from mDNS are kept per host (more are ignored until some are
+/// removed): bounded by design, whatever a device on the LAN announces.
+pub const MAX_ADDRESSES: usize = 16;
 /// How soon a failed check of a reachable host is repeated, before it counts as lost.
 pub const RETRY_DELAY: Duration = Duration::from_millis(500);
 
@@ -48,11 +51,14 @@ impl NetworkView {
     /// The machine's addresses a check of `host` may go out from: those of its activated
     /// `connections`, so that another machine answering the same name on another link at the
     /// same time is not taken for it. `None` (no narrowing) when the host may be reached on any
-    /// network, or when NetworkManager gave no addresses for its connections.
+    /// network. Fails closed: a restricted host whose connections have no address from
+    /// NetworkManager gets an empty set, and is not checked at all.
     pub fn local_addresses_for(&self, host: &HostConfig) -> Option<BTreeSet<IpAddr>> {
+        if host.connections.is_empty() {
+            return None;
+        }
         let allowed = host.connections.iter().filter_map(|u| self.active.get(u));
-        let addresses: BTreeSet<IpAddr> = allowed.flatten().copied().collect();
-        (!addresses.is_empty()).then_some(addresses)
+        Some(allowed.flatten().copied().collect())
     }
 }
 
@@ -191,7 +197,13 @@ impl HostTracker {
         now: Instant,
     ) {
         let before = self.mdns_addresses.len();
-        self.mdns_addresses.extend(found);
+        for address in found {
+            // The LAN decides how many records arrive; each check opens a socket per address.
+            if self.mdns_addresses.len() >= MAX_ADDRESSES {
+                break;
+            }
+            self.mdns_addresses.insert(address);
+        }
         if self.mdns_addresses.len() != before && self.reach != Reach::Reachable {
             self.check_due = Some(now);
         }
@@ -378,7 +390,11 @@ mod tests {
             net.local_addresses_for(&host(&["home"])),
             Some([home].into())
         );
-        assert_eq!(net.local_addresses_for(&host(&["gone"])), None);
+        // Fail closed: no address for the host's connection means no check, not any network.
+        assert_eq!(
+            net.local_addresses_for(&host(&["gone"])),
+            Some(BTreeSet::new())
+        );
     }
 
     #[test]
@@ -554,6 +570,17 @@ mod tests {
         assert_eq!(t.on_network(Ok(()), t0), None);
         let tr = check(&mut t, Err("no answer".into()), t0).unwrap();
         assert_eq!(tr.to, Reach::Unreachable);
+    }
+
+    #[test]
+    fn addresses_kept_per_host_are_capped() {
+        let t0 = Instant::now();
+        let mut t = tracker_with_pi(t0);
+        let flood = (0..=255u8).map(|i| HostAddress::v4([198, 51, 100, i].into()));
+        t.on_addresses_found(flood, t0);
+        let candidates = t.plan(t0).check.expect("a check is due");
+        assert_eq!(candidates.len(), MAX_ADDRESSES);
+        assert!(candidates.contains(&pi()), "what was there stays");
     }
 
     #[test]
