@@ -15,7 +15,8 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use futures_util::future::{select_ok, BoxFuture};
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use mdns_sd::{HostnameResolutionEvent, IfKind, ScopedIp, ServiceDaemon};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::{timeout, Instant};
@@ -198,16 +199,13 @@ pub async fn check(
             )
         });
     }
-    let address = select_ok(asks)
-        .await
-        .map_err(|_| {
-            format!(
-                "no mDNS answer for {hostname} from {} within {} ms",
-                list(),
-                limit.as_millis()
-            )
-        })?
-        .0;
+    let address = best_answer(asks).await.ok_or_else(|| {
+        format!(
+            "no mDNS answer for {hostname} from {} within {} ms",
+            list(),
+            limit.as_millis()
+        )
+    })?;
     if let Some(port) = port {
         let target = address.socket(port);
         match timeout(limit, TcpStream::connect(target)).await {
@@ -226,6 +224,32 @@ pub async fn check(
 
 /// Sends the question on `socket` (connected to `address`) and waits up to `limit` for its
 /// answer, asking a second time halfway in case the first packet was lost.
+/// The answer of the first of `asks` (in their order, best first) that succeeds: a later one's
+/// answer is taken only once every earlier one has failed. Each ask ends by its own deadline.
+async fn best_answer<T, F>(asks: Vec<F>) -> Option<T>
+where
+    F: std::future::Future<Output = Result<T, ()>>,
+{
+    let mut pending: FuturesUnordered<_> = asks
+        .into_iter()
+        .enumerate()
+        .map(|(rank, ask)| async move { (rank, ask.await) })
+        .collect();
+    let mut results: Vec<Option<Result<T, ()>>> = (0..pending.len()).map(|_| None).collect();
+    while let Some((rank, result)) = pending.next().await {
+        results[rank] = Some(result);
+        // The best rank not known to have failed: its answer, if it came, is the one.
+        for slot in results.iter_mut() {
+            match slot {
+                Some(Err(())) => continue,
+                Some(Ok(_)) => return slot.take().and_then(Result::ok),
+                None => break,
+            }
+        }
+    }
+    None
+}
+
 async fn ask(
     hostname: &str,
     address: &HostAddress,
@@ -287,4 +311,40 @@ fn next_id() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0x5244);
     NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An ask that ends after `ms` with `result`.
+    async fn after(ms: u64, result: Result<&'static str, ()>) -> Result<&'static str, ()> {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        result
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_best_ranked_answer_wins_not_the_fastest() {
+        let started = Instant::now();
+        let asks = vec![
+            Box::pin(after(30, Ok("kept"))),
+            Box::pin(after(1, Ok("v6"))),
+        ];
+        assert_eq!(best_answer(asks).await, Some("kept"));
+        assert_eq!(started.elapsed(), Duration::from_millis(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lower_rank_answers_once_the_better_ones_failed() {
+        let started = Instant::now();
+        let asks = vec![
+            Box::pin(after(1000, Err(()))),
+            Box::pin(after(5, Ok("new"))),
+            Box::pin(after(2, Err(()))),
+        ];
+        assert_eq!(best_answer(asks).await, Some("new"));
+        assert_eq!(started.elapsed(), Duration::from_millis(1000));
+        let asks = vec![Box::pin(after(3, Err(()))), Box::pin(after(5, Err(())))];
+        assert_eq!(best_answer(asks).await, None);
+    }
 }

@@ -154,13 +154,17 @@ impl HostTracker {
         self.epoch
     }
 
-    /// The addresses a check should try: what mDNS reports, and the last address that answered
-    /// (mDNS keeps stale records for their TTL and forgets a host that stopped answering; the
-    /// last address is where a returning host most likely is).
+    /// The addresses a check should try, best first: the last address that answered (mDNS keeps
+    /// stale records for their TTL and forgets a host that stopped answering; the last address
+    /// is where a returning host most likely is, and units were given it), then what mDNS
+    /// reports, IPv4 before IPv6. The check takes the best one that answers, so the choice is
+    /// stable, not a race between a host's addresses.
     pub fn candidates(&self) -> Vec<HostAddress> {
-        let mut all = self.mdns_addresses.clone();
-        all.extend(self.address.clone());
-        all.into_iter().collect()
+        let rest = self
+            .mdns_addresses
+            .iter()
+            .filter(|a| Some(*a) != self.address.as_ref());
+        self.address.iter().chain(rest).cloned().collect()
     }
 
     /// NetworkManager's view changed (or was read for the first time).
@@ -570,6 +574,22 @@ mod tests {
         assert_eq!(t.on_network(Ok(()), t0), None);
         let tr = check(&mut t, Err("no answer".into()), t0).unwrap();
         assert_eq!(tr.to, Reach::Unreachable);
+    }
+
+    #[test]
+    fn the_address_that_answered_is_tried_first_then_ipv4() {
+        let t0 = Instant::now();
+        let v6 = HostAddress {
+            ip: "fe80::1".parse().unwrap(),
+            scope: Some((2, "eth0".into())),
+        };
+        let other = HostAddress::v4("192.0.2.9".parse().unwrap());
+        let mut t = HostTracker::new(t0);
+        t.on_network(Ok(()), t0);
+        t.on_addresses_found([v6.clone(), pi(), other.clone()], t0);
+        assert_eq!(t.candidates(), [other.clone(), pi(), v6.clone()]);
+        check(&mut t, Ok(pi()), t0);
+        assert_eq!(t.candidates(), [pi(), other, v6]);
     }
 
     #[test]
