@@ -323,25 +323,8 @@ impl Agent {
             if let Some(candidates) = plan.check {
                 self.tasks.check(id, host, candidates, network);
             }
-            if let Some(gate) = &mut host.nix {
-                let nix = gate.plan(nix_eligibility(&host.tracker, &host.target), now);
-                if nix.check {
-                    self.tasks.nix_check(id, &host.config, gate.epoch());
-                }
-                wake = wake.min(nix.wake.unwrap_or(wake));
-            }
-            if let Some(gate) = &mut host.upload {
-                let eligible = nix_eligibility(&host.tracker, &host.target).is_ok();
-                let upload = gate.plan(eligible, now);
-                if upload.stop {
-                    if let Some(run) = host.upload_run.take() {
-                        run.abort();
-                    }
-                }
-                if let Some(run) = upload.start {
-                    host.upload_run = self.tasks.upload(id, &host.config, gate.epoch(), run);
-                }
-                wake = wake.min(upload.wake.unwrap_or(wake));
+            if let Some(at) = decide_nix(&mut self.tasks, id, host, now) {
+                wake = wake.min(at);
             }
             let tracker = &host.tracker;
             let action =
@@ -417,6 +400,34 @@ impl Agent {
         let _ = connection.release_name(status::BUS_NAME).await;
         let _ = connection.close().await;
     }
+}
+
+/// Whether Nix may use the host's cache and whether to upload to it: starts the cache check or
+/// the run over the upload queue that is due, stops an upload when the host goes, and returns
+/// when to look again.
+fn decide_nix(tasks: &mut Tasks, id: HostId, host: &mut Host, now: Instant) -> Option<Instant> {
+    let eligibility = nix_eligibility(&host.tracker, &host.target);
+    let mut wake: Option<Instant> = None;
+    if let Some(gate) = &mut host.nix {
+        let plan = gate.plan(eligibility.clone(), now);
+        if plan.check {
+            tasks.nix_check(id, &host.config, gate.epoch());
+        }
+        wake = plan.wake;
+    }
+    if let Some(gate) = &mut host.upload {
+        let plan = gate.plan(eligibility.is_ok(), now);
+        if plan.stop {
+            if let Some(run) = host.upload_run.take() {
+                run.abort();
+            }
+        }
+        if let Some(run) = plan.start {
+            host.upload_run = tasks.upload(id, &host.config, gate.epoch(), run);
+        }
+        wake = [wake, plan.wake].into_iter().flatten().min();
+    }
+    wake
 }
 
 /// Resolves when the session bus connection is gone, with the error to exit with.
