@@ -2,10 +2,11 @@
 //! running agent's objects on the session bus. They never start the agent (no D-Bus
 //! activation) and never probe: they report what the agent holds.
 
+use futures_util::StreamExt;
 use zbus::fdo::PropertiesProxy;
 use zbus::names::{BusName, InterfaceName};
 use zbus::zvariant::OwnedObjectPath;
-use zbus::Connection;
+use zbus::{Connection, MatchRule, MessageStream};
 
 use crate::status::{self, HostStatus, Reachd1Proxy};
 
@@ -82,6 +83,55 @@ impl Client {
                 name: name.into(),
                 known,
             })
+    }
+
+    /// Calls `each` with every host's state now, then with a host's new state whenever the agent
+    /// signals a change (PropertiesChanged: no polling). Returns when the agent leaves the bus
+    /// (`Ok`), or with the error that ended the watch.
+    pub async fn watch(&self, mut each: impl FnMut(&HostStatus)) -> Result<(), ClientError> {
+        // Subscribe first, then read: no change falls between the two.
+        let rule = MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .sender(status::BUS_NAME)
+            .and_then(|r| r.interface("org.freedesktop.DBus.Properties"))
+            .and_then(|r| r.member("PropertiesChanged"))
+            .and_then(|r| r.path_namespace(status::ROOT_PATH))
+            .map_err(ClientError::Read)?
+            .build();
+        let mut changes = MessageStream::for_match_rule(rule, &self.connection, Some(64))
+            .await
+            .map_err(ClientError::Read)?;
+        let dbus = zbus::fdo::DBusProxy::new(&self.connection)
+            .await
+            .map_err(ClientError::Read)?;
+        let mut owner = dbus
+            .receive_name_owner_changed_with_args(&[(0, status::BUS_NAME)])
+            .await
+            .map_err(ClientError::Read)?;
+        for host in self.hosts().await? {
+            each(&host);
+        }
+        loop {
+            tokio::select! {
+                change = changes.next() => {
+                    let Some(Ok(message)) = change else { return Ok(()) };
+                    let Some(path) = message.header().path().map(|p| p.to_owned()) else { continue };
+                    if !path.as_str().starts_with(&format!("{}/host/", status::ROOT_PATH)) {
+                        continue;
+                    }
+                    match self.host(path.into()).await {
+                        Ok(host) => each(&host),
+                        Err(_) => return Ok(()), // The agent went away between the two.
+                    }
+                }
+                gone = owner.next() => {
+                    let ended = gone.and_then(|signal| signal.args().ok().map(|a| a.new_owner.is_none()));
+                    if ended != Some(false) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
     }
 
     /// Asks the agent to re-evaluate every host now.

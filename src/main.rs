@@ -39,9 +39,14 @@ enum Command {
     },
     /// Print each host's state as the running agent holds it.
     Status {
-        /// Print JSON: {"hosts": [{"name", "reachable", "state", "address", ...}]}.
+        /// Print JSON: {"hosts": [{"name", "reachable", "state", "address", ...}]}; with
+        /// --watch, one host object per line.
         #[arg(long)]
         json: bool,
+        /// Print every host, then one line per change as the agent signals it (no polling);
+        /// exit 2 when the agent goes away. For status bars.
+        #[arg(long)]
+        watch: bool,
     },
     /// Exit 0 if the agent holds HOST reachable, 1 if not; 2 with a message if it cannot tell.
     ///
@@ -90,7 +95,8 @@ fn main() -> ExitCode {
                 config,
                 check_config,
             } => run(config, check_config).await,
-            Command::Status { json } => report(status(json).await),
+            Command::Status { json, watch: false } => report(status(json).await),
+            Command::Status { json, watch: true } => watch(json).await,
             Command::Check { host } => match check(&host).await {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
@@ -206,23 +212,53 @@ async fn status(json: bool) -> Result<(), ClientError> {
         println!("{doc}");
         return Ok(());
     }
-    for h in hosts {
-        let address = if h.address.is_empty() {
-            "-"
-        } else {
-            &h.address
-        };
-        let nix = if h.nix_reason.is_empty() {
-            String::new()
-        } else {
-            format!("\tnix: {}", h.nix_reason)
-        };
-        println!(
-            "{}\t{}\t{}\t{} {}\t{}{nix}",
-            h.name, h.state, address, h.target, h.target_state, h.reason
-        );
+    for host in &hosts {
+        println!("{}", status_line(host));
     }
     Ok(())
+}
+
+/// `reachd status --watch`: ends only when the agent goes away (or cannot be read): exit 2.
+async fn watch(json: bool) -> ExitCode {
+    let watched = async {
+        Client::connect()
+            .await?
+            .watch(|host| {
+                let line = if json {
+                    serde_json::to_string(host).unwrap_or_default()
+                } else {
+                    status_line(host)
+                };
+                println!("{line}");
+            })
+            .await
+    };
+    match watched.await {
+        Ok(()) => {
+            eprintln!("reachd: the agent left the session bus");
+            ExitCode::from(CANNOT_TELL)
+        }
+        Err(err) => report(Err(err)),
+    }
+}
+
+/// One host as `reachd status` prints it: name, state, address, target and its state, reason,
+/// and the Nix state for a host with `[host.nix]`, tab-separated.
+fn status_line(h: &reachd::status::HostStatus) -> String {
+    let address = if h.address.is_empty() {
+        "-"
+    } else {
+        &h.address
+    };
+    let nix = if h.nix_reason.is_empty() {
+        String::new()
+    } else {
+        format!("\tnix: {}", h.nix_reason)
+    };
+    format!(
+        "{}\t{}\t{}\t{} {}\t{}{nix}",
+        h.name, h.state, address, h.target, h.target_state, h.reason
+    )
 }
 
 /// How often `reachd uploads --wait` looks at the spool again.

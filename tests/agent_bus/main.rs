@@ -725,6 +725,50 @@ async fn a_second_agent_refuses_to_start_and_the_first_keeps_the_name() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_prints_each_change_and_ends_with_the_agent() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    within_timeout(async {
+        let (mut rig, _probe) = started_with_fake_probe("").await;
+        let mut watcher = tokio::process::Command::new(env!("CARGO_BIN_EXE_reachd"))
+            .args(["status", "--watch", "--json"])
+            .env("DBUS_SESSION_BUS_ADDRESS", rig.session.address())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("reachd status --watch starts");
+        let mut lines = BufReader::new(watcher.stdout.take().expect("its stdout")).lines();
+        let mut next = async || -> serde_json::Value {
+            let line = tokio::time::timeout(WAIT, lines.next_line())
+                .await
+                .expect("a line within the wait")
+                .expect("stdout reads")
+                .expect("a line, not the end");
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("JSON per line: {e}: {line}"))
+        };
+        let first = next().await;
+        assert_eq!(
+            (first["name"].as_str(), first["reachable"].as_bool()),
+            (Some("rpi"), Some(true))
+        );
+        rig.nm().set(&Network::disconnected()).await.unwrap();
+        loop {
+            let host = next().await;
+            if host["state"] == "unreachable" {
+                assert_eq!(host["reason"], "network disconnected");
+                break;
+            }
+        }
+        rig.shutdown().await.expect("the agent stops");
+        let status = tokio::time::timeout(WAIT, watcher.wait())
+            .await
+            .expect("the watch ends with the agent")
+            .expect("it exits");
+        assert_eq!(status.code(), Some(2));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_future_ends_run_with_ok() {
     within_timeout(async {
         let mut rig = Rig::offline().await;
