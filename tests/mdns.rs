@@ -126,6 +126,56 @@ fn goodbye_is_reported_and_the_check_confirms_it() {
     });
 }
 
+/// Drops (or lets through again) every packet the client receives from the Pi, leaving both
+/// carriers up: the Pi's announcements go unheard without the Pi seeing its link change. Strict
+/// reverse-path filtering drops packets whose source is routed elsewhere, and a blackhole route
+/// to the Pi is "elsewhere".
+fn deafen_client(pair: &MdnsPair, deaf: bool) {
+    let netns = pair.client.name();
+    let sysctl = |key: &str| {
+        let status = std::process::Command::new("ip")
+            .args(["netns", "exec", netns, "sysctl", "-q", "-w", key])
+            .status()
+            .expect("sysctl runs (procps)");
+        assert!(status.success(), "sysctl {key} in {netns}");
+    };
+    sysctl("net.ipv4.conf.all.rp_filter=1");
+    sysctl("net.ipv4.conf.mc0.rp_filter=1");
+    let pi = format!("{SERVER_ADDR}/32");
+    let verb = if deaf { "add" } else { "del" };
+    pair.client
+        .ip(&["route", verb, "blackhole", &pi])
+        .expect("the blackhole route changes");
+}
+
+#[test]
+fn after_a_network_change_the_question_goes_out_again_at_once() {
+    in_lab("rm6-", async |pair| {
+        let started = tokio::time::Instant::now();
+        let (resolver, mut events) = following_the_pi().await;
+        // The Pi goes away and comes back while this machine hears nothing (as if away from
+        // home): its announcements are lost, and mdns-sd's question interval keeps growing.
+        pair.stop_avahi();
+        match next_event(&mut events, Duration::from_secs(5)).await {
+            Event::AddressesRemoved(HostId(0), _) => {}
+            other => panic!("expected a goodbye, got {other:?}"),
+        }
+        deafen_client(pair, true);
+        pair.start_avahi().expect("avahi starts again");
+        // mdns-sd asks at 0, 1, 3, 7, 15, 31 s...: at 17 s its next question is 14 s away.
+        tokio::time::sleep_until(started + Duration::from_secs(17)).await;
+        deafen_client(pair, false);
+        resolver.interfaces_changed();
+        let back = tokio::time::Instant::now();
+        match next_event(&mut events, Duration::from_secs(2)).await {
+            Event::AddressesFound(HostId(0), found) => assert!(found.contains(&pi()), "{found:?}"),
+            other => panic!("expected the Pi found again, got {other:?}"),
+        }
+        eprintln!("found again {:?} after the network change", back.elapsed());
+        resolver.shutdown();
+    });
+}
+
 #[test]
 fn tcp_port_is_part_of_the_check() {
     in_lab("rm4-", async |pair| {

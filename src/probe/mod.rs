@@ -19,6 +19,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use mdns_sd::{HostnameResolutionEvent, IfKind, ScopedIp, ServiceDaemon};
 use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, warn};
 
@@ -33,14 +34,27 @@ const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
 /// The process's one mdns-sd daemon.
 pub struct Resolver {
     daemon: ServiceDaemon,
+    /// Bumped at every network change: each follower then asks its question again at once.
+    network_changes: watch::Sender<u64>,
 }
 
 impl Resolver {
     pub fn new() -> Result<Self, mdns_sd::Error> {
         Ok(Resolver {
             daemon: ServiceDaemon::new()?,
+            network_changes: watch::Sender::new(0),
         })
     }
+}
+
+/// How a resolution ended.
+enum Ended {
+    /// The agent is gone.
+    AgentGone,
+    /// mdns-sd closed it (it does so silently when a receiver falls behind).
+    Closed,
+    /// The network changed: ask again now.
+    NetworkChanged,
 }
 
 /// One check to run, as [`check`] takes it.
@@ -74,53 +88,54 @@ impl Probe for Resolver {
     /// is opened again.
     fn follow(&self, host: HostId, hostname: String, events: Events) -> BoxFuture<'static, ()> {
         let daemon = self.daemon.clone();
+        let mut changes = self.network_changes.subscribe();
         Box::pin(async move {
             loop {
-                match daemon.resolve_hostname(&hostname, None) {
+                let ended = match daemon.resolve_hostname(&hostname, None) {
                     Ok(receiver) => {
-                        while let Ok(event) = receiver.recv_async().await {
-                            let event = match event {
-                                HostnameResolutionEvent::AddressesFound(_, found) => {
-                                    Event::AddressesFound(
-                                        host,
-                                        found.iter().map(to_host_address).collect(),
-                                    )
-                                }
-                                HostnameResolutionEvent::AddressesRemoved(_, removed) => {
-                                    Event::AddressesRemoved(
-                                        host,
-                                        removed.iter().map(to_host_address).collect(),
-                                    )
-                                }
-                                other => {
-                                    debug!(hostname, ?other, "mdns-sd");
-                                    continue;
-                                }
-                            };
-                            if events.send(event).await.is_err() {
-                                return; // The agent is gone.
-                            }
+                        let resolution = forward(host, &hostname, &receiver, &events);
+                        tokio::select! {
+                            ended = resolution => ended,
+                            changed = changes.changed() => match changed {
+                                Ok(()) => Ended::NetworkChanged,
+                                Err(_) => Ended::AgentGone,
+                            },
                         }
-                        debug!(hostname, "mdns-sd closed the resolution; asking again");
                     }
-                    Err(err) => warn!(hostname, "mdns-sd refused to resolve: {err}"),
+                    Err(err) => {
+                        warn!(hostname, "mdns-sd refused to resolve: {err}");
+                        Ended::Closed
+                    }
+                };
+                match ended {
+                    Ended::AgentGone => return,
+                    // mdns-sd repeats a hostname question at doubling intervals, up to an hour,
+                    // and re-asks only service questions when interfaces change: a new
+                    // resolution asks at once, whatever the uptime.
+                    Ended::NetworkChanged => {
+                        let _ = daemon.stop_resolve_hostname(&hostname);
+                    }
+                    Ended::Closed => {
+                        debug!(hostname, "mdns-sd closed the resolution; asking again");
+                        if events.is_closed() {
+                            return;
+                        }
+                        tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+                    }
                 }
-                if events.is_closed() {
-                    return;
-                }
-                tokio::time::sleep(RESUBSCRIBE_DELAY).await;
             }
         })
     }
 
-    /// Tells mdns-sd to look at the machine's interfaces now: NetworkManager just changed
+    /// Tells mdns-sd to look at the machine's interfaces now (NetworkManager just changed
     /// something, and mdns-sd's own check only runs every few seconds, so its first questions
-    /// on a new link would otherwise go nowhere. (Each call adds one entry to mdns-sd's list of
-    /// interface selections; a few bytes per network change.)
+    /// on a new link would otherwise go nowhere), then has every follower ask again. An empty
+    /// selection re-reads the interfaces without adding to mdns-sd's list of selections.
     fn interfaces_changed(&self) {
-        if let Err(err) = self.daemon.enable_interface(IfKind::All) {
+        if let Err(err) = self.daemon.enable_interface(Vec::<IfKind>::new()) {
             warn!("cannot tell mdns-sd about new interfaces: {err}");
         }
+        self.network_changes.send_modify(|n| *n += 1);
     }
 
     fn check(&self, request: CheckRequest) -> BoxFuture<'static, Result<HostAddress, String>> {
@@ -140,6 +155,33 @@ impl Probe for Resolver {
     fn shutdown(&self) {
         let _ = self.daemon.shutdown();
     }
+}
+
+/// Sends what one resolution finds and loses about `host` until it ends.
+async fn forward(
+    host: HostId,
+    hostname: &str,
+    receiver: &mdns_sd::Receiver<HostnameResolutionEvent>,
+    events: &Events,
+) -> Ended {
+    while let Ok(event) = receiver.recv_async().await {
+        let event = match event {
+            HostnameResolutionEvent::AddressesFound(_, found) => {
+                Event::AddressesFound(host, found.iter().map(to_host_address).collect())
+            }
+            HostnameResolutionEvent::AddressesRemoved(_, removed) => {
+                Event::AddressesRemoved(host, removed.iter().map(to_host_address).collect())
+            }
+            other => {
+                debug!(hostname, ?other, "mdns-sd");
+                continue;
+            }
+        };
+        if events.send(event).await.is_err() {
+            return Ended::AgentGone;
+        }
+    }
+    Ended::Closed
 }
 
 fn to_host_address(scoped: &ScopedIp) -> HostAddress {

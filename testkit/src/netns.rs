@@ -266,8 +266,9 @@ pub struct MdnsPair {
     avahi: Avahi,
     pub server: Netns,
     pub client: Netns,
-    _tracker: Tracker,
-    _dir: tempfile::TempDir,
+    host: String,
+    tracker: Tracker,
+    dir: tempfile::TempDir,
     pids: PathBuf,
 }
 
@@ -305,8 +306,9 @@ impl MdnsPair {
             avahi,
             server,
             client,
-            _tracker: tracker,
-            _dir: dir,
+            host: host.to_string(),
+            tracker,
+            dir,
             pids,
         })
     }
@@ -314,6 +316,23 @@ impl MdnsPair {
     /// Stops the server's avahi cleanly (goodbye packets).
     pub fn stop_avahi(&mut self) {
         self.avahi.stop();
+    }
+
+    /// Starts the server's avahi again after [`MdnsPair::stop_avahi`]; it announces
+    /// `HOST.local` as it starts.
+    pub fn start_avahi(&mut self) -> io::Result<()> {
+        let options = AvahiOptions {
+            tracker: Some(&self.tracker),
+            ..AvahiOptions::default()
+        };
+        self.avahi = Avahi::start_with(&self.server, &self.host, "ms0", self.dir.path(), options)?;
+        Ok(())
+    }
+
+    /// Takes the client's link down or up (its carrier, as when a laptop leaves the LAN).
+    pub fn client_link(&self, up: bool) -> io::Result<()> {
+        self.client
+            .ip(&["link", "set", "mc0", if up { "up" } else { "down" }])
     }
 
     /// The server "loses power": its link goes down, nothing is said on the wire. (With a bare
