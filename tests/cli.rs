@@ -1,5 +1,6 @@
 //! The `reachd` command as a user meets it: exit codes and messages for a bad configuration and
-//! for an agent that is not running (the lab covers the answers of a running agent).
+//! for an agent that is not running (the lab covers the answers of a running agent), and
+//! `reachd uploads`, which reads the spool without the agent.
 
 use std::process::{Command, Output};
 
@@ -98,4 +99,79 @@ fn without_a_session_bus_the_cli_says_so() {
         "{}",
         stderr(&output)
     );
+}
+
+/// A configuration with host `rpi` uploading, its spool at `spool`, written into `dir`.
+fn upload_config(dir: &std::path::Path, spool: &std::path::Path) -> String {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[nix]\nspool = \"{}\"\n[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n[host.nix]\nupload = true\n",
+            spool.display()
+        ),
+    )
+    .expect("write");
+    path.to_str().expect("utf-8 path").to_string()
+}
+
+#[test]
+fn uploads_lists_the_spool_and_waits_for_it_without_an_agent() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spool_dir = dir.path().join("spool");
+    let config = upload_config(dir.path(), &spool_dir);
+    let output = reachd(&["uploads", "--config", &config], None);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        stderr(&output).contains("does not exist"),
+        "{}",
+        stderr(&output)
+    );
+
+    std::fs::create_dir(&spool_dir).expect("the spool");
+    let spool = reachd::nix::spool::Spool::open(&spool_dir).expect("opens");
+    let out = "/nix/store/0c0ixk0gr8kqxzfh6m4zvrhl6wa4b1nq-hello";
+    let entry = reachd::nix::spool::Entry::new(None, [out.parse().expect("a store path")])
+        .expect("an entry");
+    spool.record(&entry).expect("recorded");
+    let output = reachd(&["uploads", "--config", &config], None);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let listed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        listed.contains("1 build(s) recorded, not yet taken"),
+        "{listed}"
+    );
+
+    let output = reachd(
+        &["uploads", "--config", &config, "--wait", "--timeout", "1"],
+        None,
+    );
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        stderr(&output).contains("1 build(s) still waiting"),
+        "{}",
+        stderr(&output)
+    );
+    std::fs::remove_dir_all(spool_dir.join("incoming")).expect("emptied");
+    let output = reachd(&["uploads", "--config", &config, "--wait"], None);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+}
+
+#[test]
+fn uploads_needs_a_host_that_uploads() {
+    let output = reachd(&["uploads", "--config", "/nonexistent/reachd.toml"], None);
+    assert_eq!(output.status.code(), Some(2));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n",
+    )
+    .expect("write");
+    let output = reachd(
+        &["uploads", "--config", path.to_str().expect("utf-8")],
+        None,
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("no host has `upload = true`"));
 }
