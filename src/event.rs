@@ -38,6 +38,12 @@ pub enum Event {
         result: Result<(), String>,
         state: Option<UnitState>,
     },
+    /// The update of the host's address in the user manager's environment ended.
+    AddressSet {
+        host: HostId,
+        address: HostAddress,
+        result: Result<(), String>,
+    },
     /// A check of the host's Nix cache ended; `epoch` is the gate's epoch when it started.
     NixChecked {
         host: HostId,

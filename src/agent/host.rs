@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::address::HostAddress;
 use crate::config::HostConfig;
 use tokio::task::AbortHandle;
 
@@ -110,6 +111,15 @@ impl Host {
         } else if outcome.copied > 0 || outcome.lost > 0 {
             let (copied, lost) = (outcome.copied, outcome.lost);
             info!(host = %host, copied, lost, pending, "{host}: uploaded {copied} paths, {lost} lost, {pending} waiting");
+        }
+    }
+
+    /// Logs an update of the address in the user manager's environment.
+    pub fn log_address(&self, address: &HostAddress, result: &Result<(), String>) {
+        let (host, variable) = (&self.config.name, self.config.address_variable());
+        match result {
+            Ok(()) => info!(host = %host, %address, "{variable}={address}"),
+            Err(why) => warn!(host = %host, "{why}; trying again"),
         }
     }
 

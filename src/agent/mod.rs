@@ -255,6 +255,15 @@ impl Agent {
                 host.target.on_job_done(kind, &result, state, now);
                 host.log_job(kind, &result);
             }
+            Event::AddressSet {
+                host,
+                address,
+                result,
+            } => {
+                let host = self.host(host);
+                host.target.on_address_set(&result, now);
+                host.log_address(&address, &result);
+            }
             Event::NixChecked {
                 host,
                 epoch,
@@ -346,7 +355,7 @@ impl Agent {
                 TargetAction::Nothing(_) => {}
                 TargetAction::Start(address) => self.tasks.job(id, host, JobKind::Start, address),
                 TargetAction::Stop => self.tasks.job(id, host, JobKind::Stop, None),
-                TargetAction::SetAddress(address) => self.tasks.set_address(host, address),
+                TargetAction::SetAddress(address) => self.tasks.set_address(id, host, address),
             }
         }
         wake

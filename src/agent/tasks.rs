@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::warn;
 use zbus::connection;
 
 use crate::address::HostAddress;
@@ -179,16 +179,20 @@ impl Tasks {
     }
 
     /// Puts the host's new address in the user manager's environment, without touching its
-    /// target.
-    pub fn set_address(&mut self, host: &HostConfig, address: HostAddress) {
+    /// target, and reports how that went.
+    pub fn set_address(&mut self, id: HostId, host: &HostConfig, address: HostAddress) {
         let variable = host.address_variable();
-        let name = host.name.clone();
         let units = self.units.clone();
+        let events = self.events.clone();
         self.running.spawn(async move {
-            match set_address(&units, &variable, &address).await {
-                Ok(()) => info!(host = %name, %address, "{variable}={address}: the host moved"),
-                Err(err) => warn!(host = %name, "{err}"),
-            }
+            let result = set_address(&units, &variable, &address).await;
+            let _ = events
+                .send(Event::AddressSet {
+                    host: id,
+                    address,
+                    result,
+                })
+                .await;
         });
     }
 

@@ -11,6 +11,9 @@ use crate::address::HostAddress;
 
 /// How long after a failed job the same job is tried again (when still wanted).
 pub const JOB_RETRY_DELAY: Duration = Duration::from_secs(30);
+/// How long after a failed update of the address in the user manager's environment it is
+/// tried again.
+pub const ADDRESS_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// A unit's state as systemd reports it, reduced to what decisions need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,8 +83,11 @@ pub struct TargetView {
     job_running: Option<JobKind>,
     /// The last job that did not succeed, and when it ended.
     last_failure: Option<(JobKind, Instant)>,
-    /// The address last put in the user manager's environment for this host's units.
+    /// The address last put in the user manager's environment for this host's units (`None`:
+    /// not known, e.g. the target was started before this agent).
     environment_address: Option<HostAddress>,
+    /// When putting the address there last failed.
+    address_failure: Option<Instant>,
 }
 
 impl Default for TargetView {
@@ -99,6 +105,7 @@ impl TargetView {
             job_running: None,
             last_failure: None,
             environment_address: None,
+            address_failure: None,
         }
     }
 
@@ -139,7 +146,7 @@ impl TargetView {
             return TargetAction::Nothing(None);
         }
         let job = match (want_active, self.state) {
-            (true, Activating | Active) => return self.address_update(address),
+            (true, Activating | Active) => return self.address_update(address, now),
             (true, _) => JobKind::Start,
             (false, Active | Activating) => JobKind::Stop,
             (false, _) => return TargetAction::Nothing(None),
@@ -153,11 +160,22 @@ impl TargetView {
         }
     }
 
-    /// A running target whose units were given an address that is no longer the host's.
-    fn address_update(&self, address: Option<&HostAddress>) -> TargetAction {
-        match (address, &self.environment_address) {
-            (Some(new), Some(given)) if new != given => TargetAction::SetAddress(new.clone()),
-            _ => TargetAction::Nothing(None),
+    /// A running target whose units were given another address than the host's, or one this
+    /// agent does not know (it was started before this agent): the environment gets the host's
+    /// address, so that units restarted from now on find it. A failed update is retried after
+    /// [`ADDRESS_RETRY_DELAY`].
+    fn address_update(&self, address: Option<&HostAddress>, now: Instant) -> TargetAction {
+        let Some(address) = address else {
+            return TargetAction::Nothing(None);
+        };
+        if self.environment_address.as_ref() == Some(address) {
+            return TargetAction::Nothing(None);
+        }
+        match self.address_failure {
+            Some(at) if now < at + ADDRESS_RETRY_DELAY => {
+                TargetAction::Nothing(Some(at + ADDRESS_RETRY_DELAY))
+            }
+            _ => TargetAction::SetAddress(address.clone()),
         }
     }
 
@@ -201,6 +219,17 @@ impl TargetView {
         }
     }
 
+    /// The address update sent last ended with `result`.
+    pub fn on_address_set(&mut self, result: &Result<(), String>, now: Instant) {
+        match result {
+            Ok(()) => self.address_failure = None,
+            Err(_) => {
+                self.environment_address = None;
+                self.address_failure = Some(now);
+            }
+        }
+    }
+
     /// Someone asked to look again now: a failed job is retried now rather than after its delay.
     pub fn on_refresh(&mut self) {
         self.last_failure = None;
@@ -235,7 +264,12 @@ mod tests {
         assert_eq!(action(Some(true), Inactive, now), Start(Some(pi())));
         assert_eq!(action(Some(true), Failed, now), Start(Some(pi())));
         assert_eq!(action(Some(true), NotFound, now), Start(Some(pi())));
-        assert_eq!(action(Some(true), Active, now), Nothing(None));
+        // No job for a target already active (only the address, when its units lack it).
+        assert_eq!(
+            view(Active).next_action(Some(true), None, now),
+            Nothing(None)
+        );
+        assert_eq!(action(Some(true), Active, now), SetAddress(pi()));
         assert_eq!(action(Some(false), Active, now), Stop);
         assert_eq!(action(Some(false), Activating, now), Stop);
         assert_eq!(action(Some(false), Inactive, now), Nothing(None));
@@ -290,6 +324,51 @@ mod tests {
         );
         view.on_refresh();
         assert_eq!(view.next_action(Some(false), None, now), TargetAction::Stop);
+    }
+
+    #[test]
+    fn a_target_started_before_this_agent_gets_the_address_then_follows_moves() {
+        let now = Instant::now();
+        let moved = HostAddress::v4("192.0.2.11".parse().unwrap());
+        let mut view = view(UnitState::Active);
+        assert_eq!(
+            view.next_action(Some(true), Some(&pi()), now),
+            TargetAction::SetAddress(pi())
+        );
+        assert_eq!(
+            view.next_action(Some(true), Some(&pi()), now),
+            TargetAction::Nothing(None)
+        );
+        assert_eq!(
+            view.next_action(Some(true), Some(&moved), now),
+            TargetAction::SetAddress(moved)
+        );
+        assert_eq!(view.jobs_sent, 0, "the target was not touched");
+    }
+
+    #[test]
+    fn a_failed_address_update_is_retried_after_a_delay() {
+        let now = Instant::now();
+        let mut view = view(UnitState::Active);
+        assert_eq!(
+            view.next_action(Some(true), Some(&pi()), now),
+            TargetAction::SetAddress(pi())
+        );
+        view.on_address_set(&Err("no manager".into()), now);
+        assert_eq!(
+            view.next_action(Some(true), Some(&pi()), now),
+            TargetAction::Nothing(Some(now + ADDRESS_RETRY_DELAY))
+        );
+        let later = now + ADDRESS_RETRY_DELAY;
+        assert_eq!(
+            view.next_action(Some(true), Some(&pi()), later),
+            TargetAction::SetAddress(pi())
+        );
+        view.on_address_set(&Ok(()), later);
+        assert_eq!(
+            view.next_action(Some(true), Some(&pi()), later),
+            TargetAction::Nothing(None)
+        );
     }
 
     #[test]

@@ -1170,6 +1170,39 @@ async fn failing_start_job_is_reported_and_not_retried_in_a_loop() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_started_before_a_restart_gets_the_address_and_follows_a_move() {
+    within_timeout(async {
+        // A restarted agent finds the target active: it does not know which address the units
+        // were given, so it gives them the host's, then follows a move as usual.
+        let probe = FakeProbe::present(pi());
+        let setup = Setup {
+            probe: Some(probe.clone()),
+            extra_config: "[probe]\npresent_interval_ms = 100\n".into(),
+            ..reachable(
+                UnitSpec::loaded("active"),
+                JobTiming::After(Duration::from_millis(20)),
+            )
+        };
+        let rig = Rig::start(setup).await;
+        let set =
+            |address: &str| Call::SetEnvironment(vec![format!("REACHD_RPI_ADDRESS={address}")]);
+        rig.wait_calls("the address in the environment", |calls| {
+            calls.contains(&set("192.0.2.10"))
+        })
+        .await;
+        probe.move_to(reachd::address::HostAddress::v4(
+            "192.0.2.11".parse().unwrap(),
+        ));
+        rig.wait_calls("the new address in the environment", |calls| {
+            calls.contains(&set("192.0.2.11"))
+        })
+        .await;
+        assert_eq!(rig.systemd.jobs(), [], "the target is left running");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_moving_to_a_new_address_updates_the_environment_not_the_target() {
     within_timeout(async {
         let (rig, probe) = started_with_fake_probe("[probe]\npresent_interval_ms = 100\n").await;
