@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use zbus::fdo::{RequestNameFlags, RequestNameReply};
+use zbus::message::Header;
 use zbus::names::{BusName, WellKnownName};
 use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{self, OwnedObjectPath, OwnedValue, Value};
@@ -132,7 +133,11 @@ struct RootObject {
 )]
 impl RootObject {
     /// Re-evaluates every host now: what the NetworkManager dispatcher hook calls.
-    async fn refresh(&self) -> fdo::Result<()> {
+    async fn refresh(&self, #[zbus(header)] header: Header<'_>) -> fdo::Result<()> {
+        // zbus would ignore arguments given to a method that takes none: refuse them instead.
+        if !header.signature().to_string().is_empty() {
+            return Err(fdo::Error::InvalidArgs("Refresh takes no arguments".into()));
+        }
         self.events
             .send(Event::Refresh)
             .await

@@ -766,4 +766,47 @@ connections = ["0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0"]
             .to_string()
             .starts_with("cannot read /nonexistent/reachd.toml"));
     }
+
+    mod fuzzed {
+        use proptest::prelude::*;
+
+        use super::super::{parse, ConfigError};
+
+        const VALID: &str = "[nix]\nspool = \"/srv/spool\"\n[probe]\nfailures = 3\n[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\nconnections = [\"0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\"]\n[host.nix]\nupload = true\n";
+
+        /// Anything `parse` says about bad text is one located line.
+        fn one_located_line(text: &str) {
+            match parse(text, "c.toml") {
+                Ok(_) => {}
+                Err(ConfigError::Invalid { location, message }) => {
+                    assert!(location.line >= 1 && location.column >= 1, "{location}");
+                    assert!(!message.contains('\n'), "one line: {message:?}");
+                }
+                Err(other) => panic!("parse reads no file: {other}"),
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_text_gives_a_config_or_one_located_line(text in "\\PC{0,300}") {
+                one_located_line(&text);
+            }
+
+            #[test]
+            fn a_mutated_valid_file_gives_a_config_or_one_located_line(
+                at in 0..VALID.len(),
+                cut in 0..20usize,
+                insert in "[\\[\\]=\"\\n.a-z0-9é#-]{0,12}",
+            ) {
+                let mut text = VALID.to_string();
+                let at = (0..=at).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+                let end = (at + cut).min(text.len());
+                let end = (end..=text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
+                text.replace_range(at..end, &insert);
+                one_located_line(&text);
+            }
+        }
+    }
 }

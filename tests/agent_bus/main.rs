@@ -769,6 +769,85 @@ async fn status_watch_prints_each_change_and_ends_with_the_agent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_with_wrong_arguments_get_errors_and_the_agent_goes_on() {
+    within_timeout(async {
+        let rig = Rig::offline().await;
+        let client = &rig.client;
+        let attempts: Vec<zbus::Result<zbus::Message>> = vec![
+            client
+                .call_method(
+                    Some(BUS_NAME),
+                    ROOT_PATH,
+                    Some("org.reachd.Reachd1"),
+                    "Refresh",
+                    &("now",),
+                )
+                .await,
+            client
+                .call_method(
+                    Some(BUS_NAME),
+                    ROOT_PATH,
+                    Some("org.reachd.Reachd1"),
+                    "Reboot",
+                    &(),
+                )
+                .await,
+            client
+                .call_method(
+                    Some(BUS_NAME),
+                    HOST_PATH,
+                    Some("org.freedesktop.DBus.Properties"),
+                    "Get",
+                    &(HOST_INTERFACE, "Password"),
+                )
+                .await,
+            client
+                .call_method(
+                    Some(BUS_NAME),
+                    HOST_PATH,
+                    Some("org.freedesktop.DBus.Properties"),
+                    "Set",
+                    &(
+                        HOST_INTERFACE,
+                        "Reachable",
+                        zbus::zvariant::Value::from(true),
+                    ),
+                )
+                .await,
+            client
+                .call_method(
+                    Some(BUS_NAME),
+                    "/org/reachd/Reachd1/host/nobody",
+                    Some(HOST_INTERFACE),
+                    "Get",
+                    &(),
+                )
+                .await,
+            client
+                .call_method(
+                    Some(BUS_NAME),
+                    HOST_PATH,
+                    Some("org.freedesktop.DBus.Properties"),
+                    "GetAll",
+                    &(42u32,),
+                )
+                .await,
+        ];
+        for (n, attempt) in attempts.into_iter().enumerate() {
+            assert!(
+                matches!(attempt, Err(zbus::Error::MethodError(..))),
+                "call {n} gets a D-Bus error: {attempt:?}"
+            );
+        }
+        rig.assert_agent_running();
+        let host = rig.host().await;
+        assert!(!host.reachable, "the host state is untouched: {host:#?}");
+        rig.refresh().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_future_ends_run_with_ok() {
     within_timeout(async {
         let mut rig = Rig::offline().await;
