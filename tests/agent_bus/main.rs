@@ -14,7 +14,7 @@ mod fake_nm;
 mod fake_probe;
 mod fake_systemd;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -843,6 +843,52 @@ async fn callers_with_wrong_arguments_get_errors_and_the_agent_goes_on() {
         let host = rig.host().await;
         assert!(!host.reachable, "the host state is untouched: {host:#?}");
         rig.refresh().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_forged_networkmanager_signals_cost_a_bounded_number_of_reads() {
+    within_timeout(async {
+        let network = Network::connected(NM_STATE_CONNECTED_GLOBAL, HOME_UUID);
+        let mut rig = Rig::start(Setup::new(Some(network), UnitSpec::loaded("inactive"))).await;
+        rig.wait_nm_reads(1).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = rig.nm().reads();
+        // Another process on the system bus pretends to be NetworkManager.
+        let forger = zbus::connection::Builder::address(rig.system.address())
+            .expect("a valid bus address")
+            .build()
+            .await
+            .expect("the forger connects");
+        let changed: HashMap<&str, zbus::zvariant::Value> =
+            [("State", zbus::zvariant::Value::from(20u32))].into();
+        for _ in 0..1000 {
+            forger
+                .emit_signal(
+                    None::<()>,
+                    "/org/freedesktop/NetworkManager",
+                    "org.freedesktop.DBus.Properties",
+                    "PropertiesChanged",
+                    &(
+                        "org.freedesktop.NetworkManager",
+                        &changed,
+                        Vec::<String>::new(),
+                    ),
+                )
+                .await
+                .expect("the signal is sent");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let reads = rig.nm().reads() - before;
+        eprintln!("1000 forged signals: {reads} reads of NetworkManager");
+        assert!(reads <= 20, "{reads} reads for 1000 forged signals");
+        let host = rig.host().await;
+        assert_ne!(
+            host.reason, "network disconnected",
+            "a forged State is not believed"
+        );
+        rig.assert_agent_running();
     })
     .await;
 }
