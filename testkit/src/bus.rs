@@ -46,6 +46,35 @@ impl PrivateBus {
             CONFIG.replace("SOCKET", &socket.display().to_string()),
         )
         .expect("cannot write the private bus configuration");
+        let mut bus = PrivateBus {
+            child: None,
+            address: String::new(),
+            _dir: dir,
+        };
+        bus.spawn();
+        bus
+    }
+
+    /// Kills the daemon and starts a new one on the same socket, as when the machine's bus is
+    /// restarted: every connection breaks, and clients that connect again find a new bus.
+    pub fn restart(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(self._dir.path().join("socket"));
+        self.spawn();
+    }
+
+    /// The address without the server's GUID, as a well-known bus's address is given (a client
+    /// checks the GUID when there is one, and a restarted bus has another).
+    pub fn path_address(&self) -> String {
+        self.address
+            .split(',')
+            .filter(|part| !part.starts_with("guid="))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&mut self) {
+        let config = self._dir.path().join("bus.conf");
         let spawned = Command::new("dbus-daemon")
             .arg("--nofork")
             .arg("--nopidfile")
@@ -82,19 +111,14 @@ impl PrivateBus {
             let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
             let _ = tx.send(read);
         });
-        let mut bus = PrivateBus {
-            child: Some(child),
-            address: String::new(),
-            _dir: dir,
-        };
+        self.child = Some(child);
         match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(line)) if !line.trim().is_empty() => bus.address = line.trim().to_string(),
+            Ok(Ok(line)) if !line.trim().is_empty() => self.address = line.trim().to_string(),
             other => panic!(
                 "dbus-daemon printed no address ({other:?}); it said: {}",
                 complaints.lock().unwrap_or_else(PoisonError::into_inner)
             ),
         }
-        bus
     }
 
     /// The D-Bus address to connect to (`unix:path=…,guid=…`).

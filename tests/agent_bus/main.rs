@@ -149,7 +149,7 @@ impl Rig {
             .expect("the test connects to its session bus");
         let runtime = tempfile::tempdir().expect("a runtime directory");
         let environment = reachd::agent::Environment {
-            system_bus: Some(system.address().to_string()),
+            system_bus: Some(system.path_address()),
             session_bus: Some(session.address().to_string()),
             runtime_dir: Some(runtime.path().to_path_buf()),
         };
@@ -488,6 +488,31 @@ async fn networkmanager_restart_is_survived_and_followed() {
             .wait_host("unreachable after the restart", |h| {
                 h.state == "unreachable"
             })
+            .await;
+        assert_eq!(host.reason, "network disconnected");
+        rig.assert_agent_running();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_system_bus_is_found_again_and_followed() {
+    within_timeout(async {
+        let network = Network::connected(NM_STATE_CONNECTED_GLOBAL, HOME_UUID);
+        let mut rig = Rig::start(Setup::new(Some(network), UnitSpec::loaded("inactive"))).await;
+        rig.wait_nm_reads(1).await;
+        // The system bus goes (and NetworkManager with it), then comes back with a
+        // NetworkManager that reports no network: the agent reconnects and follows.
+        rig.system.restart();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        rig.assert_agent_running();
+        let system = rig.system.address().to_string();
+        rig.nm()
+            .restart(&system, &Network::disconnected())
+            .await
+            .unwrap();
+        let host = rig
+            .wait_host("unreachable on the new bus", |h| h.state == "unreachable")
             .await;
         assert_eq!(host.reason, "network disconnected");
         rig.assert_agent_running();
