@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use crate::address::HostAddress;
 use crate::reconcile::{BatchOutcome, CheckOutcome, JobKind, NetworkView, UnitState};
+use crate::sleep::SleepLock;
 
 /// A configured host: its position in the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct HostId(pub usize);
 
 /// Something happened that may change what should be.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Event {
     /// NetworkManager's view, read after a change (or for the first time).
     Network(NetworkView),
@@ -56,6 +57,10 @@ pub enum Event {
         epoch: u64,
         outcome: BatchOutcome,
     },
+    /// The machine is about to sleep; dropping the lock lets it (once the targets stopped).
+    Sleep(SleepLock),
+    /// The machine woke up.
+    Resume,
     /// Someone asked to look at every host again now (`reachd refresh`, the dispatcher hook).
     Refresh,
 }

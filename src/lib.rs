@@ -16,5 +16,6 @@ pub mod network;
 pub mod nix;
 pub mod probe;
 pub mod reconcile;
+pub mod sleep;
 pub mod status;
 pub mod units;

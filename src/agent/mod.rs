@@ -31,6 +31,7 @@ use crate::nix::drain::Drain;
 use crate::nix::fragment::Fragment;
 use crate::probe::{Probe, Resolver};
 use crate::reconcile::{nix_eligibility, JobKind, NetworkView, TargetAction};
+use crate::sleep::SleepLock;
 use crate::status::{self, Publisher};
 use crate::units::Units;
 
@@ -141,6 +142,7 @@ pub async fn run_with(
         started: Instant::now(),
         settings: config.probe,
         fragment,
+        sleep_lock: None,
         tasks,
         publisher,
     };
@@ -189,6 +191,8 @@ struct Agent {
     settings: ProbeSettings,
     /// The nix.conf fragment; `None` when no host has `[host.nix]`.
     fragment: Option<Fragment>,
+    /// Held while the machine waits to sleep, until every target is stopped.
+    sleep_lock: Option<SleepLock>,
     tasks: Tasks,
     publisher: Publisher,
 }
@@ -216,6 +220,10 @@ impl Agent {
             }
             wake = self.decide();
             self.publish().await;
+            if self.sleep_lock.is_some() && !self.hosts.iter().any(|h| h.target.busy()) {
+                info!("targets stopped: the machine may sleep");
+                self.sleep_lock = None;
+            }
         }
     }
 
@@ -284,6 +292,19 @@ impl Agent {
                     if gate.on_outcome(epoch, outcome, now) {
                         host.upload_run = None;
                     }
+                }
+            }
+            Event::Sleep(lock) => {
+                for host in &mut self.hosts {
+                    let transition = host.tracker.on_sleep();
+                    host.transition(transition, None);
+                }
+                self.sleep_lock = Some(lock);
+            }
+            Event::Resume => {
+                self.sleep_lock = None;
+                for host in &mut self.hosts {
+                    host.tracker.on_resume(now);
                 }
             }
             Event::Refresh => {

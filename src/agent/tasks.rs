@@ -21,6 +21,7 @@ use crate::nix::drain::Drain;
 use crate::nix::health;
 use crate::probe::{CheckRequest, Probe};
 use crate::reconcile::{JobKind, NetworkView, Run, NIX_CHECK_DEADLINE};
+use crate::sleep;
 use crate::units::Units;
 
 use super::host::Host;
@@ -66,8 +67,8 @@ impl Tasks {
         self.drain = Some(drain);
     }
 
-    /// Follows NetworkManager on the system bus at `address` (the default system bus when
-    /// `None`), reconnecting whenever the bus goes away.
+    /// Follows NetworkManager and logind (sleep) on the system bus at `address` (the default
+    /// system bus when `None`), reconnecting whenever the bus goes away.
     pub fn follow_network(&mut self, address: Option<String>, with_addresses: bool) {
         let events = self.events.clone();
         self.running.spawn(async move {
@@ -80,7 +81,11 @@ impl Tasks {
                     None => zbus::Connection::system().await,
                 };
                 let result = match connected {
-                    Ok(system) => network::follow(system, events.clone(), with_addresses).await,
+                    // NetworkManager and logind share the connection; either ending ends both.
+                    Ok(system) => tokio::select! {
+                        result = network::follow(system.clone(), events.clone(), with_addresses) => result,
+                        result = sleep::follow(&system, &events) => result,
+                    },
                     Err(err) => Err(err),
                 };
                 if events.is_closed() {

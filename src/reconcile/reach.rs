@@ -111,6 +111,8 @@ pub struct HostTracker {
     mdns_addresses: BTreeSet<HostAddress>,
     /// Whether the network may carry the host (see [`NetworkView::verdict`]).
     network_ok: bool,
+    /// The machine sleeps (or is about to): no check until it wakes.
+    asleep: bool,
     /// When the network last became usable for this host.
     network_since: Instant,
     /// Failed checks in a row while reachable.
@@ -138,6 +140,7 @@ impl HostTracker {
             reason: "starting".into(),
             mdns_addresses: BTreeSet::new(),
             network_ok: false,
+            asleep: false,
             network_since: now,
             failures: 0,
             suspect: false,
@@ -233,6 +236,29 @@ impl HostTracker {
         }
     }
 
+    /// The machine is about to sleep: nothing found before holds once it wakes, perhaps on
+    /// another network, so the host counts as unreachable now (and its target is stopped before
+    /// the machine sleeps); no check until [`HostTracker::on_resume`].
+    pub fn on_sleep(&mut self) -> Option<Transition> {
+        self.epoch += 1;
+        self.check_started = None;
+        self.check_due = None;
+        self.failures = 0;
+        self.suspect = false;
+        self.asleep = true;
+        self.set(Reach::Unreachable, "the machine is going to sleep".into())
+    }
+
+    /// The machine woke up: check at once, on whatever network NetworkManager reports.
+    pub fn on_resume(&mut self, now: Instant) {
+        self.asleep = false;
+        self.absent_since = now;
+        self.absent_interval = Duration::ZERO;
+        if self.network_ok {
+            self.check_due = Some(now);
+        }
+    }
+
     /// A check finished. Results of checks started before the last network change are dropped.
     pub fn on_check(
         &mut self,
@@ -276,7 +302,7 @@ impl HostTracker {
 
     /// Whether a check should start now, and when to look again.
     pub fn plan(&mut self, now: Instant) -> Plan {
-        if !self.network_ok || self.check_started.is_some() {
+        if !self.network_ok || self.asleep || self.check_started.is_some() {
             return Plan::default();
         }
         let mut due = self.check_due;
@@ -601,6 +627,44 @@ mod tests {
         let candidates = t.plan(t0).check.expect("a check is due");
         assert_eq!(candidates.len(), MAX_ADDRESSES);
         assert!(candidates.contains(&pi()), "what was there stays");
+    }
+
+    #[test]
+    fn sleep_makes_the_host_unreachable_and_resume_checks_it_at_once() {
+        let t0 = Instant::now();
+        let mut t = tracker_with_pi(t0);
+        check(&mut t, Ok(pi()), t0);
+        assert!(t.plan(t0).check.is_none());
+        let running = {
+            let t1 = t0 + Duration::from_secs(3);
+            assert!(t.plan(t1).check.is_some());
+            t.epoch()
+        };
+        let tr = t.on_sleep().expect("a transition");
+        assert_eq!(
+            (tr.to, tr.reason.as_str()),
+            (Reach::Unreachable, "the machine is going to sleep")
+        );
+        assert_eq!(t.wants_target(), Some(false));
+        let t2 = t0 + Duration::from_secs(60);
+        assert_eq!(
+            t.on_check(running, Ok(pi()), &ProbeSettings::default(), t2),
+            None,
+            "stale"
+        );
+        assert_eq!(t.plan(t2), Plan::default(), "no check while asleep");
+        t.on_network(Ok(()), t2);
+        assert_eq!(
+            t.plan(t2),
+            Plan::default(),
+            "not even after a network change"
+        );
+        let t3 = t2 + Duration::from_secs(600);
+        t.on_resume(t3);
+        assert_eq!(
+            check(&mut t, Ok(pi()), t3).expect("back").to,
+            Reach::Reachable
+        );
     }
 
     #[test]

@@ -185,6 +185,11 @@ impl TargetView {
         self.last_job = format!("{}: running", kind.as_str());
     }
 
+    /// Whether reachd sent a job that has not ended yet.
+    pub fn busy(&self) -> bool {
+        self.job_running.is_some()
+    }
+
     /// Whether reachd sent a stop job that has not ended yet.
     pub fn stopping(&self) -> bool {
         self.job_running == Some(JobKind::Stop)

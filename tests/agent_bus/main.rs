@@ -10,6 +10,7 @@
 //! `reachd::agent::run_with`.
 
 mod fake_cache;
+mod fake_logind;
 mod fake_nm;
 mod fake_probe;
 mod fake_systemd;
@@ -29,6 +30,7 @@ use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::Connection;
 
 use fake_cache::FakeCache;
+use fake_logind::FakeLogind;
 use fake_nm::{FakeNm, Network, NM_STATE_CONNECTED_GLOBAL, NM_STATE_CONNECTED_SITE};
 use fake_probe::FakeProbe;
 use fake_systemd::{Call, FakeSystemd, JobTiming, UnitSpec};
@@ -127,9 +129,17 @@ impl Rig {
     }
 
     async fn start(setup: Setup) -> Rig {
+        Rig::start_on(
+            setup,
+            PrivateBus::start("system"),
+            PrivateBus::start("session"),
+        )
+        .await
+    }
+
+    /// [`Rig::start`] on buses the test started (to put more on them first).
+    async fn start_on(setup: Setup, system: PrivateBus, session: PrivateBus) -> Rig {
         init_logging();
-        let system = PrivateBus::start("system");
-        let session = PrivateBus::start("session");
         let nm = match &setup.network {
             Some(network) => Some(
                 FakeNm::start(system.address(), network)
@@ -1350,6 +1360,60 @@ async fn a_target_started_before_a_restart_gets_the_address_and_follows_a_move()
         assert_eq!(rig.systemd.jobs(), [], "the target is left running");
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_sleep_targets_are_stopped_then_the_machine_may_sleep_and_on_wake_checked_again() {
+    within_timeout(async {
+        let probe = FakeProbe::present(pi());
+        let setup = Setup {
+            probe: Some(probe.clone()),
+            ..reachable(
+                UnitSpec::loaded("inactive"),
+                JobTiming::After(Duration::from_millis(300)),
+            )
+        };
+        // logind is there before the agent, as on a real machine.
+        let (system, session) = (PrivateBus::start("system"), PrivateBus::start("session"));
+        let logind = FakeLogind::start(system.address())
+            .await
+            .expect("the fake logind starts");
+        let rig = Rig::start_on(setup, system, session).await;
+        rig.wait_host("started", |h| h.last_job == "start: done")
+            .await;
+        let held = || logind.inhibitors_held();
+        wait_until("the agent holds a sleep inhibitor", || held() == 1).await;
+
+        logind.prepare_for_sleep(true).await.unwrap();
+        let host = rig
+            .wait_host("unreachable before sleep", |h| h.state == "unreachable")
+            .await;
+        assert_eq!(host.reason, "the machine is going to sleep");
+        // The inhibitor is held until the stop job (300 ms) is done, then let go.
+        assert_eq!(held(), 1, "let go before the target stopped");
+        rig.wait_host("stopped before sleep", |h| h.last_job == "stop: done")
+            .await;
+        wait_until("the inhibitor let go", || held() == 0).await;
+
+        logind.prepare_for_sleep(false).await.unwrap();
+        rig.wait_host("started again after the wake", |h| {
+            h.reachable && h.last_job == "start: done" && h.jobs_sent == 3
+        })
+        .await;
+        wait_until("a new inhibitor for the next sleep", || held() == 1).await;
+    })
+    .await;
+}
+
+/// Waits until `done` holds (checked every 10 ms), failing after [`WAIT`].
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let waited = tokio::time::timeout(WAIT, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "never {what} within {WAIT:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
