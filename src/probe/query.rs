@@ -103,4 +103,34 @@ mod tests {
         );
         assert!(!answers(&q, &avahi_response(7)[..20]), "truncated");
     }
+
+    mod malformed {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            /// Whatever comes back (truncated, wrong types, huge TTLs, garbage), `answers`
+            /// neither panics nor accepts a packet that does not echo our question.
+            #[test]
+            fn any_packet_is_judged_without_a_panic(packet in proptest::collection::vec(any::<u8>(), 0..600)) {
+                let q = build(7, "rpi.local", false);
+                let accepted = answers(&q, &packet);
+                if accepted {
+                    prop_assert!(packet[12..q.len()].eq_ignore_ascii_case(&q[12..]));
+                }
+            }
+
+            #[test]
+            fn a_mutated_answer_is_judged_without_a_panic(at in 0..43usize, byte in any::<u8>(), cut in 0..44usize) {
+                let q = build(7, "rpi.local", false);
+                let mut r = avahi_response(7);
+                r[at] = byte;
+                r.truncate(cut.max(1));
+                let _ = answers(&q, &r);
+            }
+        }
+    }
 }
