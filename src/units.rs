@@ -108,7 +108,7 @@ impl Units {
         self.manager.set_environment(&[assignment]).await
     }
 
-    /// Sends a start or stop job for `unit` in "replace" mode and waits for its result:
+    /// Sends a start, stop or restart job for `unit` in "replace" mode and waits for its result:
     /// `Ok("done")` or `Err` with systemd's result ("failed", "dependency", ...) or error.
     pub async fn run_job(&self, kind: JobKind, unit: &str) -> Result<(), String> {
         // The JobRemoved subscription must exist before the job does, or a fast job's result
@@ -121,6 +121,7 @@ impl Units {
         let sent = match kind {
             JobKind::Start => self.manager.start_unit(unit, Mode::Replace).await,
             JobKind::Stop => self.manager.stop_unit(unit, Mode::Replace).await,
+            JobKind::Restart => self.manager.restart_unit(unit, Mode::Replace).await,
         };
         let job = sent.map_err(|err| match err {
             zbus::Error::MethodError(_, Some(message), _) => message,

@@ -377,6 +377,9 @@ impl Agent {
                 TargetAction::Start(address) => self.tasks.job(id, host, JobKind::Start, address),
                 TargetAction::Stop => self.tasks.job(id, host, JobKind::Stop, None),
                 TargetAction::SetAddress(address) => self.tasks.set_address(id, host, address),
+                TargetAction::Move(address) => {
+                    self.tasks.job(id, host, JobKind::Restart, Some(address))
+                }
             }
         }
         wake

@@ -150,7 +150,8 @@ impl Tasks {
     }
 
     /// Sends a job for the host's target, after putting `address` in the user manager's
-    /// environment for a start, and reports its result with the unit's state right after.
+    /// environment for a start or a restart, and reports its result with the unit's state right
+    /// after.
     pub fn job(
         &mut self,
         id: HostId,
@@ -164,7 +165,7 @@ impl Tasks {
         let events = self.events.clone();
         self.running.spawn(async move {
             let mut result = Ok(());
-            if let (JobKind::Start, Some(address)) = (kind, address) {
+            if let (JobKind::Start | JobKind::Restart, Some(address)) = (kind, address) {
                 // Units started by the target read the address from the manager's environment.
                 result = set_address(&units, &variable, &address).await;
             }

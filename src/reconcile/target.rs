@@ -42,11 +42,13 @@ impl UnitState {
     }
 }
 
-/// The two jobs reachd sends.
+/// The jobs reachd sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobKind {
     Start,
     Stop,
+    /// Restarts the target and, through their `PartOf=`, the units it started.
+    Restart,
 }
 
 impl JobKind {
@@ -54,6 +56,7 @@ impl JobKind {
         match self {
             JobKind::Start => "start",
             JobKind::Stop => "stop",
+            JobKind::Restart => "restart",
         }
     }
 }
@@ -66,9 +69,13 @@ pub enum TargetAction {
     /// Put this address in the user manager's environment (if known), then start the target.
     Start(Option<HostAddress>),
     Stop,
-    /// The host answers at a new address while its target runs (a new DHCP lease): put it in
-    /// the environment for the units that restart from now on, and leave the target alone.
+    /// The target runs and this agent does not know which address its units were given (they
+    /// were started before it): put the host's in the environment, leave the target alone.
     SetAddress(HostAddress),
+    /// The address the units were given stopped answering and the host answers at this one (a
+    /// new lease): put it in the environment, then restart the target, so that the units it
+    /// started (`PartOf=`) come back on the new address instead of talking to the old one.
+    Move(HostAddress),
 }
 
 /// What reachd knows about a host's target, and what it last did to it.
@@ -127,6 +134,10 @@ impl TargetView {
             }
             TargetAction::Stop => self.job_sent(JobKind::Stop),
             TargetAction::SetAddress(address) => self.environment_address = Some(address.clone()),
+            TargetAction::Move(address) => {
+                self.environment_address = Some(address.clone());
+                self.job_sent(JobKind::Restart);
+            }
             TargetAction::Nothing(_) => {}
         }
         action
@@ -160,10 +171,9 @@ impl TargetView {
         }
     }
 
-    /// A running target whose units were given another address than the host's, or one this
-    /// agent does not know (it was started before this agent): the environment gets the host's
-    /// address, so that units restarted from now on find it. A failed update is retried after
-    /// [`ADDRESS_RETRY_DELAY`].
+    /// A running target whose units were given another address than the host's (it moved: the
+    /// check takes a new address only once the old one stopped answering), or one this agent
+    /// does not know. A failed update or restart is retried after a delay.
     fn address_update(&self, address: Option<&HostAddress>, now: Instant) -> TargetAction {
         let Some(address) = address else {
             return TargetAction::Nothing(None);
@@ -171,11 +181,18 @@ impl TargetView {
         if self.environment_address.as_ref() == Some(address) {
             return TargetAction::Nothing(None);
         }
-        match self.address_failure {
-            Some(at) if now < at + ADDRESS_RETRY_DELAY => {
-                TargetAction::Nothing(Some(at + ADDRESS_RETRY_DELAY))
+        if let Some(at) = self.address_failure {
+            if now < at + ADDRESS_RETRY_DELAY {
+                return TargetAction::Nothing(Some(at + ADDRESS_RETRY_DELAY));
             }
-            _ => TargetAction::SetAddress(address.clone()),
+        }
+        match self.last_failure {
+            Some((JobKind::Restart, at)) if now < at + JOB_RETRY_DELAY => {
+                TargetAction::Nothing(Some(at + JOB_RETRY_DELAY))
+            }
+            Some((JobKind::Restart, _)) => TargetAction::Move(address.clone()),
+            _ if self.environment_address.is_none() => TargetAction::SetAddress(address.clone()),
+            _ => TargetAction::Move(address.clone()),
         }
     }
 
@@ -220,6 +237,10 @@ impl TargetView {
             Err(why) => {
                 self.last_failure = Some((kind, now));
                 self.last_job = format!("{}: {why}", kind.as_str());
+                if kind == JobKind::Restart {
+                    // Whether the new address reached the environment is not known.
+                    self.environment_address = None;
+                }
             }
         }
     }
@@ -346,9 +367,36 @@ mod tests {
         );
         assert_eq!(
             view.next_action(Some(true), Some(&moved), now),
-            TargetAction::SetAddress(moved)
+            TargetAction::Move(moved)
         );
-        assert_eq!(view.jobs_sent, 0, "the target was not touched");
+        assert_eq!(view.last_job, "restart: running");
+    }
+
+    #[test]
+    fn a_failed_restart_after_a_move_is_tried_again_later() {
+        let now = Instant::now();
+        let moved = HostAddress::v4("192.0.2.11".parse().unwrap());
+        let mut view = view(UnitState::Inactive);
+        view.next_action(Some(true), Some(&pi()), now);
+        view.on_job_done(JobKind::Start, &Ok(()), Some(UnitState::Active), now);
+        assert_eq!(
+            view.next_action(Some(true), Some(&moved), now),
+            TargetAction::Move(moved.clone())
+        );
+        view.on_job_done(
+            JobKind::Restart,
+            &Err("failed".into()),
+            Some(UnitState::Active),
+            now,
+        );
+        assert_eq!(
+            view.next_action(Some(true), Some(&moved), now),
+            TargetAction::Nothing(Some(now + JOB_RETRY_DELAY))
+        );
+        assert_eq!(
+            view.next_action(Some(true), Some(&moved), now + JOB_RETRY_DELAY),
+            TargetAction::Move(moved)
+        );
     }
 
     #[test]
@@ -392,12 +440,18 @@ mod tests {
         );
         assert_eq!(
             view.next_action(Some(true), Some(&moved), now),
-            TargetAction::SetAddress(moved.clone())
+            TargetAction::Move(moved.clone())
         );
+        assert_eq!(
+            view.next_action(Some(true), Some(&moved), now),
+            TargetAction::Nothing(None),
+            "one restart, then wait for it"
+        );
+        view.on_job_done(JobKind::Restart, &Ok(()), Some(UnitState::Active), now);
         assert_eq!(
             view.next_action(Some(true), Some(&moved), now),
             TargetAction::Nothing(None)
         );
-        assert_eq!(view.jobs_sent, 1, "the target was not touched");
+        assert_eq!(view.jobs_sent, 2, "one start, one restart");
     }
 }

@@ -23,6 +23,7 @@ pub const MANAGER_PATH: &str = "/org/freedesktop/systemd1";
 pub enum Call {
     Start { unit: String, mode: String },
     Stop { unit: String, mode: String },
+    Restart { unit: String, mode: String },
     SetEnvironment(Vec<String>),
 }
 
@@ -158,6 +159,28 @@ impl Manager {
         Ok(self
             .0
             .job(connection, name, spec.stop_result, after)
+            .await?)
+    }
+
+    async fn restart_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<OwnedObjectPath, SystemdError> {
+        self.0.record(Call::Restart {
+            unit: name.into(),
+            mode: mode.into(),
+        });
+        let spec = self.0.spec(name)?;
+        let after = if spec.start_result == "done" {
+            "active"
+        } else {
+            "failed"
+        };
+        Ok(self
+            .0
+            .job(connection, name, spec.start_result, after)
             .await?)
     }
 

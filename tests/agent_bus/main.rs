@@ -1092,6 +1092,13 @@ async fn started_with_fake_probe(config: &'static str) -> (Rig, Arc<FakeProbe>) 
     (rig, probe)
 }
 
+fn restart_job() -> Call {
+    Call::Restart {
+        unit: TARGET.into(),
+        mode: "replace".into(),
+    }
+}
+
 fn start_job() -> Call {
     Call::Start {
         unit: TARGET.into(),
@@ -1333,7 +1340,8 @@ async fn failing_start_job_is_reported_and_not_retried_in_a_loop() {
 async fn a_target_started_before_a_restart_gets_the_address_and_follows_a_move() {
     within_timeout(async {
         // A restarted agent finds the target active: it does not know which address the units
-        // were given, so it gives them the host's, then follows a move as usual.
+        // were given, so it gives them the host's without a restart, then follows a move as
+        // usual.
         let probe = FakeProbe::present(pi());
         let setup = Setup {
             probe: Some(probe.clone()),
@@ -1357,7 +1365,15 @@ async fn a_target_started_before_a_restart_gets_the_address_and_follows_a_move()
             calls.contains(&set("192.0.2.11"))
         })
         .await;
-        assert_eq!(rig.systemd.jobs(), [], "the target is left running");
+        rig.wait_host("restarted on the new address", |h| {
+            h.last_job == "restart: done"
+        })
+        .await;
+        assert_eq!(
+            rig.systemd.jobs(),
+            [restart_job()],
+            "no start: it ran already"
+        );
     })
     .await;
 }
@@ -1417,29 +1433,28 @@ async fn wait_until(what: &str, done: impl Fn() -> bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn host_moving_to_a_new_address_updates_the_environment_not_the_target() {
+async fn host_moving_to_a_new_address_restarts_its_units_there() {
     within_timeout(async {
         let (rig, probe) = started_with_fake_probe("[probe]\npresent_interval_ms = 100\n").await;
+        // The old address stops answering, the host answers at a new one (a new lease).
         probe.move_to(reachd::address::HostAddress::v4(
             "192.0.2.11".parse().unwrap(),
         ));
         let host = rig
-            .wait_host("answering at the new address", |h| {
-                h.address == "192.0.2.11"
+            .wait_host("restarted at the new address", |h| {
+                h.address == "192.0.2.11" && h.last_job == "restart: done"
             })
             .await;
         assert!(host.reachable, "{host:#?}");
-        rig.wait_calls("the new address in the environment", |calls| {
-            calls.contains(&Call::SetEnvironment(vec![
-                "REACHD_RPI_ADDRESS=192.0.2.11".into()
-            ]))
-        })
-        .await;
-        assert_eq!(
-            rig.systemd.jobs(),
-            [start_job()],
-            "the target is left running"
-        );
+        // The new address reaches the environment before the units restart.
+        let calls = rig.systemd.calls();
+        let set = Call::SetEnvironment(vec!["REACHD_RPI_ADDRESS=192.0.2.11".into()]);
+        let at = calls
+            .iter()
+            .position(|c| *c == set)
+            .expect("the address was set");
+        assert_eq!(calls[at + 1], restart_job(), "{calls:#?}");
+        assert_eq!(rig.systemd.jobs(), [start_job(), restart_job()]);
     })
     .await;
 }
