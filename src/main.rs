@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use reachd::client::{Client, ClientError};
 use reachd::nix::listing::Listing;
 use reachd::{agent, config, logging};
@@ -57,6 +57,21 @@ enum Command {
     },
     /// Ask the running agent to re-evaluate every host now (what the dispatcher hook calls).
     Refresh,
+    /// Print shell completions for reachd (bash, zsh, fish, elvish, powershell).
+    ///
+    /// Generated from the command's own definition, e.g. for a package:
+    /// `reachd completions bash > /usr/share/bash-completion/completions/reachd`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (reachd.1, reachd-status.1, ...) into DIR.
+    ///
+    /// Generated from the command's own definition, for packages.
+    Man {
+        /// Where to write them (it must exist).
+        dir: PathBuf,
+    },
     /// List the builds waiting for upload to each host with `upload = true`, from the spool.
     ///
     /// Reads the spool named by the configuration (as `run` finds it), not the agent: it works
@@ -103,6 +118,16 @@ fn main() -> ExitCode {
                 Err(err) => report(Err(err)),
             },
             Command::Refresh => report(refresh().await),
+            Command::Completions { shell } => {
+                // Into memory first: clap_complete panics when its writer fails (a closed pipe).
+                let mut script = Vec::new();
+                clap_complete::generate(shell, &mut Cli::command(), "reachd", &mut script);
+                match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(_) => ExitCode::from(1),
+                }
+            }
+            Command::Man { dir } => man_pages(&dir),
             Command::Uploads {
                 config,
                 wait,
@@ -259,6 +284,28 @@ fn status_line(h: &reachd::status::HostStatus) -> String {
         "{}\t{}\t{}\t{} {}\t{}{nix}",
         h.name, h.state, address, h.target, h.target_state, h.reason
     )
+}
+
+/// Writes reachd.1 and one page per subcommand (reachd-status.1, ...) into `dir`.
+fn man_pages(dir: &std::path::Path) -> ExitCode {
+    let command = Cli::command();
+    let mut pages = vec![("reachd".to_string(), command.clone())];
+    for sub in command.get_subcommands() {
+        let name = format!("reachd-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name)));
+    }
+    for (name, page) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut text = Vec::new();
+        let written = clap_mangen::Man::new(page)
+            .render(&mut text)
+            .and_then(|()| std::fs::write(&path, text));
+        if let Err(err) = written {
+            eprintln!("reachd: cannot write {}: {err}", path.display());
+            return ExitCode::from(CANNOT_TELL);
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// How often `reachd uploads --wait` looks at the spool again.

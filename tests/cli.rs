@@ -175,3 +175,32 @@ fn uploads_needs_a_host_that_uploads() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("no host has `upload = true`"));
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_itself() {
+    let output = reachd(&["completions", "bash"], None);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let script = String::from_utf8_lossy(&output.stdout);
+    for word in ["status", "uploads", "--watch", "--json"] {
+        assert!(script.contains(word), "bash completion knows {word}");
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = reachd(&["man", dir.path().to_str().expect("utf-8")], None);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    for page in [
+        "reachd",
+        "reachd-run",
+        "reachd-status",
+        "reachd-check",
+        "reachd-uploads",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(format!("{page}.1")))
+            .unwrap_or_else(|e| panic!("{page}.1 written: {e}"));
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}.1 is roff"
+        );
+    }
+    let output = reachd(&["man", "/nonexistent/dir"], None);
+    assert_eq!(output.status.code(), Some(2));
+}
