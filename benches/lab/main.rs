@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use measure::{Watchers, CYCLES};
 use reachd_testkit::lab::bench::{PiNames, TARGET};
-use reachd_testkit::lab::{self, cleanup, preflight, Lab};
+use reachd_testkit::lab::{self, cleanup, preflight, Binaries, Lab};
 use reachd_testkit::process::wait_until;
 use report::Report;
 use watch::Events;
@@ -43,9 +43,12 @@ fn main() -> ExitCode {
     }
     cleanup::watchdog(BUDGET, "bench", || println!("bench: FAILED: timed out"));
     let started = Instant::now();
-    let reachd = Path::new(env!("CARGO_BIN_EXE_reachd"));
+    let bins = Binaries {
+        reachd: Path::new(env!("CARGO_BIN_EXE_reachd")),
+        upload_hook: Path::new(env!("CARGO_BIN_EXE_reachd-nix-upload")),
+    };
     eprintln!("bench: building the lab in {} ...", lab::DIR);
-    let result = Lab::build_with(reachd, false).and_then(|mut lab| {
+    let result = Lab::build_with(bins, false).and_then(|mut lab| {
         let report = run(&mut lab);
         if report.is_err() {
             if let Some(u) = &lab.user {
