@@ -20,6 +20,7 @@
 use std::fs;
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -31,7 +32,6 @@ use super::{nix_spawn, pi::pi_nix_dir, pi_socket};
 pub const SPOOL_VAR: &str = "REACHD_SPOOL";
 use crate::lab::user::TestUser;
 use crate::lab::{dir, io_err, Lab, T};
-use crate::process::Spawn;
 
 /// The lab's spool (reachd's `[nix] spool`, the hook's `REACHD_SPOOL`).
 pub fn spool_dir() -> PathBuf {
@@ -140,22 +140,26 @@ impl TestUser {
 impl Lab {
     /// Runs the hook as the laptop's nix-daemon does (root, nothing of the caller's environment
     /// but the spool), for `OUT_PATHS` into `spool`; how long it took.
+    /// (A plain blocking `Command`, not [`crate::process::Spawn::run`], whose 10 ms polling would swamp a hook
+    /// that takes a few milliseconds; the hook writes nothing but a file and cannot hang.)
     pub fn run_hook(&self, out_paths: &str, spool: &Path) -> Result<Duration, String> {
         let start = Instant::now();
-        let out = Spawn::new(hook_path())
+        let out = Command::new(hook_path())
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env(SPOOL_VAR, spool)
             .env("DRV_PATH", "")
             .env("OUT_PATHS", out_paths)
-            .run(T)
-            .map_err(|e| e.to_string())?;
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| io_err(hook_path().display(), e))?;
         let took = start.elapsed();
-        if !out.success() || !out.stderr.trim().is_empty() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() || !stderr.trim().is_empty() {
             return Err(format!(
                 "the hook for {out_paths}: {} {}",
                 out.status,
-                out.stderr.trim()
+                stderr.trim()
             ));
         }
         Ok(took)
