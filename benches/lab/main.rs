@@ -7,6 +7,7 @@
 //! (and a run that was killed is cleaned up by the next bench or lab run, from its markers).
 
 mod measure;
+mod nix;
 mod report;
 mod watch;
 
@@ -153,6 +154,7 @@ fn run(lab: &mut Lab) -> Result<Report, String> {
     }
     lab.user().stop_reachd()?;
     drop(names);
+    report.nix = Some(nix::run(lab)?);
     Ok(report)
 }
 
