@@ -49,8 +49,17 @@ fn main() -> ExitCode {
         upload_hook: Path::new(env!("CARGO_BIN_EXE_reachd-nix-upload")),
     };
     eprintln!("bench: building the lab in {} ...", lab::DIR);
+    // `cargo bench --bench lab -- nix`: only the Nix part.
+    let only_nix = std::env::args().skip(1).any(|a| a == "nix");
     let result = Lab::build_with(bins, false).and_then(|mut lab| {
-        let report = run(&mut lab);
+        let report = if only_nix {
+            nix::run(&mut lab).map(|nix| Report {
+                nix: Some(nix),
+                ..Report::default()
+            })
+        } else {
+            run(&mut lab)
+        };
         if report.is_err() {
             if let Some(u) = &lab.user {
                 let log = u.reachd_log();
@@ -66,6 +75,13 @@ fn main() -> ExitCode {
         report
     });
     match result {
+        Ok(report) if only_nix => {
+            if let Some(nix) = &report.nix {
+                nix.print();
+            }
+            println!("(whole run: {:.0} s)", started.elapsed().as_secs_f64());
+            ExitCode::SUCCESS
+        }
         Ok(report) => {
             report.print(started.elapsed());
             ExitCode::SUCCESS

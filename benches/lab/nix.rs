@@ -50,6 +50,8 @@ pub fn run(lab: &mut Lab) -> Result<NixReport, String> {
     user.stop_reachd()?;
     user.configure_reachd_lab()?;
     user.systemctl(&["enable", "rpi-nix-tunnel.service"])?;
+    // Left active by the earlier measurements, without the tunnel: reachd starts it again.
+    user.systemctl(&["stop", TARGET])?;
     user.start_reachd()?;
     lab.expect_fragment(true, Duration::from_secs(20))?;
     let mut report = NixReport::default();
