@@ -286,6 +286,7 @@ fn mib_s(d: Option<Duration>) -> String {
     })
 }
 
+/// `b / a` of two times: how fast `a` goes relative to `b`.
 fn ratio(a: Option<Duration>, b: Option<Duration>) -> String {
     match (a, b) {
         (Some(a), Some(b)) => format!("{:.2}", b.as_secs_f64() / a.as_secs_f64()),
@@ -343,7 +344,7 @@ impl NixReport {
                 "| {what} | {} | {} | {} |",
                 summary(reachd),
                 summary(bare),
-                ratio(median(bare), median(reachd))
+                ratio(median(reachd), median(bare))
             );
         }
         println!();
