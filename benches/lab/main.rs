@@ -7,6 +7,7 @@
 //! (and a run that was killed is cleaned up by the next bench or lab run, from its markers).
 
 mod measure;
+mod nix;
 mod report;
 mod watch;
 
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use measure::{Watchers, CYCLES};
 use reachd_testkit::lab::bench::{PiNames, TARGET};
-use reachd_testkit::lab::{self, cleanup, preflight, Lab};
+use reachd_testkit::lab::{self, cleanup, preflight, Binaries, Lab};
 use reachd_testkit::process::wait_until;
 use report::Report;
 use watch::Events;
@@ -43,10 +44,22 @@ fn main() -> ExitCode {
     }
     cleanup::watchdog(BUDGET, "bench", || println!("bench: FAILED: timed out"));
     let started = Instant::now();
-    let reachd = Path::new(env!("CARGO_BIN_EXE_reachd"));
+    let bins = Binaries {
+        reachd: Path::new(env!("CARGO_BIN_EXE_reachd")),
+        upload_hook: Path::new(env!("CARGO_BIN_EXE_reachd-nix-upload")),
+    };
     eprintln!("bench: building the lab in {} ...", lab::DIR);
-    let result = Lab::build_with(reachd, false).and_then(|mut lab| {
-        let report = run(&mut lab);
+    // `cargo bench --bench lab -- nix`: only the Nix part.
+    let only_nix = std::env::args().skip(1).any(|a| a == "nix");
+    let result = Lab::build_with(bins, false).and_then(|mut lab| {
+        let report = if only_nix {
+            nix::run(&mut lab).map(|nix| Report {
+                nix: Some(nix),
+                ..Report::default()
+            })
+        } else {
+            run(&mut lab)
+        };
         if report.is_err() {
             if let Some(u) = &lab.user {
                 let log = u.reachd_log();
@@ -62,6 +75,13 @@ fn main() -> ExitCode {
         report
     });
     match result {
+        Ok(report) if only_nix => {
+            if let Some(nix) = &report.nix {
+                nix.print();
+            }
+            println!("(whole run: {:.0} s)", started.elapsed().as_secs_f64());
+            ExitCode::SUCCESS
+        }
         Ok(report) => {
             report.print(started.elapsed());
             ExitCode::SUCCESS
@@ -150,6 +170,7 @@ fn run(lab: &mut Lab) -> Result<Report, String> {
     }
     lab.user().stop_reachd()?;
     drop(names);
+    report.nix = Some(nix::run(lab)?);
     Ok(report)
 }
 

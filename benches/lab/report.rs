@@ -61,6 +61,7 @@ pub struct Report {
     /// UDP datagrams sent in the laptop's namespace in 10 s with reachd stopped.
     pub udp_without: Option<u64>,
     pub link_up: Vec<(usize, LinkUp)>,
+    pub nix: Option<crate::nix::NixReport>,
 }
 
 impl Report {
@@ -153,6 +154,9 @@ impl Report {
         println!("how each figure was taken:");
         for l in HOW {
             println!("  - {l}");
+        }
+        if let Some(nix) = &self.nix {
+            nix.print();
         }
         println!("  (whole run: {:.0} s)", elapsed.as_secs_f64());
     }

@@ -14,13 +14,14 @@
 
 mod nix;
 mod scenarios;
+mod upload;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use reachd_testkit::lab::{self, cleanup, preflight, Lab};
+use reachd_testkit::lab::{self, cleanup, preflight, Binaries, Lab};
 use scenarios::{tail, SCENARIOS};
 
 /// The whole run, lab included, must end before this. A normal run takes under two minutes;
@@ -39,10 +40,19 @@ fn main() -> ExitCode {
         println!("0 passed, 1 failed");
         return ExitCode::FAILURE;
     }
-    let Some(reachd) = option_env!("CARGO_BIN_EXE_reachd") else {
-        eprintln!("lab: cannot run: the crate has no `reachd` binary target to test");
+    let (Some(reachd), Some(upload_hook)) = (
+        option_env!("CARGO_BIN_EXE_reachd"),
+        option_env!("CARGO_BIN_EXE_reachd-nix-upload"),
+    ) else {
+        eprintln!(
+            "lab: cannot run: the crate lacks the `reachd` or `reachd-nix-upload` binary target"
+        );
         println!("0 passed, 1 failed");
         return ExitCode::FAILURE;
+    };
+    let bins = Binaries {
+        reachd: Path::new(reachd),
+        upload_hook: Path::new(upload_hook),
     };
     cleanup::watchdog(BUDGET, "lab", || {
         println!("lab: FAILED: timed out");
@@ -50,7 +60,7 @@ fn main() -> ExitCode {
     });
     let started = Instant::now();
     eprintln!("lab: building the lab in {} ...", lab::DIR);
-    let built = panic::catch_unwind(|| Lab::build(Path::new(reachd)));
+    let built = panic::catch_unwind(|| Lab::build(bins));
     let mut lab = match built {
         Ok(Ok(lab)) => lab,
         Ok(Err(e)) => return setup_failed(&e),
@@ -93,6 +103,10 @@ fn main() -> ExitCode {
                 tail(&u.reachd_log(), 40)
             );
         }
+    }
+    if std::env::var_os("HOLD_TMP").is_some() {
+        eprintln!("HOLDING");
+        std::thread::sleep(Duration::from_secs(240));
     }
     eprintln!("lab: tearing down");
     drop(lab);

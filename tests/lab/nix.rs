@@ -27,7 +27,7 @@ const HALF_DEAD_COMMAND: Duration = Duration::from_secs(10);
 const AGREE: Duration = Duration::from_secs(3);
 
 /// The Nix scenarios need a reachd that accepts `[host.nix]`.
-fn nix_supported(lab: &Lab) -> Result<(), String> {
+pub fn nix_supported(lab: &Lab) -> Result<(), String> {
     match &lab.user().nix_rejected {
         Some(why) => Err(format!(
             "reachd refused its config's [host.nix] (no Nix support?): {why}"

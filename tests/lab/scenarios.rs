@@ -1,4 +1,5 @@
-//! The scenarios of issue 3 (and, from 12 on, of reachd's Nix support: nix.rs), in the order
+//! The scenarios of issue 3 (and, from 12 on, of reachd's Nix support: nix.rs; from 17 on, its
+//! uploads: upload.rs), in the order
 //! they run. Each one starts from the baseline (home up, Pi present, target active) unless it
 //! continues the previous one, asserts the units, reachd's own view and real traffic, and
 //! returns a short report of what it measured.
@@ -14,7 +15,7 @@ use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
 use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
 use reachd_testkit::process::{wait_until, Spawn};
 
-use crate::nix;
+use crate::{nix, upload};
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;
 
@@ -37,6 +38,10 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ("14-nix-half-dead", false, nix::nix_half_dead),
     ("15-nix-missing", false, nix::nix_missing),
     ("16-nix-fragment-atomic", false, nix::nix_fragment_atomic),
+    ("17-nix-upload-away", false, upload::nix_upload_away),
+    ("18-nix-upload-no-agent", false, upload::nix_upload_no_agent),
+    ("19-nix-upload-crash", false, upload::nix_upload_crash),
+    ("20-nix-upload-vanish", false, upload::nix_upload_vanish),
 ];
 
 /// The default bound for noticing a Pi that vanished without a word.

@@ -140,6 +140,16 @@ impl TestUser {
         self.systemctl(&["daemon-reload"]).map(drop)
     }
 
+    /// Configures reachd as the lab has it (the Pi with its cache and uploads, from
+    /// `--config`), after [`TestUser::configure_reachd`] changed it. Takes effect at the next
+    /// start.
+    pub fn configure_reachd_lab(&self) -> Result<(), String> {
+        self.write_reachd_dropin("run --config %h/.config/reachd/config.toml")?;
+        let config = self.home.join(".config/reachd/config.toml");
+        write(&config, crate::lab::user::reachd_config(true))?;
+        self.systemctl(&["daemon-reload"]).map(drop)
+    }
+
     fn unit_path(&self, unit: &str) -> PathBuf {
         self.home.join(".config/systemd/user").join(unit)
     }

@@ -64,6 +64,13 @@ pub fn io_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> String
     format!("{what}: {e}")
 }
 
+/// The programs under test, as Cargo built them: the agent and Nix's post-build hook.
+#[derive(Debug, Clone, Copy)]
+pub struct Binaries<'a> {
+    pub reachd: &'a Path,
+    pub upload_hook: &'a Path,
+}
+
 /// The running lab. Dropping it tears everything down.
 pub struct Lab {
     pub tracker: Tracker,
@@ -86,13 +93,13 @@ pub struct Lab {
 impl Lab {
     /// Builds the whole lab, cleaning up leftovers first. On error, dropping the partial lab
     /// cleans up what was built.
-    pub fn build(reachd: &Path) -> Result<Lab, String> {
-        Lab::build_with(reachd, true)
+    pub fn build(bins: Binaries) -> Result<Lab, String> {
+        Lab::build_with(bins, true)
     }
 
     /// [`Lab::build`], with or without our dispatcher hook (the benchmark measures reachd
     /// without it). reachd itself is not started: D-Bus activation or the unit start it.
-    pub fn build_with(reachd: &Path, hook: bool) -> Result<Lab, String> {
+    pub fn build_with(bins: Binaries, hook: bool) -> Result<Lab, String> {
         recover();
         fs::create_dir_all(dir().join("state")).map_err(|e| io_err(DIR, e))?;
         fs::create_dir_all(dir().join("logs")).map_err(|e| io_err(DIR, e))?;
@@ -122,12 +129,13 @@ impl Lab {
         lab.start_cafe()?;
         lab.write_nm_config()?;
         lab.start_nm()?;
-        lab.start_nix()?;
+        lab.start_nix(bins.upload_hook)?;
         lab.wait_home_up()?;
         if hook {
             install_hook()?;
         }
-        lab.user = Some(TestUser::create(&lab.tracker, reachd)?);
+        lab.user = Some(TestUser::create(&lab.tracker, bins.reachd)?);
+        nix::create_spool(lab.user().gid)?;
         Ok(lab)
     }
 

@@ -381,15 +381,24 @@ impl TestUser {
 
 /// reachd's config in the lab. Only ever reachable on "home": the café's impostor must not count
 /// (scenario 6). No [probe] table: the defaults are under test. `[host.nix]` with the defaults
-/// written out, where the Nix scenarios look.
-fn reachd_config(nix: bool) -> String {
-    let mut text = format!(
-        "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n\
-         target = \"rpi-accessible.target\"\nport = 22\nconnections = [\"{HOME_UUID}\"]\n"
-    );
+/// written out, where the Nix scenarios look, and uploads through the tunnel (the default
+/// `upload_store`) from the lab's spool.
+pub(crate) fn reachd_config(nix: bool) -> String {
+    let mut text = String::new();
     if nix {
         text.push_str(&format!(
-            "\n[host.nix]\ndaemon_socket = \"%t/rpi-nix-daemon.sock\"\nlisten = \"{}\"\n",
+            "[nix]\nspool = \"{}\"\n\n",
+            crate::lab::nix::spool_dir().display()
+        ));
+    }
+    text.push_str(&format!(
+        "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n\
+         target = \"rpi-accessible.target\"\nport = 22\nconnections = [\"{HOME_UUID}\"]\n"
+    ));
+    if nix {
+        text.push_str(&format!(
+            "\n[host.nix]\ndaemon_socket = \"%t/rpi-nix-daemon.sock\"\nlisten = \"{}\"\n\
+             upload = true\n",
             crate::lab::nix::CACHE_LISTEN
         ));
     }

@@ -42,7 +42,7 @@ impl TestUser {
     }
 
     /// `reachd status --json`, the `rpi` entry.
-    fn status_host(&self) -> Result<Value, String> {
+    pub(crate) fn status_host(&self) -> Result<Value, String> {
         let out = self.reachd(&["status", "--json"])?;
         if !out.success() {
             return Err(format!(
@@ -80,7 +80,7 @@ impl TestUser {
     }
 
     /// Properties of the host object on the session bus, in the order asked.
-    fn host_properties(&self, names: &[&str]) -> Result<Vec<Value>, String> {
+    pub(crate) fn host_properties(&self, names: &[&str]) -> Result<Vec<Value>, String> {
         let out = self
             .cmd("busctl")
             .args([

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::{daemon_handshake, fragment_path, nix_spawn, write, CACHE_URL};
+use super::{daemon_handshake, fragment_path, nix_spawn, upload, write, CACHE_URL};
 use crate::lab::user::TestUser;
 use crate::lab::{dir, io_err, Lab, T};
 use crate::process::{wait_until, Spawn};
@@ -16,7 +16,7 @@ fn laptop_dir() -> PathBuf {
 }
 
 /// The laptop's "/etc/nix" (NIX_CONF_DIR of its daemon and of the user's commands).
-fn laptop_etc() -> PathBuf {
+pub(super) fn laptop_etc() -> PathBuf {
     laptop_dir().join("etc")
 }
 
@@ -40,9 +40,11 @@ pub fn user_conf_without_include() -> PathBuf {
 /// only its units.
 pub fn user_nix_conf(include: bool) -> String {
     let mut text = format!(
-        "# The lab's laptop nix-daemon (a chroot store on a socket of its own).\n\
-         store = unix://{}\n",
-        laptop_socket().display()
+        "# The lab's laptop nix-daemon (a chroot store on a socket of its own; `root`: where\n\
+         # `nix copy` reads the paths it uploads).\n\
+         store = unix://{}?root={}\n",
+        laptop_socket().display(),
+        laptop_store_root().display()
     );
     if include {
         text.push_str(&format!(
@@ -51,6 +53,21 @@ pub fn user_nix_conf(include: bool) -> String {
         ));
     }
     text
+}
+
+/// The tunnel's socket as a store: what the old recipe named in `extra-substituters`.
+pub const TUNNEL_STORE: &str = "unix:///run/user/1500/rpi-nix-daemon.sock";
+
+/// The old recipe's user nix.conf (for NIX_USER_CONF_FILES): the tunnel's socket as an extra
+/// substituter, which the laptop's daemon lists in `trusted-substituters` as the recipe said.
+pub fn old_recipe_conf() -> Result<PathBuf, String> {
+    let path = laptop_dir().join("user-old-recipe.conf");
+    let text = format!(
+        "{}# The old recipe.\nextra-substituters = {TUNNEL_STORE}\n",
+        user_nix_conf(false)
+    );
+    write(&path, &text)?;
+    Ok(path)
 }
 
 /// One command's outcome, with how long it took.
@@ -104,19 +121,26 @@ impl Lab {
 
     /// Starts the laptop's nix-daemon in the laptop's network namespace (where reachd's cache
     /// listens) and gives its store one path of its own. Trusts the Pi's key, the one cache URL
-    /// reachd serves, and no user but root.
+    /// reachd serves, and no user but root; signs what it builds with laptop-1 and runs the
+    /// upload hook after each build, into the lab's spool.
     pub(super) fn start_laptop_nix(&mut self, pi_key: &str) -> Result<String, String> {
         let (etc, home) = (laptop_etc(), laptop_dir().join("home"));
         for d in [&etc, &home, &laptop_store_root()] {
             fs::create_dir_all(d).map_err(|e| io_err(d.display(), e))?;
         }
+        let (laptop_sec, _) = upload::laptop_key()?;
         write(
             &etc.join("nix.conf"),
             &format!(
-                "# The lab laptop's /etc/nix/nix.conf: no cache but the one reachd serves for the Pi.\n\
-                 trusted-substituters = {CACHE_URL}\ntrusted-public-keys = {pi_key}\n\
+                "# The lab laptop's /etc/nix/nix.conf: no cache but the one reachd serves for the Pi\n\
+                 # (and, for the bench, the tunnel's socket as the old recipe had it).\n\
+                 trusted-substituters = {CACHE_URL} {TUNNEL_STORE}\ntrusted-public-keys = {pi_key}\n\
                  require-sigs = true\nsubstituters =\nsandbox = false\nbuild-users-group =\n\
-                 experimental-features = nix-command\nextra-sandbox-paths = /bin /usr /lib /lib64\n"
+                 experimental-features = nix-command\nextra-sandbox-paths = /bin /usr /lib /lib64\n\
+                 # Uploads: builds signed by laptop-1, recorded by reachd's hook.\n\
+                 secret-key-files = {}\npost-build-hook = {}\n",
+                laptop_sec.display(),
+                upload::hook_path().display()
             ),
         )?;
         write(&user_conf_without_include(), &user_nix_conf(false))?;
@@ -124,6 +148,7 @@ impl Lab {
             .args(["--option", "store"])
             .arg(format!("local?root={}", laptop_store_root().display()))
             .env("NIX_DAEMON_SOCKET_PATH", laptop_socket())
+            .env(upload::SPOOL_VAR, upload::spool_dir())
             .netns(Lab::netns_path("laptop"));
         self.laptop_nix = Some(self.daemon("laptop-nix-daemon", daemon)?);
         wait_until(T, "the laptop's nix-daemon", || {

@@ -6,7 +6,7 @@
 //!
 //! Modules: pi.rs (the Pi's daemon and store), laptop.rs (the laptop's daemon, the user's
 //! configuration, running nix as the user), fragment.rs (reachd's fragment and what reachd says
-//! about Nix). Where things are:
+//! about Nix), upload.rs (the post-build hook, the spool, the laptop's signing key). Where things are:
 //! - DIR/pi/store-root: the Pi's chroot store, a tmpfs mounted in the Pi's mount namespace only
 //!   (sshd and the Pi's nix-daemon share that namespace); from the machine's own namespace it
 //!   is an empty directory. Its daemon's socket, the tunnel's far end (`RPI_NIX_SOCKET`), is
@@ -15,8 +15,10 @@
 //! - DIR/laptop-nix: the laptop's "/etc/nix" (etc/, read by its daemon and by the user's
 //!   commands alike, as /etc/nix/nix.conf is on a real machine), its chroot store (root/), the
 //!   daemon's socket (daemon.sock).
-//! - ~/.config/nix/nix.conf of the lab user: `store = unix://…/daemon.sock` and
+//! - ~/.config/nix/nix.conf of the lab user: `store = unix://…/daemon.sock?root=…` and
 //!   `!include /run/user/1500/reachd/nix.conf` ([`fragment_path`]).
+//! - DIR/spool: the upload spool, DIR/bin/reachd-nix-upload: the laptop daemon's post-build
+//!   hook (upload.rs).
 //!
 //! Facts (checked here with Debian's Nix 2.8):
 //! - The Pi's paths are outputs of derivations, signed by the Pi's daemon as it builds them
@@ -41,10 +43,15 @@ use crate::process::Spawn;
 mod fragment;
 mod laptop;
 mod pi;
+mod upload;
 
 pub use fragment::{fragment_path, Fragment};
-pub use laptop::{laptop_store_root, user_conf_without_include, user_nix_conf, NixRun};
+pub use laptop::{
+    laptop_store_root, old_recipe_conf, user_conf_without_include, user_nix_conf, NixRun,
+    TUNNEL_STORE,
+};
 pub use pi::{pi_socket, pi_store_root, SMALL_TEXT};
+pub use upload::{create_spool, hook_path, spool_dir, UploadView};
 
 /// Where reachd serves the Pi's cache, in the laptop's network namespace (its config's
 /// `listen`), and the URL Nix uses for it.
@@ -78,9 +85,11 @@ impl Lab {
             .expect("the lab has its Nix paths once built")
     }
 
-    /// Fills the Pi's store and starts the laptop's Nix; records the paths the scenarios use.
-    pub fn start_nix(&mut self) -> Result<(), String> {
+    /// Fills the Pi's store and starts the laptop's Nix, with `upload_hook` (the built
+    /// `reachd-nix-upload`) as its post-build hook; records the paths the scenarios use.
+    pub fn start_nix(&mut self, upload_hook: &Path) -> Result<(), String> {
         let mut pi = self.pi_nix_build(&["small", "dep", "ref", "other"], "")?;
+        upload::install_hook(upload_hook)?;
         let local = self.start_laptop_nix(&pi::pi_key()?)?;
         let (other, reference, dep, small) =
             (pi.remove(3), pi.remove(2), pi.remove(1), pi.remove(0));

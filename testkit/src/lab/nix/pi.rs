@@ -42,7 +42,7 @@ pub fn pi_socket() -> PathBuf {
     pi_store_root().join("nix/var/nix/daemon-socket/socket")
 }
 
-fn pi_nix_dir() -> PathBuf {
+pub(super) fn pi_nix_dir() -> PathBuf {
     dir().join("pi/nix")
 }
 
@@ -84,12 +84,14 @@ impl Lab {
             .ok(T)
             .map_err(|e| e.to_string())?;
         let key = pi_key()?;
+        let (_, laptop_key) = super::upload::laptop_key()?;
         write(
             &nix.join("nix.conf"),
             &format!(
-                "# The lab Pi's nix-daemon: trusts root (sshd's sessions), signs what it builds.\n\
+                "# The lab Pi's nix-daemon: trusts root (sshd's sessions), signs what it builds,\n\
+                 # takes the laptop's uploads signed by laptop-1.\n\
                  trusted-users = root\nsandbox = false\nbuild-users-group =\nsubstituters =\n\
-                 trusted-public-keys = {key}\nsecret-key-files = {}\n\
+                 trusted-public-keys = {key} {laptop_key}\nsecret-key-files = {}\n\
                  experimental-features = nix-command\nextra-sandbox-paths = /bin /usr /lib /lib64\n",
                 sec.display()
             ),
@@ -161,5 +163,45 @@ impl Lab {
             .to_string();
         let mut paths = self.pi_nix_build(&["big"], &nonce)?;
         Ok(paths.remove(0))
+    }
+}
+
+impl Lab {
+    /// `nix copy --from ssh://root@PI?remote-store=local?root=<the Pi's store>` of `path` into a
+    /// fresh chroot store at `to`, as root in the laptop's namespace with the lab's ssh key: the
+    /// plain-ssh way to fetch from the Pi (`nix-store --serve` on the Pi, in its mount
+    /// namespace, opening its store directly), to compare reachd's cache with.
+    pub fn ssh_copy_from_pi(
+        &self,
+        path: &str,
+        to: &std::path::Path,
+    ) -> Result<super::NixRun, String> {
+        let nix = pi_nix_dir();
+        let ssh = dir().join("home/.ssh");
+        let remote = format!("local%3Froot%3D{}", pi_store_root().display());
+        let spawn = nix_spawn("nix", &super::laptop::laptop_etc(), &nix.join("home"))
+            .args([
+                "--extra-experimental-features",
+                "nix-command",
+                "copy",
+                "--from",
+            ])
+            .arg(format!(
+                "ssh://root@{}?remote-store={remote}",
+                crate::lab::PI_ADDR
+            ))
+            .arg("--to")
+            .arg(format!("local?root={}", to.display()))
+            .arg(path)
+            .env(
+                "NIX_SSHOPTS",
+                format!(
+                    "-i {} -o IdentitiesOnly=yes -o BatchMode=yes -o UserKnownHostsFile={}",
+                    ssh.join("id_lab").display(),
+                    ssh.join("known_hosts").display()
+                ),
+            )
+            .netns(Lab::netns_path("laptop"));
+        super::NixRun::of(spawn, BUILD_TIMEOUT)
     }
 }
