@@ -30,7 +30,7 @@ use crate::network;
 use crate::nix::drain::Drain;
 use crate::nix::fragment::Fragment;
 use crate::probe::{Probe, Resolver};
-use crate::reconcile::{nix_eligibility, JobKind, NetworkView, TargetAction};
+use crate::reconcile::{nix_eligibility, JobKind, NetworkView, NixGate, TargetAction};
 use crate::sleep::SleepLock;
 use crate::status::{self, Publisher};
 use crate::units::Units;
@@ -435,9 +435,9 @@ impl Agent {
     }
 }
 
-/// Whether Nix may use the host's cache and whether to upload to it: starts the cache check or
-/// the run over the upload queue that is due, stops an upload when the host goes, and returns
-/// when to look again.
+/// Whether Nix may use the host's cache and whether to upload to it (only while the cache
+/// answers): starts the cache check or the run over the upload queue that is due, stops an
+/// upload when the host goes, and returns when to look again.
 fn decide_nix(tasks: &mut Tasks, id: HostId, host: &mut Host, now: Instant) -> Option<Instant> {
     let eligibility = nix_eligibility(&host.tracker, &host.target);
     let mut wake: Option<Instant> = None;
@@ -448,8 +448,11 @@ fn decide_nix(tasks: &mut Tasks, id: HostId, host: &mut Host, now: Instant) -> O
         }
         wake = plan.wake;
     }
+    // Uploads go through the same tunnel: only once the cache check saw the host's daemon (or
+    // its HTTP cache) answer, not as soon as the target is active (its units may still start).
+    let cache_answers = host.nix.as_ref().is_some_and(NixGate::in_use);
     if let Some(gate) = &mut host.upload {
-        let plan = gate.plan(eligibility.is_ok(), now);
+        let plan = gate.plan(cache_answers, now);
         if plan.stop {
             if let Some(run) = host.upload_run.take() {
                 run.abort();

@@ -69,6 +69,7 @@ impl Drain {
                     pending: u32::try_from(report.pending).unwrap_or(u32::MAX),
                     copied: report.copied,
                     lost: report.lost.len(),
+                    done: report.done.len(),
                     error: report.failure.map(|f| f.error.to_string()),
                     next_try: report.next_try.map(instant_of),
                 }

@@ -595,7 +595,7 @@ impl Spool {
         let mut queues = Vec::with_capacity(hosts.len());
         for host in hosts {
             let dir = self.queue(host)?;
-            ensure_dir(&dir)?;
+            ensure_queue_dir(&dir)?;
             report.stale_temps += remove_stale_temps(&dir)?;
             let ids = list_entries(&dir)?;
             let mut queue = QueueIndex {
@@ -754,7 +754,7 @@ impl Spool {
         let dir = self.queue(host)?;
         match retry {
             Some(retry) => {
-                ensure_dir(&dir)?;
+                ensure_queue_dir(&dir)?;
                 write_atomically(&dir, QUEUE_STATE, retry.encode_queue().as_bytes())?;
             }
             None if !dir.is_dir() => return Ok(()),
@@ -780,6 +780,19 @@ fn holds_entry(dir: &Path, candidates: &[EntryId], entry: &Entry) -> Result<bool
         }
     }
     Ok(false)
+}
+
+/// A host's queue: the agent's own directory (only the agent and its user's `reachd uploads`
+/// use it), made without changing its mode afterwards. A chmod that keeps the setgid bit it
+/// inherits from `hosts/` is refused to the agent by its unit's `RestrictSUIDSGID=yes`, and
+/// none is needed: the entries linked in keep their own group and mode.
+fn ensure_queue_dir(dir: &Path) -> Result<(), SpoolError> {
+    use std::os::unix::fs::DirBuilderExt;
+    match fs::DirBuilder::new().mode(0o770).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(io_err("create", dir)(e)),
+    }
 }
 
 fn ensure_dir(dir: &Path) -> Result<(), SpoolError> {

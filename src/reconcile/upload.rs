@@ -1,5 +1,5 @@
-//! Uploads: when to drain a host's upload queue. Batches run only while the host is reachable and
-//! its target active (the tunnel is up), one at a time; the next starts at once while due entries
+//! Uploads: when to drain a host's upload queue. Batches run only while the host's cache answers
+//! (reachable, target active, and the daemon seen through the tunnel), one at a time; the next starts at once while due entries
 //! remain, after the drain's backoff when it failed, and every [`SPOOL_POLL`] otherwise, to pick
 //! up new builds. A host lost mid-batch has the batch stopped at once (its entries stay queued).
 //! While the host is away the queue is still counted every [`SPOOL_POLL`], so that "12 paths
@@ -21,6 +21,8 @@ pub struct BatchOutcome {
     pub copied: usize,
     /// Paths collected on this machine before they could be uploaded: given up.
     pub lost: usize,
+    /// Builds (queue entries) done: uploaded, or found on the host already.
+    pub done: usize,
     /// Why (part of) the run failed.
     pub error: Option<String>,
     /// When another run can do something: `None` when the queue is empty.
@@ -84,7 +86,7 @@ impl UploadGate {
         self.epoch
     }
 
-    /// Takes the host's eligibility (reachable, target active) and says what to start or stop.
+    /// Takes whether the host may be uploaded to now and says what to start or stop.
     pub fn plan(&mut self, eligible: bool, now: Instant) -> UploadPlan {
         let mut plan = UploadPlan::default();
         if eligible != self.eligible {
@@ -112,13 +114,18 @@ impl UploadGate {
 
     /// A run ended. Returns `false` for the outcome of a run that was stopped.
     pub fn on_outcome(&mut self, epoch: u64, outcome: BatchOutcome, now: Instant) -> bool {
-        if epoch != self.epoch || self.running.take().is_none() {
+        if epoch != self.epoch {
             return false;
         }
+        let Some(finished) = self.running.take() else {
+            return false;
+        };
         self.pending = outcome.pending;
-        if outcome.copied > 0 || outcome.lost > 0 {
+        if outcome.done > 0 || outcome.lost > 0 {
             self.last_upload = format!(
-                "{} path{} copied{}",
+                "{} build{} done, {} path{} copied{}",
+                outcome.done,
+                if outcome.done == 1 { "" } else { "s" },
                 outcome.copied,
                 if outcome.copied == 1 { "" } else { "s" },
                 if outcome.lost > 0 {
@@ -130,6 +137,8 @@ impl UploadGate {
         }
         self.last_error = outcome.error.unwrap_or_default();
         self.next = Some(match outcome.next_try {
+            // A count that ended after the host came: upload at once.
+            _ if finished == Run::Count && self.eligible => now,
             Some(at) if self.eligible => at.max(now),
             _ => now + SPOOL_POLL,
         });
@@ -175,15 +184,43 @@ mod tests {
         let done = BatchOutcome {
             pending: 900,
             copied: 100,
+            done: 100,
             next_try: Some(t0),
             ..BatchOutcome::default()
         };
         assert!(gate.on_outcome(gate.epoch(), done, t0));
-        assert_eq!(gate.last_upload, "100 paths copied");
+        assert_eq!(gate.last_upload, "100 builds done, 100 paths copied");
         assert_eq!(gate.plan(true, t0).start, Some(Run::Upload), "at once");
         // The queue empties: new builds are looked for every SPOOL_POLL.
         assert!(gate.on_outcome(gate.epoch(), outcome(0, None), t0));
         assert_eq!(gate.plan(true, t0).wake, Some(t0 + SPOOL_POLL));
+    }
+
+    #[test]
+    fn a_count_that_ends_after_the_host_came_is_followed_by_an_upload_at_once() {
+        let t0 = Instant::now();
+        let mut gate = UploadGate::new();
+        assert_eq!(gate.plan(false, t0).start, Some(Run::Count));
+        assert_eq!(
+            gate.plan(true, t0),
+            UploadPlan::default(),
+            "the count still runs"
+        );
+        assert!(gate.on_outcome(gate.epoch(), outcome(3, None), t0));
+        assert_eq!(gate.plan(true, t0).start, Some(Run::Upload));
+    }
+
+    #[test]
+    fn builds_already_on_the_host_are_reported_done() {
+        let t0 = Instant::now();
+        let mut gate = UploadGate::new();
+        gate.plan(true, t0);
+        let known = BatchOutcome {
+            done: 2,
+            ..BatchOutcome::default()
+        };
+        assert!(gate.on_outcome(gate.epoch(), known, t0));
+        assert_eq!(gate.last_upload, "2 builds done, 0 paths copied");
     }
 
     #[test]
