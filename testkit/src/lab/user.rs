@@ -160,7 +160,8 @@ impl TestUser {
         let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
         w(
             self.home.join(".ssh/known_hosts"),
-            format!("{PI_ADDR} {}\n", host_key.join(" ")),
+            // "rpi": the example units pin the key under that alias; the address for plain ssh.
+            format!("rpi,{PI_ADDR} {}\n", host_key.join(" ")),
         )?;
         w(self.home.join(".ssh/id_lab"), read(pi.join("client_key"))?)?;
         w(
