@@ -1,8 +1,7 @@
 //! The Nix scenarios: reachd's fragment and cache against the lab's real Nix (testkit's
 //! lab/nix/): the Pi's store reachable only through the tunnel, the laptop's nix-daemon
 //! substituting from reachd's cache for a user it does not trust, whose nix.conf includes the
-//! fragment. A reachd without Nix support refuses the `[host.nix]` table, and these scenarios
-//! then fail at once, saying so; the other scenarios run without it.
+//! fragment.
 
 use std::fs;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,16 +24,6 @@ const HALF_DEAD_NOTICED: Duration = Duration::from_secs(5);
 const HALF_DEAD_COMMAND: Duration = Duration::from_secs(10);
 /// Status views may lag the fragment by this much.
 const AGREE: Duration = Duration::from_secs(3);
-
-/// The Nix scenarios need a reachd that accepts `[host.nix]`.
-pub fn nix_supported(lab: &Lab) -> Result<(), String> {
-    match &lab.user().nix_rejected {
-        Some(why) => Err(format!(
-            "reachd refused its config's [host.nix] (no Nix support?): {why}"
-        )),
-        None => Ok(()),
-    }
-}
 
 fn ms(d: Duration) -> String {
     format!("{} ms", d.as_millis())
@@ -127,7 +116,6 @@ fn expect_valid(lab: &Lab, path: &str) -> Result<(), String> {
 
 /// Home, tunnel up: the user's plain `nix-store -r` fetches the Pi's paths through reachd.
 pub fn nix_home(lab: &mut Lab) -> Result<String, String> {
-    nix_supported(lab)?;
     baseline(lab)?;
     let named = lab.expect_fragment(true, T)?;
     let reason = lab.expect_nix_in_use(true, AGREE)?;
@@ -156,7 +144,6 @@ pub fn nix_home(lab: &mut Lab) -> Result<String, String> {
 /// Away (no network, then the café with its impostor): no cache in the fragment, and Nix is as
 /// fast as without the include.
 pub fn nix_away(lab: &mut Lab) -> Result<String, String> {
-    nix_supported(lab)?;
     baseline(lab)?;
     lab.nmcli_con("down", HOME_UUID)?;
     lab.expect_down(T, "home down (nix)")?;
@@ -219,7 +206,6 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// The Pi answers mDNS and TCP but its sshd hangs (every sshd process stopped): the fragment
 /// loses the cache quickly and Nix does not hang on it.
 pub fn nix_half_dead(lab: &mut Lab) -> Result<String, String> {
-    nix_supported(lab)?;
     baseline(lab)?;
     lab.expect_fragment(true, T)?;
     let sshd = lab.sshd.as_ref().ok_or("sshd is not running")?.pid();
@@ -265,7 +251,6 @@ fn half_dead(lab: &Lab) -> Result<String, String> {
 /// A derivation whose output the Pi does not have: the cache's 404 falls through to a local
 /// build while the fragment names the Pi.
 pub fn nix_missing(lab: &mut Lab) -> Result<String, String> {
-    nix_supported(lab)?;
     baseline(lab)?;
     lab.expect_fragment(true, T)?;
     let nonce = SystemTime::now()
@@ -327,7 +312,6 @@ fn read_until(stop: &AtomicBool) -> Reads {
 /// The home connection flaps while a reader reads the fragment: every read is absent or a
 /// complete file, and both kinds of file were seen.
 pub fn nix_fragment_atomic(lab: &mut Lab) -> Result<String, String> {
-    nix_supported(lab)?;
     baseline(lab)?;
     lab.expect_fragment(true, T)?;
     let stop = AtomicBool::new(false);

@@ -13,7 +13,6 @@ use reachd_testkit::lab::nix::{spool_dir, NixRun};
 use reachd_testkit::lab::{dir, Lab, HOME_UUID, T};
 use reachd_testkit::process::{descendants, kill_pid, wait_until};
 
-use crate::nix::nix_supported;
 use crate::scenarios::{baseline, secs};
 
 /// Paths queued by the crash scenario. The issue asked for 1000; they build, queue and drain in
@@ -183,7 +182,6 @@ fn hook_time(lab: &Lab, path: &str) -> Result<Duration, String> {
 
 /// Home down; the user builds; reachd counts it while away and uploads it on return.
 pub fn nix_upload_away(lab: &mut Lab) -> Result<String, String> {
-    nix_supported(lab)?;
     baseline(lab)?;
     settle(lab)?;
     lab.nmcli_con("down", HOME_UUID)?;
@@ -229,7 +227,6 @@ fn ms(d: Duration) -> String {
 
 /// reachd stopped: the hook records the build alone; reachd, started again, uploads it.
 pub fn nix_upload_no_agent(lab: &mut Lab) -> Result<String, String> {
-    nix_supported(lab)?;
     baseline(lab)?;
     settle(lab)?;
     lab.user().systemctl(&["stop", REACHD])?;
@@ -302,7 +299,6 @@ fn copying(pid: u32) -> Option<u32> {
 /// N paths queued while away; reachd killed (SIGKILL) mid-drain: systemd restarts it and
 /// every path arrives.
 pub fn nix_upload_crash(lab: &mut Lab) -> Result<String, String> {
-    nix_supported(lab)?;
     baseline(lab)?;
     settle(lab)?;
     lab.nmcli_con("down", HOME_UUID)?;
@@ -385,7 +381,6 @@ pub fn nix_upload_crash(lab: &mut Lab) -> Result<String, String> {
 /// than queued away, so that the copy is not the one that races the tunnel: see
 /// [`DRAIN_STARTS`].)
 pub fn nix_upload_vanish(lab: &mut Lab) -> Result<String, String> {
-    nix_supported(lab)?;
     baseline(lab)?;
     settle(lab)?;
     lab.expect_tunnel()?;

@@ -146,7 +146,7 @@ impl TestUser {
     pub fn configure_reachd_lab(&self) -> Result<(), String> {
         self.write_reachd_dropin("run --config %h/.config/reachd/config.toml")?;
         let config = self.home.join(".config/reachd/config.toml");
-        write(&config, crate::lab::user::reachd_config(true))?;
+        write(&config, crate::lab::user::reachd_config())?;
         self.systemctl(&["daemon-reload"]).map(drop)
     }
 

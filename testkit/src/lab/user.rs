@@ -42,9 +42,6 @@ pub struct TestUser {
     pub uid: u32,
     pub gid: u32,
     pub home: PathBuf,
-    /// Why reachd refused its config's `[host.nix]` table, if it did (a reachd without Nix
-    /// support): it then runs without it, and the Nix scenarios fail saying so.
-    pub nix_rejected: Option<String>,
     manager: Option<Daemon>,
     monitor: Option<Daemon>,
 }
@@ -58,12 +55,11 @@ impl TestUser {
             uid: UID,
             gid,
             home,
-            nix_rejected: None,
             manager: None,
             monitor: None,
         };
         user.install_files(reachd)?;
-        user.nix_rejected = user.configure_reachd_nix()?;
+        user.check_reachd_config()?;
         user.start_manager(tracker)?;
         // Like a user would: the [Install] sections hang the tunnel and mount off the target.
         user.systemctl(&["enable", "rpi-nix-tunnel.service", "rpi-mount.service"])?;
@@ -151,7 +147,7 @@ impl TestUser {
                 pi.join("files").display()
             ),
         )?;
-        w(self.reachd_config_path(), reachd_config(true))?;
+        w(self.reachd_config_path(), reachd_config())?;
         w(
             self.home.join(".config/nix/nix.conf"),
             crate::lab::nix::user_nix_conf(true),
@@ -188,31 +184,22 @@ impl TestUser {
         self.home.join(".config/reachd/config.toml")
     }
 
-    /// Keeps `[host.nix]` in reachd's config if `reachd run --check-config` accepts it; else
-    /// writes the config without it (so a reachd without Nix support still runs every other
-    /// scenario) and returns why it was refused.
-    fn configure_reachd_nix(&self) -> Result<Option<String>, String> {
-        let path = self.reachd_config_path();
-        let check = || {
-            self.cmd(&dir().join("bin/reachd").to_string_lossy())
-                .args(["run", "--check-config", "--config"])
-                .arg(&path)
-                .run(T)
-                .map_err(|e| e.to_string())
-        };
-        let with_nix = check()?;
-        if with_nix.success() {
-            return Ok(None);
-        }
-        fs::write(&path, reachd_config(false)).map_err(|e| io_err(path.display(), e))?;
-        let without = check()?;
-        if !without.success() {
-            return Err(format!(
+    /// Fails the lab at once, with reachd's own words, if reachd refuses the lab's config.
+    fn check_reachd_config(&self) -> Result<(), String> {
+        let check = self
+            .cmd(&dir().join("bin/reachd").to_string_lossy())
+            .args(["run", "--check-config", "--config"])
+            .arg(self.reachd_config_path())
+            .run(T)
+            .map_err(|e| e.to_string())?;
+        if check.success() {
+            Ok(())
+        } else {
+            Err(format!(
                 "reachd refuses the lab's config: {}",
-                without.stderr.trim()
-            ));
+                check.stderr.trim()
+            ))
         }
-        Ok(Some(with_nix.stderr.trim().to_string()))
     }
 
     /// The drop-in that runs the lab's binary as `reachd RUN_ARGS` (the repo's unit runs
@@ -384,26 +371,16 @@ impl TestUser {
 /// (scenario 6). No [probe] table: the defaults are under test. `[host.nix]` with the defaults
 /// written out, where the Nix scenarios look, and uploads through the tunnel (the default
 /// `upload_store`) from the lab's spool.
-pub(crate) fn reachd_config(nix: bool) -> String {
-    let mut text = String::new();
-    if nix {
-        text.push_str(&format!(
-            "[nix]\nspool = \"{}\"\n\n",
-            crate::lab::nix::spool_dir().display()
-        ));
-    }
-    text.push_str(&format!(
-        "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n\
-         target = \"rpi-accessible.target\"\nport = 22\nconnections = [\"{HOME_UUID}\"]\n"
-    ));
-    if nix {
-        text.push_str(&format!(
-            "\n[host.nix]\ndaemon_socket = \"%t/rpi-nix-daemon.sock\"\nlisten = \"{}\"\n\
-             upload = true\n",
-            crate::lab::nix::CACHE_LISTEN
-        ));
-    }
-    text
+pub(crate) fn reachd_config() -> String {
+    format!(
+        "[nix]\nspool = \"{spool}\"\n\n\
+         [[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n\
+         target = \"rpi-accessible.target\"\nport = 22\nconnections = [\"{HOME_UUID}\"]\n\n\
+         [host.nix]\ndaemon_socket = \"%t/rpi-nix-daemon.sock\"\nlisten = \"{listen}\"\n\
+         upload = true\n",
+        spool = crate::lab::nix::spool_dir().display(),
+        listen = crate::lab::nix::CACHE_LISTEN,
+    )
 }
 
 /// Makes sure `reachd-lab` exists with uid 1500 and `home` as its home; returns its gid.
