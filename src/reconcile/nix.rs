@@ -15,6 +15,10 @@ use super::target::{TargetView, UnitState};
 pub const NIX_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How long one check may take before the cache counts as not answering.
 pub const NIX_CHECK_DEADLINE: Duration = Duration::from_secs(2);
+/// Just after the target became active its units are still starting (the tunnel's socket may
+/// not exist yet): for this long a failed check is repeated after [`NIX_CHECK_RETRY`] instead.
+pub const NIX_START_GRACE: Duration = Duration::from_secs(5);
+pub const NIX_CHECK_RETRY: Duration = Duration::from_millis(250);
 
 /// Whether a host's cache may be used at all now (reachable, target active), and if not, why.
 pub fn nix_eligibility(tracker: &HostTracker, target: &TargetView) -> Result<(), String> {
@@ -43,6 +47,8 @@ pub struct NixGate {
     /// Why the cache is or is not in use, in words.
     pub reason: String,
     eligible: bool,
+    /// When the host last became eligible.
+    eligible_since: Option<Instant>,
     /// Bumped whenever the host stops being eligible, so that older check results are dropped.
     epoch: u64,
     check_started: Option<Instant>,
@@ -61,6 +67,7 @@ impl NixGate {
             in_use: false,
             reason: "starting".into(),
             eligible: false,
+            eligible_since: None,
             epoch: 0,
             check_started: None,
             check_due: None,
@@ -93,6 +100,7 @@ impl NixGate {
         }
         if !self.eligible {
             self.eligible = true;
+            self.eligible_since = Some(now);
             self.check_due = Some(now);
             self.reason = "checking the cache".into();
         }
@@ -124,7 +132,14 @@ impl NixGate {
             return None;
         }
         let started = self.check_started.take()?;
-        self.check_due = Some((started + NIX_CHECK_INTERVAL).max(now));
+        let starting = self
+            .eligible_since
+            .is_some_and(|since| now < since + NIX_START_GRACE);
+        let interval = match (&result, starting) {
+            (Err(_), true) => NIX_CHECK_RETRY,
+            _ => NIX_CHECK_INTERVAL,
+        };
+        self.check_due = Some((started + interval).max(now));
         let was = self.in_use;
         match result {
             Ok(()) => {
@@ -191,6 +206,21 @@ mod tests {
         assert_eq!(gate.plan(Ok(()), t1).wake, Some(next));
         eligible_checked(&mut gate, Ok(()), next);
         assert!(gate.in_use());
+    }
+
+    #[test]
+    fn just_after_the_target_started_a_failed_check_is_repeated_soon() {
+        let t0 = Instant::now();
+        let mut gate = NixGate::new();
+        eligible_checked(&mut gate, Err("no socket yet".into()), t0);
+        assert_eq!(gate.plan(Ok(()), t0).wake, Some(t0 + NIX_CHECK_RETRY));
+        let later = t0 + NIX_START_GRACE;
+        assert!(gate.plan(Ok(()), later).check);
+        gate.on_check(gate.epoch(), Err("still not".into()), later);
+        assert_eq!(
+            gate.plan(Ok(()), later).wake,
+            Some(later + NIX_CHECK_INTERVAL)
+        );
     }
 
     #[test]
