@@ -440,25 +440,25 @@ fn hooks_killed_midway_leave_only_whole_entries() {
         let spool_dir = dir.path();
         let (mut killed, mut exited) = (0, 0);
         for wave in 0..20u64 {
-            let mut children: Vec<Child> = (0..25u64)
-                .map(|i| {
-                    let n = wave * 25 + i;
-                    let out = format!("/nix/store/{:032}-killed-{n}", n % 10);
-                    hook_command(spool_dir, None, Some(&out))
-                        .spawn()
-                        .expect("spawn hook")
-                })
-                .collect();
-            for (i, child) in children.iter_mut().enumerate() {
+            // Each hook is spawned and, every other one, killed a spread of moments after its
+            // own spawn (before exec, while loading, while writing): spawning them all first
+            // let the early ones finish before any kill on an idle machine.
+            let mut children: Vec<Child> = Vec::with_capacity(25);
+            for i in 0..25u64 {
+                let n = wave * 25 + i;
+                let out = format!("/nix/store/{:032}-killed-{n}", n % 10);
+                let mut child = hook_command(spool_dir, None, Some(&out))
+                    .spawn()
+                    .expect("spawn hook");
                 if i % 2 == 0 {
-                    // Kill at a spread of moments: before exec, while loading, while writing.
                     let spin = Instant::now();
-                    let wait = Duration::from_micros((wave * 97 + i as u64 * 131) % 3000);
+                    let wait = Duration::from_micros((wave * 97 + i * 131) % 3000);
                     while spin.elapsed() < wait {
                         std::hint::spin_loop();
                     }
                     child.kill().expect("SIGKILL by PID");
                 }
+                children.push(child);
             }
             for child in children {
                 let output = child.wait_with_output().expect("wait");
