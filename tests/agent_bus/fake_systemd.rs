@@ -124,19 +124,7 @@ impl Manager {
             unit: name.into(),
             mode: mode.into(),
         });
-        let spec = self.0.spec(name)?;
-        if spec.load_state == "not-found" {
-            return Err(SystemdError::NoSuchUnit(format!("Unit {name} not found.")));
-        }
-        let after = if spec.start_result == "done" {
-            "active"
-        } else {
-            "failed"
-        };
-        Ok(self
-            .0
-            .job(connection, name, spec.start_result, after)
-            .await?)
+        self.0.start_job(connection, name).await
     }
 
     async fn stop_unit(
@@ -172,16 +160,7 @@ impl Manager {
             unit: name.into(),
             mode: mode.into(),
         });
-        let spec = self.0.spec(name)?;
-        let after = if spec.start_result == "done" {
-            "active"
-        } else {
-            "failed"
-        };
-        Ok(self
-            .0
-            .job(connection, name, spec.start_result, after)
-            .await?)
+        self.0.start_job(connection, name).await
     }
 
     fn set_environment(&self, assignments: Vec<String>) {
@@ -210,6 +189,25 @@ impl Shared {
             .get(name)
             .cloned()
             .ok_or_else(|| SystemdError::NoSuchUnit(format!("Unit {name} not found.")))
+    }
+
+    /// A start (or restart) job: a missing unit is refused, the unit ends active or failed as
+    /// its spec says.
+    async fn start_job(
+        self: &Arc<Self>,
+        connection: &Connection,
+        name: &str,
+    ) -> Result<OwnedObjectPath, SystemdError> {
+        let spec = self.spec(name)?;
+        if spec.load_state == "not-found" {
+            return Err(SystemdError::NoSuchUnit(format!("Unit {name} not found.")));
+        }
+        let after = if spec.start_result == "done" {
+            "active"
+        } else {
+            "failed"
+        };
+        Ok(self.job(connection, name, spec.start_result, after).await?)
     }
 
     /// Queues a job for `unit`: when it ends the unit is `after`, then JobRemoved says `result`.
