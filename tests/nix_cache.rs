@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use reachd::nix::cache::{self, CacheSettings};
 use reachd::nix::daemon::{self as nix_daemon, DaemonError};
+use reachd_testkit::nix::require_root_and_nix;
 use reachd_testkit::process::{Daemon, Output, Spawn};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,23 +48,6 @@ fn run_test(body: impl std::future::Future<Output = ()>) {
             .await
             .unwrap_or_else(|_| panic!("the test took over {LIMIT:?}"));
     });
-}
-
-/// Root and Nix's programs, or a failure that says what to install.
-fn preflight() {
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "the Nix cache tests start a nix-daemon on chroot stores: run them as root"
-    );
-    for program in ["nix-store", "nix-daemon", "nix", "nix-build"] {
-        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-            .chain([PathBuf::from("/usr/bin")])
-            .any(|dir| dir.join(program).is_file());
-        assert!(
-            found,
-            "`{program}` not found: install Nix with `apt-get install nix-bin`"
-        );
-    }
 }
 
 /// The store paths the pi store holds. Built paths are input-addressed: Nix accepts them from a
@@ -136,7 +120,7 @@ struct Lab {
 impl Lab {
     /// Builds the pi store and starts its daemon (blocking: call it through `spawn_blocking`).
     fn new() -> Lab {
-        preflight();
+        require_root_and_nix("the Nix cache tests start a nix-daemon on chroot stores");
         let dir = tempfile::Builder::new()
             .prefix("reachd-nix-cache-")
             .tempdir()

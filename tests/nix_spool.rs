@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use reachd::nix::spool::{Retry, Spool, StorePath};
 use reachd::nix::upload::{upload_batch, BatchReport, Limits, Nix, Scope};
+use reachd_testkit::nix::require_root_and_nix;
 use reachd_testkit::process::{Daemon, Spawn};
 
 const HOOK: &str = env!("CARGO_BIN_EXE_reachd-nix-upload");
@@ -36,25 +37,6 @@ fn run_for(limit: Duration, body: impl AsyncFnOnce()) {
     });
 }
 
-fn require_nix() {
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "the Nix spool tests use chroot stores, a nix-daemon and a second user: run them as root"
-    );
-    for program in ["nix", "nix-store", "nix-build", "nix-daemon"] {
-        let found = Command::new(program)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            found,
-            "`{program}` is missing: these tests need real Nix: apt-get install nix-bin"
-        );
-    }
-}
-
 /// A laptop store, a signing key, and a Pi store behind a daemon, in one temporary directory.
 struct Stores {
     dir: tempfile::TempDir,
@@ -63,7 +45,9 @@ struct Stores {
 
 impl Stores {
     fn new() -> Stores {
-        require_nix();
+        require_root_and_nix(
+            "the Nix spool tests use chroot stores, a nix-daemon and a second user",
+        );
         let dir = tempfile::Builder::new()
             .prefix("reachd-nix-")
             .tempdir()
@@ -435,7 +419,9 @@ fn a_thousand_paths_are_queued_by_the_hook_and_drained_in_batches() {
 #[test]
 fn hooks_killed_midway_leave_only_whole_entries() {
     run_for(Duration::from_secs(180), async || {
-        require_nix();
+        require_root_and_nix(
+            "the Nix spool tests use chroot stores, a nix-daemon and a second user",
+        );
         let dir = tempfile::tempdir().expect("temp dir");
         let spool_dir = dir.path();
         let (mut killed, mut exited) = (0, 0);
@@ -798,7 +784,9 @@ fn live_children_named(name: &str) -> Vec<u32> {
 #[test]
 fn a_full_spool_still_exits_0_and_says_so_in_the_build_log() {
     run_for(Duration::from_secs(180), async || {
-        require_nix();
+        require_root_and_nix(
+            "the Nix spool tests use chroot stores, a nix-daemon and a second user",
+        );
         let dir = tempfile::tempdir().expect("temp dir");
         let incoming = dir.path().join("incoming");
         fs::create_dir(&incoming).expect("mkdir");
@@ -844,7 +832,9 @@ fn the_agent_side_works_as_an_unprivileged_member_of_the_spool_group() {
         return;
     }
     run_for(Duration::from_secs(60), async || {
-        require_nix();
+        require_root_and_nix(
+            "the Nix spool tests use chroot stores, a nix-daemon and a second user",
+        );
         let stores = Stores::new();
         // As systemd/tmpfiles.d/reachd.conf lays it out, with nogroup (65534) as the group.
         let root = stores.path("spool");

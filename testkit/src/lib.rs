@@ -4,7 +4,8 @@
 //! - [`bus`]: a private `dbus-daemon` on a temporary socket;
 //! - [`netns`] and [`process`]: network namespaces and helper processes, started and stopped
 //!   by PID (never by name), with avahi where a test needs real mDNS;
-//! - [`lab`]: the end-to-end lab (real NetworkManager, systemd --user, avahi, sshd).
+//! - [`lab`]: the end-to-end lab (real NetworkManager, systemd --user, avahi, sshd);
+//! - [`nix`]: what the tests of real Nix outside the lab need.
 //!
 //! Everything here needs root, except [`bus`].
 
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 pub mod bus;
 pub mod lab;
 pub mod netns;
+pub mod nix;
 pub mod process;
 
 /// The reachd repository, for the files the tests install from it (units, the hook).
