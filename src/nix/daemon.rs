@@ -814,38 +814,30 @@ mod tests {
         assert!(nar.next_chunk().await.unwrap().is_none());
     }
 
-    #[tokio::test]
-    async fn a_nar_cut_short_or_corrupt_is_an_error() {
-        let cut = Wire::hello_2_8()
-            .num(STDERR_LAST)
-            .raw(&TREE[..TREE.len() - 8]);
-        let daemon = Daemon::handshake(fake_then_close(cut), DEADLINE)
+    /// The error a NAR stream ends with when the daemon sends `nar` and closes.
+    async fn nar_error(nar: &[u8]) -> DaemonError {
+        let reply = Wire::hello_2_8().num(STDERR_LAST).raw(nar);
+        let daemon = Daemon::handshake(fake_then_close(reply), DEADLINE)
             .await
             .unwrap();
-        let mut nar = daemon.nar_from_path(PATH, DEADLINE).await.unwrap();
-        let err = loop {
-            match nar.next_chunk().await {
+        let mut stream = daemon.nar_from_path(PATH, DEADLINE).await.unwrap();
+        loop {
+            match stream.next_chunk().await {
                 Ok(Some(_)) => continue,
-                Ok(None) => panic!("a cut NAR looked complete"),
-                Err(err) => break err,
+                Ok(None) => panic!("a broken NAR looked complete"),
+                Err(err) => return err,
             }
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_nar_cut_short_or_corrupt_is_an_error() {
+        let err = nar_error(&TREE[..TREE.len() - 8]).await;
         assert!(matches!(err, DaemonError::Closed), "{err:?}");
 
         let mut corrupt = TREE.to_vec();
         corrupt[100] ^= 0xff;
-        let reply = Wire::hello_2_8().num(STDERR_LAST).raw(&corrupt);
-        let daemon = Daemon::handshake(fake_then_close(reply), DEADLINE)
-            .await
-            .unwrap();
-        let mut nar = daemon.nar_from_path(PATH, DEADLINE).await.unwrap();
-        let err = loop {
-            match nar.next_chunk().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("a corrupt NAR looked complete"),
-                Err(err) => break err,
-            }
-        };
+        let err = nar_error(&corrupt).await;
         assert!(
             matches!(err, DaemonError::Protocol(ProtocolError::Nar(_))),
             "{err:?}"
