@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use reachd::client::{Client, ClientError};
-use reachd::nix::listing::Listing;
+use reachd::nix::listing::{self, Listing};
 use reachd::{agent, config, logging};
 
 /// Keeps systemd user targets started exactly while LAN hosts are reachable.
@@ -330,21 +330,28 @@ async fn uploads(path: Option<PathBuf>, wait: Option<Option<Duration>>) -> ExitC
         eprintln!("reachd: no host has `upload = true` in its [host.nix]");
         return ExitCode::from(CANNOT_TELL);
     }
+    let Some(timeout) = wait else {
+        return match Listing::read(&config.spool, &hosts) {
+            Ok(listing) => {
+                print!("{listing}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("reachd: {err}");
+                ExitCode::from(CANNOT_TELL)
+            }
+        };
+    };
     let started = tokio::time::Instant::now();
     let mut last = None;
     loop {
-        let listing = match Listing::read(&config.spool, &hosts) {
-            Ok(listing) => listing,
+        let waiting = match listing::waiting(&config.spool, &hosts) {
+            Ok(waiting) => waiting,
             Err(err) => {
                 eprintln!("reachd: {err}");
                 return ExitCode::from(CANNOT_TELL);
             }
         };
-        let Some(timeout) = wait else {
-            print!("{listing}");
-            return ExitCode::SUCCESS;
-        };
-        let waiting = listing.waiting();
         if waiting == 0 {
             return ExitCode::SUCCESS;
         }

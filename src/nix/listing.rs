@@ -34,11 +34,17 @@ impl Listing {
         }
         Ok(listing)
     }
+}
 
-    /// Builds still to upload, to any host: unclaimed ones count once.
-    pub fn waiting(&self) -> usize {
-        self.incoming + self.hosts.iter().map(|(_, q)| q.len()).sum::<usize>()
+/// Builds still to upload to any of `hosts` (unclaimed ones count once), from the directory
+/// listings alone: what `reachd uploads --wait` looks at twice a second.
+pub fn waiting(dir: &Path, hosts: &[String]) -> Result<usize, SpoolError> {
+    let spool = Spool::open(dir)?;
+    let mut waiting = spool.incoming_len()?;
+    for host in hosts {
+        waiting += spool.pending(host)?.len();
     }
+    Ok(waiting)
 }
 
 impl fmt::Display for Listing {
