@@ -9,7 +9,7 @@
 //! answers and refused something (each entry of the batch records the error and backs off, and
 //! is then tried alone, so one bad path cannot hold back the others). Nothing is ever dropped
 //! for failing. Nix runs as a child process with explicit arguments (never a shell) and
-//! `kill_on_drop`, with the environment given in [`Nix`].
+//! `kill_on_drop` and dies with reachd, with the environment given in [`Nix`].
 
 use std::collections::{BTreeSet, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -89,6 +89,12 @@ impl Nix {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: between fork and exec the closure makes only async-signal-safe calls (prctl,
+        // getppid) and allocates nothing.
+        unsafe {
+            command.pre_exec(move || die_with(parent));
+        }
         command
     }
 
@@ -492,6 +498,24 @@ fn parse_paths(stdout: &str, command: &str) -> Result<Vec<StorePath>, UploadErro
 }
 
 /// Runs a short command to completion; its stdout, or an error carrying its stderr.
+/// In the child, before exec: SIGKILL it when reachd dies, so that a `nix copy` never outlives
+/// a crashed agent (it would keep the service's cgroup busy, and systemd would not restart
+/// reachd until it ended). The signal follows the thread that forked: reachd runs one
+/// current-thread runtime, so that is the main thread, which lives as long as the process.
+fn die_with(parent: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: plain syscalls.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // reachd died between the fork and the prctl: nothing will send the signal.
+        if libc::getppid() != parent {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+    }
+    Ok(())
+}
+
 async fn run(mut command: Command, name: &str, deadline: Instant) -> Result<String, UploadError> {
     let child = command.spawn().map_err(|source| UploadError::Spawn {
         command: name.into(),

@@ -104,10 +104,6 @@ fn main() -> ExitCode {
             );
         }
     }
-    if std::env::var_os("HOLD_TMP").is_some() {
-        eprintln!("HOLDING");
-        std::thread::sleep(Duration::from_secs(240));
-    }
     eprintln!("lab: tearing down");
     drop(lab);
     eprintln!("lab: done in {:.1} s", started.elapsed().as_secs_f64());

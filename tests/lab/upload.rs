@@ -5,7 +5,7 @@
 //! reachd says (`reachd status --json` and D-Bus), and prints what it measured.
 
 use std::fs;
-
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reachd_testkit::lab::expect::REACHD;
@@ -274,6 +274,21 @@ fn reachd_pid(lab: &Lab) -> Result<(u32, u32), String> {
     Ok((num("MainPID"), num("NRestarts")))
 }
 
+/// reachd.service's state, for a failure message: `ActiveState/SubState result NRestarts`.
+fn reachd_state(lab: &Lab) -> Result<String, String> {
+    let units = lab.user().units(&[REACHD])?;
+    let p = units.get(REACHD).ok_or("no reachd.service")?;
+    let get = |k: &str| p.get(k).map_or("?", String::as_str);
+    Ok(format!(
+        "{REACHD} {}/{}, result {}, {} restarts, main pid {}",
+        get("ActiveState"),
+        get("SubState"),
+        get("Result"),
+        get("NRestarts"),
+        get("MainPID")
+    ))
+}
+
 /// `nix` processes below reachd's main process (its `nix copy`), found by PID.
 fn nix_children(pid: u32) -> Vec<u32> {
     descendants(pid)
@@ -334,6 +349,13 @@ pub fn nix_upload_crash(lab: &mut Lab) -> Result<String, String> {
     let copy_after = tunnel.elapsed();
     kill_pid(pid);
     let killed = home.elapsed();
+    // It dies with reachd (not at systemd's SIGTERM to the cgroup, which a copy blocked on the
+    // Pi may not heed until TimeoutStopSec, holding back the restart).
+    wait_until(
+        Duration::from_secs(2),
+        "reachd's nix copy to die with it",
+        || Ok((!Path::new(&format!("/proc/{copy}")).exists()).then_some(())),
+    )?;
     let on_pi = CRASH_PATHS - lab.pi_missing(&outs)?.len();
     let left = lab.user().uploads(&[], T)?.stdout;
     if !left.lines().any(|l| l.starts_with("  ")) {
@@ -343,7 +365,11 @@ pub fn nix_upload_crash(lab: &mut Lab) -> Result<String, String> {
     }
     let new = wait_until(T, "systemd restarting reachd", || {
         let (p, n) = reachd_pid(lab)?;
-        Ok((p != 0 && p != pid && n > restarts).then_some(p))
+        if p != 0 && p != pid && n > restarts {
+            Ok(Some(p))
+        } else {
+            Err(reachd_state(lab)?)
+        }
     })?;
     wait_uploads(lab, 120)?;
     let drained = home.elapsed();
