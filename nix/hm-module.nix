@@ -14,10 +14,14 @@ let
   toml = pkgs.formats.toml { };
 
   # The configuration file, refused at build time when reachd itself refuses it.
-  configFile = pkgs.runCommand "reachd-config.toml" { } ''
-    ${lib.getExe cfg.package} run --check-config --config ${toml.generate "config.toml" cfg.settings}
-    cp ${toml.generate "config.toml" cfg.settings} $out
-  '';
+  configFile =
+    let
+      generated = toml.generate "config.toml" cfg.settings;
+    in
+    pkgs.runCommand "reachd-config.toml" { } ''
+      ${lib.getExe cfg.package} run --check-config --config ${generated}
+      cp ${generated} $out
+    '';
 
   # A unit in ~/.config/systemd/user/, enabled as `systemctl --user enable` would do it: a link
   # in the .wants/ of each target its [Install] WantedBy= names (`text` is the unit's text).
@@ -33,8 +37,8 @@ let
     );
 
   examples = units.exampleUnits {
-    ssh = lib.getExe pkgs.openssh;
-    sshfs = lib.getExe pkgs.sshfs;
+    ssh = "${pkgs.openssh}/bin/ssh";
+    sshfs = "${pkgs.sshfs}/bin/sshfs";
     mkdir = "${pkgs.coreutils}/bin/mkdir";
     rm = "${pkgs.coreutils}/bin/rm";
     inherit (cfg.exampleUnits) fusermount;

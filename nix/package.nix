@@ -15,17 +15,17 @@ rustPlatform.buildRustPackage {
   pname = "reachd";
   inherit (manifest.package) version;
 
-  # The repository without build output and without the Nix files (editing those rebuilds nothing).
-  src = lib.fileset.toSource {
-    root = ../.;
-    fileset = lib.fileset.difference ../. (
-      lib.fileset.unions [
-        (lib.fileset.maybeMissing ../target)
-        (lib.fileset.maybeMissing ../flake.lock)
-        ../flake.nix
-        ./.
-      ]
-    );
+  # The repository without build output and the Nix files (editing those rebuilds nothing).
+  src = lib.cleanSourceWith {
+    src = lib.cleanSource ../.;
+    filter =
+      path: _type:
+      !builtins.elem (lib.removePrefix "${toString ../.}/" path) [
+        "target"
+        "flake.nix"
+        "flake.lock"
+        "nix"
+      ];
   };
   cargoLock.lockFile = ../Cargo.lock;
 
