@@ -111,7 +111,8 @@ in
         xdg.configFile = userUnit "reachd.service" "${cfg.package}/lib/systemd/user/reachd.service" (
           builtins.readFile ../systemd/reachd.service
         ) // {
-          # %h and %u: a Nix installed for the user or by NixOS comes after the chosen one.
+          # The agent runs `nix copy` for uploads: the chosen Nix first, then the places Nix is
+          # installed for the user (%h, %u) or the system, then the usual directories.
           "systemd/user/reachd.service.d/path.conf".text = ''
             [Service]
             Environment=PATH=${lib.makeBinPath [ cfg.nixPackage ]}:%h/.nix-profile/bin:/etc/profiles/per-user/%u/bin:/nix/var/nix/profiles/default/bin:/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin
