@@ -47,9 +47,11 @@ fn eval(expression: &str) -> Value {
 
 fn nix_files(dir: &Path, found: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("read directory") {
-        let path = entry.expect("directory entry").path();
+        let entry = entry.expect("directory entry");
+        let path = entry.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if path.is_dir() {
+        // Symbolic links are not followed: a `result` of nix-build points into the store.
+        if entry.file_type().expect("file type").is_dir() {
             // Build output and git's own files hold no Nix of the project's.
             if name != "target" && name != ".git" {
                 nix_files(&path, found);
