@@ -191,15 +191,12 @@ fn spool(dir: &Path) -> Finding {
             "writable",
         ),
     ] {
-        if let Err(err) = access(&path, mode) {
-            return Finding::fail(
-                format!(
-                    "upload spool {} is not {what} by you ({err})",
-                    path.display()
-                ),
-                fix,
-            );
-        }
+        let problem = match access(&path, mode) {
+            Ok(()) => continue,
+            Err(err) if err.kind() == ErrorKind::NotFound => "does not exist".to_string(),
+            Err(err) => format!("is not {what} by you ({err})"),
+        };
+        return Finding::fail(format!("upload spool {} {problem}", path.display()), fix);
     }
     Finding::ok(format!(
         "upload spool {}: yours to take from",
@@ -388,11 +385,9 @@ mod tests {
     fn a_spool_that_is_not_there_is_named() {
         let finding = spool(Path::new("/nonexistent/reachd-spool"));
         assert_eq!(finding.level, Level::Fail);
-        assert!(
-            finding
-                .what
-                .starts_with("upload spool /nonexistent/reachd-spool is not readable"),
-            "{finding}"
+        assert_eq!(
+            finding.what,
+            "upload spool /nonexistent/reachd-spool does not exist"
         );
         assert!(finding.fix.unwrap().contains("systemd-tmpfiles --create"));
     }
