@@ -1,6 +1,8 @@
 //! `reachd doctor` in the lab (issue 11): on the lab's working set-up every line is ok and it
-//! exits 0; then each piece is broken on purpose, one at a time, and the failing line must name
-//! it and its fix; each is restored before the next, and the lab is left as it was found.
+//! exits 0; then each piece is broken on purpose, one at a time (the target's unit file, the
+//! dispatcher hook's mode, the `!include`, `trusted-substituters`, the post-build hook's mode,
+//! the signing key's mode, the spool's), and the failing line must name it and its fix; each is
+//! restored before the next, and the lab is left as it was found. A Pi away is only a warning.
 
 use std::fs;
 use std::os::unix::fs::{chown, PermissionsExt};
@@ -8,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reachd_testkit::lab::expect::TARGET;
-use reachd_testkit::lab::nix::{laptop_etc, user_nix_conf, CACHE_URL};
+use reachd_testkit::lab::nix::{hook_path, laptop_etc, spool_dir, user_nix_conf, CACHE_URL};
 use reachd_testkit::lab::{dir, Lab, HOOK, PI_ADDR, T};
 
 use crate::scenarios::{baseline, secs};
@@ -114,6 +116,9 @@ pub fn doctor_broken(lab: &mut Lab) -> Result<String, String> {
         hook_group_writable(lab)?,
         include_removed(lab)?,
         substituter_untrusted(lab)?,
+        post_build_hook_writable(lab)?,
+        secret_key_readable(lab)?,
+        spool_not_writable(lab)?,
     ];
     let report = Doctor::run(lab)?;
     if report.code != 0 {
@@ -163,20 +168,67 @@ fn target_removed(lab: &mut Lab) -> Result<String, String> {
     outcome
 }
 
+/// Runs `check` with `path`'s mode set to `mode`, restoring the mode whatever happens.
+fn with_mode(
+    path: &Path,
+    mode: u32,
+    check: impl FnOnce() -> Result<String, String>,
+) -> Result<String, String> {
+    let shown = path.display();
+    let original = fs::metadata(path)
+        .map_err(|e| format!("{shown}: {e}"))?
+        .permissions();
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("chmod {shown}: {e}"))?;
+    let outcome = check();
+    fs::set_permissions(path, original).map_err(|e| format!("restoring {shown}: {e}"))?;
+    outcome
+}
+
 fn hook_group_writable(lab: &Lab) -> Result<String, String> {
-    let set = |mode| {
-        fs::set_permissions(HOOK, fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("chmod {HOOK}: {e}"))
-    };
-    set(0o775)?;
-    let outcome = Doctor::run(lab).and_then(|r| {
-        r.expect_failure(&[
+    with_mode(Path::new(HOOK), 0o775, || {
+        Doctor::run(lab)?.expect_failure(&[
             &format!("dispatcher hook {HOOK} is writable by group or others"),
             &format!("`sudo chmod go-w {HOOK}`"),
         ])
-    });
-    set(0o755)?;
-    outcome
+    })
+}
+
+/// Nix's post-build hook (the lab daemon's copy of reachd-nix-upload) writable by anyone.
+fn post_build_hook_writable(lab: &Lab) -> Result<String, String> {
+    let hook = hook_path();
+    with_mode(&hook, 0o757, || {
+        Doctor::run(lab)?.expect_failure(&[
+            &format!(
+                "post-build hook {} is writable by group or others",
+                hook.display()
+            ),
+            &format!("`sudo chmod go-w {}`", hook.display()),
+        ])
+    })
+}
+
+/// The laptop's signing key readable by everyone.
+fn secret_key_readable(lab: &Lab) -> Result<String, String> {
+    let key = laptop_etc().join("laptop-1.sec");
+    with_mode(&key, 0o644, || {
+        Doctor::run(lab)?.expect_failure(&[
+            &format!("secret key {}", key.display()),
+            "others can sign paths as this machine",
+            &format!("sudo chmod 600 {}", key.display()),
+        ])
+    })
+}
+
+/// The spool's incoming/ no longer writable by the user's group.
+fn spool_not_writable(lab: &Lab) -> Result<String, String> {
+    let incoming = spool_dir().join("incoming");
+    with_mode(&incoming, 0o2750, || {
+        Doctor::run(lab)?.expect_failure(&[
+            &format!("upload spool {} is not writable by you", incoming.display()),
+            "systemd-tmpfiles --create",
+        ])
+    })
 }
 
 fn include_removed(lab: &Lab) -> Result<String, String> {
