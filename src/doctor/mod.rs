@@ -12,6 +12,7 @@ mod nix;
 pub mod nix_conf;
 mod session;
 
+use std::ffi::OsString;
 use std::fmt;
 use std::path::PathBuf;
 
@@ -100,7 +101,12 @@ pub const DISPATCHER_HOOK_VAR: &str = "REACHD_DISPATCHER_HOOK";
 impl Paths {
     /// From the process's environment.
     pub fn from_env() -> Self {
-        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        Paths::from_vars(|name| std::env::var_os(name))
+    }
+
+    /// From the variables `lookup` gives (an empty one counts as unset).
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<OsString>) -> Self {
+        let var = |name: &str| lookup(name).filter(|v| !v.is_empty());
         let dispatcher_hook = var(DISPATCHER_HOOK_VAR)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DISPATCHER_HOOK));
@@ -113,6 +119,7 @@ impl Paths {
             None => {
                 let config_dirs = var("XDG_CONFIG_DIRS").unwrap_or_else(|| "/etc/xdg".into());
                 let mut dirs: Vec<PathBuf> = std::env::split_paths(&config_dirs).collect();
+                // Least important first, the user's own last: as Nix applies them.
                 dirs.reverse();
                 let home = var("XDG_CONFIG_HOME")
                     .map(PathBuf::from)
@@ -162,5 +169,67 @@ pub async fn run(config: Option<PathBuf>, paths: &Paths, mut emit: impl FnMut(Fi
     emit(files::dispatcher_hook(&paths.dispatcher_hook));
     if let Some(config) = &loaded {
         nix::check(config, paths, &mut emit);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn paths(vars: &[(&str, &str)]) -> Paths {
+        Paths::from_vars(|name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| OsString::from(v))
+        })
+    }
+
+    #[test]
+    fn files_are_found_where_nix_and_networkmanager_look() {
+        let default = paths(&[("HOME", "/home/me")]);
+        assert_eq!(default.dispatcher_hook, Path::new(DISPATCHER_HOOK));
+        assert_eq!(default.system_nix_conf, Path::new("/etc/nix/nix.conf"));
+        assert_eq!(
+            default.user_nix_confs,
+            [
+                Path::new("/etc/xdg/nix/nix.conf"),
+                Path::new("/home/me/.config/nix/nix.conf")
+            ]
+        );
+        assert_eq!(default.runtime_dir, None);
+
+        let set = paths(&[
+            ("HOME", "/home/me"),
+            ("XDG_CONFIG_HOME", "/cfg"),
+            ("XDG_CONFIG_DIRS", "/a:/b"),
+            ("NIX_CONF_DIR", "/lab/etc"),
+            ("XDG_RUNTIME_DIR", "/run/user/1000"),
+            (DISPATCHER_HOOK_VAR, "/tmp/hook"),
+        ]);
+        assert_eq!(set.system_nix_conf, Path::new("/lab/etc/nix.conf"));
+        assert_eq!(set.dispatcher_hook, Path::new("/tmp/hook"));
+        assert_eq!(
+            set.user_nix_confs,
+            [
+                Path::new("/b/nix/nix.conf"),
+                Path::new("/a/nix/nix.conf"),
+                Path::new("/cfg/nix/nix.conf")
+            ]
+        );
+        assert_eq!(
+            set.runtime_dir.as_deref(),
+            Some(Path::new("/run/user/1000"))
+        );
+
+        let files = paths(&[
+            ("NIX_USER_CONF_FILES", "/x.conf:/y.conf"),
+            ("NIX_CONF_DIR", ""),
+        ]);
+        assert_eq!(
+            files.user_nix_confs,
+            [Path::new("/x.conf"), Path::new("/y.conf")]
+        );
+        assert_eq!(files.system_nix_conf, Path::new("/etc/nix/nix.conf"));
     }
 }
