@@ -10,6 +10,7 @@ pub mod address;
 pub mod agent;
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod event;
 pub mod logging;
 pub mod network;

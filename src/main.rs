@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use reachd::client::{Client, ClientError};
 use reachd::nix::listing::{self, Listing};
-use reachd::{agent, config, logging};
+use reachd::{agent, config, doctor, logging};
 
 /// Keeps systemd user targets started exactly while LAN hosts are reachable.
 ///
@@ -57,6 +57,20 @@ enum Command {
     },
     /// Ask the running agent to re-evaluate every host now (what the dispatcher hook calls).
     Refresh,
+    /// Check the whole set-up and say, per line, ok or what is wrong and how to fix it.
+    ///
+    /// In order: NetworkManager, the systemd user manager, the agent, the configuration (as
+    /// `run` finds it), each host's target and the units bound to it, each host answering now
+    /// (one real check, as the agent makes it), the dispatcher hook and, for hosts with
+    /// [host.nix], Nix: the fragment's `!include`, `trusted-substituters`, the post-build hook,
+    /// the spool and the signing keys. Nix's files are found as Nix finds them ($NIX_CONF_DIR,
+    /// $NIX_USER_CONF_FILES, $XDG_CONFIG_HOME). Exit 0 when nothing failed (a host away or an
+    /// agent not running are warnings), 1 otherwise.
+    Doctor {
+        /// Configuration file (TOML); it must exist.
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
     /// Print shell completions for reachd (bash, zsh, fish, elvish, powershell).
     ///
     /// Generated from the command's own definition, e.g. for a package:
@@ -127,6 +141,7 @@ fn main() -> ExitCode {
                     Err(_) => ExitCode::from(1),
                 }
             }
+            Command::Doctor { config } => doctor(config).await,
             Command::Man { dir } => man_pages(&dir),
             Command::Uploads {
                 config,
@@ -365,6 +380,18 @@ async fn uploads(path: Option<PathBuf>, wait: Option<Option<Duration>>) -> ExitC
         }
         tokio::time::sleep(UPLOADS_WAIT_POLL).await;
     }
+}
+
+/// `reachd doctor`: every finding printed as it comes; exit 1 if one failed.
+async fn doctor(config: Option<PathBuf>) -> ExitCode {
+    let mut failed = false;
+    let paths = doctor::Paths::from_env();
+    doctor::run(config, &paths, |finding| {
+        failed |= finding.level == doctor::Level::Fail;
+        println!("{finding}");
+    })
+    .await;
+    ExitCode::from(u8::from(failed))
 }
 
 async fn check(host: &str) -> Result<bool, ClientError> {

@@ -1,6 +1,7 @@
 //! The `reachd` command as a user meets it: exit codes and messages for a bad configuration and
 //! for an agent that is not running (the lab covers the answers of a running agent), and
-//! `reachd uploads`, which reads the spool without the agent.
+//! `reachd uploads`, which reads the spool without the agent; `reachd doctor` without
+//! NetworkManager or a user manager, with every file it reads in a temporary directory.
 
 use std::process::{Command, Output};
 
@@ -193,6 +194,7 @@ fn completions_and_man_pages_come_from_the_command_itself() {
         "reachd-status",
         "reachd-check",
         "reachd-uploads",
+        "reachd-doctor",
     ] {
         let text = std::fs::read_to_string(dir.path().join(format!("{page}.1")))
             .unwrap_or_else(|e| panic!("{page}.1 written: {e}"));
@@ -203,4 +205,160 @@ fn completions_and_man_pages_come_from_the_command_itself() {
     }
     let output = reachd(&["man", "/nonexistent/dir"], None);
     assert_eq!(output.status.code(), Some(2));
+}
+
+/// `reachd doctor ARGS` with nothing of the machine's: no system bus, `session_bus` as the
+/// session bus, and the hook, Nix's files and the runtime directory below `dir`.
+fn doctor(args: &[&str], dir: &std::path::Path, session_bus: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_reachd"))
+        .arg("doctor")
+        .args(args)
+        .env(
+            "DBUS_SYSTEM_BUS_ADDRESS",
+            "unix:path=/nonexistent/system_bus_socket",
+        )
+        .env("DBUS_SESSION_BUS_ADDRESS", session_bus)
+        .env("REACHD_DISPATCHER_HOOK", dir.join("90-reachd"))
+        .env("NIX_CONF_DIR", dir.join("etc-nix"))
+        .env("NIX_USER_CONF_FILES", dir.join("user-nix.conf"))
+        .env("XDG_RUNTIME_DIR", dir.join("run"))
+        .output()
+        .expect("run reachd doctor")
+}
+
+/// The line of `output` that contains every one of `words`.
+fn line_with<'a>(stdout: &'a str, words: &[&str]) -> &'a str {
+    stdout
+        .lines()
+        .find(|l| words.iter().all(|w| l.contains(w)))
+        .unwrap_or_else(|| panic!("no line with {words:?} in:\n{stdout}"))
+}
+
+#[test]
+fn doctor_names_each_broken_piece_with_its_fix_and_exits_1() {
+    use std::os::unix::fs::PermissionsExt;
+    let session = PrivateBus::start("session");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    // A host only reachable on one connection: without NetworkManager it is not checked, so the
+    // test sends no mDNS.
+    let config = d.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[nix]\nspool = \"{}\"\n[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n\
+             connections = [\"3f9a7c1e-5b2d-4e8f-9a61-0c2b7d4e1a01\"]\n[host.nix]\nupload = true\n",
+            d.join("spool").display()
+        ),
+    )
+    .expect("write");
+    let hook = d.join("90-reachd");
+    std::fs::write(&hook, "#!/bin/sh\n").expect("write");
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o775)).expect("chmod");
+    std::fs::create_dir(d.join("etc-nix")).expect("mkdir");
+    std::fs::write(
+        d.join("etc-nix/nix.conf"),
+        "trusted-substituters = https://other\n",
+    )
+    .expect("write");
+    std::fs::write(d.join("user-nix.conf"), "# no include\n").expect("write");
+
+    let output = doctor(
+        &["--config", config.to_str().expect("utf-8")],
+        d,
+        session.address(),
+    );
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    line_with(
+        &stdout,
+        &[
+            "FAIL NetworkManager: cannot connect to the system bus",
+            "fix: ",
+        ],
+    );
+    line_with(
+        &stdout,
+        &["FAIL no systemd user manager on the session bus", "fix: "],
+    );
+    line_with(
+        &stdout,
+        &[
+            "warn reachd is not running",
+            "systemctl --user enable --now reachd.service",
+        ],
+    );
+    line_with(&stdout, &["ok   configuration: ", "host(s) rpi"]);
+    line_with(&stdout, &["warn rpi: rpi.local not checked"]);
+    line_with(
+        &stdout,
+        &[
+            "FAIL dispatcher hook",
+            &hook.display().to_string(),
+            "fix: `sudo ch",
+        ],
+    );
+    let fragment = d.join("run/reachd/nix.conf");
+    line_with(
+        &stdout,
+        &[
+            "FAIL no nix.conf of yours includes reachd's fragment",
+            &format!("add the line `!include {}`", fragment.display()),
+        ],
+    );
+    line_with(
+        &stdout,
+        &[
+            "FAIL rpi: http://127.0.0.1:37515 is not in trusted-substituters",
+            "(it lists https://other)",
+        ],
+    );
+    line_with(
+        &stdout,
+        &["FAIL no post-build-hook in", "reachd-nix-upload"],
+    );
+    line_with(&stdout, &["FAIL upload spool", "systemd-tmpfiles --create"]);
+    line_with(&stdout, &["warn no secret-key-files in"]);
+    assert!(
+        stdout
+            .lines()
+            .all(|l| ["ok   ", "warn ", "FAIL "].iter().any(|p| l.starts_with(p))),
+        "one finding per line:\n{stdout}"
+    );
+}
+
+#[test]
+fn doctor_names_a_bad_config_and_its_own_usage_errors_exit_2() {
+    let session = PrivateBus::start("session");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[[host]]\nname = \"rpi\"\nhostnme = \"rpi.local\"\n",
+    )
+    .expect("write");
+    let output = doctor(
+        &["--config", config.to_str().expect("utf-8")],
+        dir.path(),
+        session.address(),
+    );
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    line_with(
+        &stdout,
+        &[
+            &format!("FAIL configuration: {}:3:1: ", config.display()),
+            "hostnme",
+            "reachd run --check-config",
+        ],
+    );
+    // Without a configuration no host, target or Nix line follows; the hook is optional.
+    line_with(
+        &stdout,
+        &["ok   dispatcher hook", "not installed (optional"],
+    );
+    assert!(!stdout.contains("rpi:"), "{stdout}");
+
+    let output = doctor(&["--no-such-option"], dir.path(), session.address());
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
 }

@@ -23,7 +23,8 @@ use self::proxies::{ActiveProxy, IP4ConfigProxy, IP6ConfigProxy, NetworkManagerP
 use crate::event::{Event, Events};
 use crate::reconcile::NetworkView;
 
-const NM_NAME: &str = "org.freedesktop.NetworkManager";
+/// NetworkManager's name on the system bus.
+pub const NM_NAME: &str = "org.freedesktop.NetworkManager";
 const NM_PATH: &str = "/org/freedesktop/NetworkManager";
 /// NM_STATE_CONNECTED_LOCAL; 60 is SITE and 70 GLOBAL. A LAN without internet stays at 50/60.
 const NM_STATE_CONNECTED_LOCAL: u32 = 50;
@@ -108,6 +109,17 @@ pub async fn follow(system: Connection, events: Events, with_addresses: bool) ->
         }
         while let Some(Some(())) = futures_util::FutureExt::now_or_never(triggers.next()) {}
     }
+}
+
+/// NetworkManager's `State` and the view reachd builds from it, with the machine's addresses on
+/// each connection, read once (for `reachd doctor`).
+pub async fn read_now(system: &Connection) -> zbus::Result<(u32, NetworkView)> {
+    let manager = NetworkManagerProxy::builder(system)
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await?;
+    let state = manager.state().await?;
+    Ok((state, read(system, &manager, true).await?))
 }
 
 async fn read(

@@ -47,6 +47,28 @@ impl Resolver {
     }
 }
 
+impl Resolver {
+    /// The addresses of the first answer mdns-sd gets for `hostname` (with its trailing dot)
+    /// within `limit`, or none: one look, for `reachd doctor`, where the agent follows instead.
+    pub async fn find_once(&self, hostname: &str, limit: Duration) -> Vec<HostAddress> {
+        let millis = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        let Ok(receiver) = self.daemon.resolve_hostname(hostname, Some(millis)) else {
+            return Vec::new();
+        };
+        let first = async {
+            while let Ok(event) = receiver.recv_async().await {
+                if let HostnameResolutionEvent::AddressesFound(_, found) = event {
+                    return found.iter().map(to_host_address).collect();
+                }
+            }
+            Vec::new()
+        };
+        let found = timeout(limit, first).await.unwrap_or_default();
+        let _ = self.daemon.stop_resolve_hostname(hostname);
+        found
+    }
+}
+
 /// How a resolution ended.
 enum Ended {
     /// The agent is gone.

@@ -16,7 +16,7 @@ fn laptop_dir() -> PathBuf {
 }
 
 /// The laptop's "/etc/nix" (NIX_CONF_DIR of its daemon and of the user's commands).
-pub(super) fn laptop_etc() -> PathBuf {
+pub fn laptop_etc() -> PathBuf {
     laptop_dir().join("etc")
 }
 

@@ -47,8 +47,8 @@ mod upload;
 
 pub use fragment::{fragment_path, Fragment};
 pub use laptop::{
-    laptop_store_root, old_recipe_conf, user_conf_without_include, user_nix_conf, NixRun,
-    TUNNEL_STORE,
+    laptop_etc, laptop_store_root, old_recipe_conf, user_conf_without_include, user_nix_conf,
+    NixRun, TUNNEL_STORE,
 };
 pub use pi::{pi_socket, pi_store_root, SMALL_TEXT};
 pub use upload::{create_spool, hook_path, spool_dir, UploadView};

@@ -1,0 +1,177 @@
+//! The one real check of each host that `reachd doctor` makes: found by mDNS now, and answering
+//! the agent's own check (the unicast mDNS question, then the TCP port), from the addresses the
+//! host's `connections` allow, exactly as the agent would check it on this network.
+
+use std::time::{Duration, Instant};
+
+use super::Finding;
+use crate::config::{Config, HostConfig};
+use crate::network;
+use crate::probe::{self, Probe, Resolver};
+use crate::reconcile::NetworkView;
+
+/// How long mdns-sd may take to find a host: a cold daemon's first question can miss (it may go
+/// out before the daemon joined every interface), and it asks again after a second.
+const FIND_LIMIT: Duration = Duration::from_secs(3);
+
+/// Checks every host; `network` is NetworkManager's view (`None`: it could not be read, and the
+/// agent would assume a network).
+pub async fn check_all(
+    config: &Config,
+    network: Option<&NetworkView>,
+    emit: &mut impl FnMut(Finding),
+) {
+    let view = network.cloned().unwrap_or_else(network::assumed_view);
+    let mut resolver = None;
+    for host in &config.hosts {
+        if network.is_none() && !host.connections.is_empty() {
+            emit(not_checked(
+                host,
+                "NetworkManager cannot say whether one of its connections is active",
+            ));
+            continue;
+        }
+        if let Err(why) = view.verdict(host) {
+            emit(not_checked(host, &why));
+            continue;
+        }
+        let via = view.local_addresses_for(host);
+        if via.as_ref().is_some_and(|v| v.is_empty()) {
+            emit(not_checked(
+                host,
+                "NetworkManager gives this machine no address on its connections",
+            ));
+            continue;
+        }
+        if resolver.is_none() {
+            match Resolver::new() {
+                Ok(started) => resolver = Some(started),
+                Err(err) => {
+                    emit(Finding::fail(
+                        format!("cannot start the mDNS resolver ({err})"),
+                        "reachd needs UDP port 5353 and multicast on your network interfaces",
+                    ));
+                    return;
+                }
+            }
+        }
+        let Some(resolver) = &resolver else { return };
+        let started = Instant::now();
+        let found = resolver.find_once(&host.fqdn(), FIND_LIMIT).await;
+        let outcome = probe::check(
+            &host.hostname,
+            &found,
+            host.port,
+            config.probe.timeout,
+            via.as_ref(),
+        )
+        .await;
+        emit(answer_finding(host, outcome, started.elapsed()));
+    }
+    if let Some(resolver) = resolver {
+        resolver.shutdown();
+    }
+}
+
+fn not_checked(host: &HostConfig, why: &str) -> Finding {
+    Finding::warn(
+        format!("{}: {} not checked: {why}", host.name, host.hostname),
+        "nothing to fix if you are away from it; at home, see `nmcli connection show --active`",
+    )
+}
+
+/// What the doctor says about one check. A host that does not answer is a warning: being away
+/// from it is no misconfiguration.
+pub fn answer_finding(
+    host: &HostConfig,
+    outcome: Result<crate::address::HostAddress, String>,
+    took: Duration,
+) -> Finding {
+    match outcome {
+        Ok(address) => Finding::ok(format!(
+            "{}: {} answers at {address}{} ({} ms)",
+            host.name,
+            host.hostname,
+            host.port.map(|p| format!(", TCP port {p} open")).unwrap_or_default(),
+            took.as_millis()
+        )),
+        Err(why) => Finding::warn(
+            format!("{}: {} does not answer now: {why}", host.name, host.hostname),
+            format!(
+                "nothing to fix if you are away from it; at home, is it on and on this network? (`avahi-resolve -n {}` asks the same question)",
+                host.hostname
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::address::HostAddress;
+    use crate::doctor::Level;
+
+    fn host(port: Option<u16>) -> HostConfig {
+        HostConfig {
+            name: "rpi".into(),
+            hostname: "rpi.local".into(),
+            target: "rpi-accessible.target".into(),
+            port,
+            connections: vec!["3f9a7c1e-5b2d-4e8f-9a61-0c2b7d4e1a01".into()],
+            nix: None,
+            upload: None,
+        }
+    }
+
+    #[test]
+    fn an_answer_names_the_address_and_port() {
+        let address = HostAddress {
+            ip: "192.0.2.10".parse().unwrap(),
+            scope: None,
+        };
+        let finding = answer_finding(&host(Some(22)), Ok(address), Duration::from_millis(12));
+        assert_eq!(
+            finding.to_string(),
+            "ok   rpi: rpi.local answers at 192.0.2.10, TCP port 22 open (12 ms)"
+        );
+    }
+
+    #[test]
+    fn no_answer_is_a_warning_with_the_reason() {
+        let finding = answer_finding(
+            &host(None),
+            Err("rpi.local not found by mDNS".into()),
+            Duration::ZERO,
+        );
+        assert_eq!(finding.level, Level::Warn);
+        assert_eq!(
+            finding.what,
+            "rpi: rpi.local does not answer now: rpi.local not found by mDNS"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_host_off_its_connections_is_not_checked_and_nothing_is_sent() {
+        let config = crate::config::parse(
+            "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\nconnections = [\"3f9a7c1e-5b2d-4e8f-9a61-0c2b7d4e1a01\"]\n",
+            "test",
+        )
+        .unwrap();
+        let mut findings = Vec::new();
+        let away = NetworkView {
+            connected: true,
+            active: Default::default(),
+        };
+        check_all(&config, Some(&away), &mut |f| findings.push(f)).await;
+        check_all(&config, None, &mut |f| findings.push(f)).await;
+        let said: Vec<&str> = findings.iter().map(|f| f.what.as_str()).collect();
+        assert_eq!(
+            said,
+            [
+                "rpi: rpi.local not checked: not on one of the host's configured connections",
+                "rpi: rpi.local not checked: NetworkManager cannot say whether one of its connections is active",
+            ]
+        );
+        assert!(findings.iter().all(|f| f.level == Level::Warn));
+    }
+}

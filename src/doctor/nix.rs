@@ -1,0 +1,415 @@
+//! The Nix side of hosts with `[host.nix]`: the user's nix.conf includes reachd's fragment, the
+//! system's trusts each cache's exact URL (and does not include the fragment), and, for uploads,
+//! Nix's post-build hook is reachd's, the spool is writable by the user and the signing keys are
+//! in order. README "Nix" is the set-up these checks follow.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::ErrorKind;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::files::{root_program_problem, Facts};
+use super::nix_conf::NixConf;
+use super::{Finding, Paths};
+use crate::config::{Config, NixCache};
+use crate::nix::fragment::Fragment;
+
+/// The post-build hook's program name.
+const HOOK_NAME: &str = "reachd-nix-upload";
+const RESTART: &str = "then restart the nix-daemon (`sudo systemctl restart nix-daemon`)";
+
+pub fn check(config: &Config, paths: &Paths, emit: &mut impl FnMut(Finding)) {
+    if config.hosts.iter().all(|h| h.nix.is_none()) {
+        return;
+    }
+    let runtime_dir = paths.runtime_dir.clone().unwrap_or_else(|| {
+        // SAFETY: plain syscall.
+        PathBuf::from(format!("/run/user/{}", unsafe { libc::getuid() }))
+    });
+    let fragment = Fragment::in_runtime_dir(&runtime_dir).path().to_path_buf();
+    emit(user_include(&paths.user_nix_confs, &fragment));
+    let system_path = &paths.system_nix_conf;
+    let system = match NixConf::read(system_path) {
+        Ok(conf) => conf,
+        Err(err) => {
+            emit(Finding::fail(
+                format!(
+                    "the system's nix.conf {} cannot be read ({err})",
+                    system_path.display()
+                ),
+                format!(
+                    "install Nix as a multi-user (daemon) installation; {} is its configuration",
+                    system_path.display()
+                ),
+            ));
+            return;
+        }
+    };
+    for problem in &system.problems {
+        emit(Finding::fail(
+            format!("Nix refuses {problem}"),
+            "correct that line (`name = value`, `include PATH` or `!include PATH`)",
+        ));
+    }
+    if let Some(finding) = fragment_in_system(&system, system_path, &fragment) {
+        emit(finding);
+    }
+    for host in &config.hosts {
+        if let Some(cache) = &host.nix {
+            emit(trusted_substituter(&host.name, cache, &system, system_path));
+        }
+    }
+    if config.hosts.iter().any(|h| h.upload.is_some()) {
+        emit(post_build_hook(&system, system_path));
+        emit(spool(&config.spool));
+        for finding in signing_keys(&system, system_path) {
+            emit(finding);
+        }
+    }
+}
+
+/// The user's nix.conf files include the fragment, with `!include`.
+fn user_include(files: &[PathBuf], fragment: &Path) -> Finding {
+    let line = format!("`!include {}`", fragment.display());
+    let mut plain = None;
+    for file in files {
+        let Ok(conf) = NixConf::read(file) else {
+            continue;
+        };
+        for include in conf.includes_of(fragment) {
+            let at = format!("{}:{}", include.from.display(), include.line);
+            if include.optional {
+                return Finding::ok(format!("{at} includes reachd's fragment ({line})"));
+            }
+            plain.get_or_insert(at);
+        }
+    }
+    let place = files
+        .last()
+        .map_or("~/.config/nix/nix.conf".into(), |f| f.display().to_string());
+    match plain {
+        Some(at) => Finding::warn(
+            format!("{at} includes reachd's fragment with `include`: every Nix command fails while the fragment is missing (before reachd first runs)"),
+            format!("write it {line}"),
+        ),
+        None => Finding::fail(
+            format!("no nix.conf of yours includes reachd's fragment {} (read: {place}): your Nix never uses the hosts' caches", fragment.display()),
+            format!("add the line {line} to {place}"),
+        ),
+    }
+}
+
+/// The system's nix.conf must not include the fragment: the daemon reads it once, at its start.
+fn fragment_in_system(system: &NixConf, path: &Path, fragment: &Path) -> Option<Finding> {
+    let include = system.includes_of(fragment).into_iter().next()?;
+    Some(Finding::fail(
+        format!(
+            "{}:{} includes reachd's fragment: the nix-daemon reads it only when it starts and would keep the host's cache for every build, home or away",
+            include.from.display(),
+            include.line
+        ),
+        format!("remove that line from {} (the fragment belongs in your own nix.conf), {RESTART}", path.display()),
+    ))
+}
+
+/// The system's `trusted-substituters` lists the host's cache URL exactly.
+fn trusted_substituter(host: &str, cache: &NixCache, system: &NixConf, path: &Path) -> Finding {
+    let url = cache.substituter();
+    let trusted = system.get("trusted-substituters");
+    if trusted.contains(&url) {
+        return Finding::ok(format!(
+            "{host}: {url} is in trusted-substituters of {}",
+            path.display()
+        ));
+    }
+    let listed = if trusted.is_empty() {
+        "it lists none".to_string()
+    } else {
+        format!("it lists {}", trusted.join(" "))
+    };
+    Finding::fail(
+        format!(
+            "{host}: {url} is not in trusted-substituters of {} ({listed}): the nix-daemon ignores the cache for your commands",
+            path.display()
+        ),
+        format!("as root, add {url} to `trusted-substituters` in {} (exactly: `trusted-substituters = {url}`), {RESTART}", path.display()),
+    )
+}
+
+/// Nix's post-build hook is reachd's, and safe to run as root.
+fn post_build_hook(system: &NixConf, path: &Path) -> Finding {
+    let fix = format!(
+        "as root, set `post-build-hook = /usr/local/bin/{HOOK_NAME}` in {} (a root-owned copy of the program), {RESTART}",
+        path.display()
+    );
+    let hook = system.get("post-build-hook").join(" ");
+    if hook.is_empty() {
+        return Finding::fail(
+            format!(
+                "no post-build-hook in {}: builds are not recorded for upload",
+                path.display()
+            ),
+            fix,
+        );
+    }
+    let hook_path = Path::new(&hook);
+    if hook_path.file_name().and_then(|n| n.to_str()) != Some(HOOK_NAME) {
+        return Finding::fail(
+            format!("post-build-hook in {} is {hook}, not {HOOK_NAME}: builds are not recorded for upload", path.display()),
+            fix,
+        );
+    }
+    match fs::metadata(hook_path) {
+        Err(err) => Finding::fail(
+            format!("post-build hook {hook} cannot be read ({err})"),
+            fix,
+        ),
+        Ok(meta) => root_program_problem("post-build hook", hook_path, Facts::from(&meta))
+            .unwrap_or_else(|| {
+                Finding::ok(format!(
+                    "post-build hook {hook}: root's, not writable by others"
+                ))
+            }),
+    }
+}
+
+/// The user can take entries from the spool: read it, write its `incoming/` and `hosts/`.
+fn spool(dir: &Path) -> Finding {
+    let fix = "as root: `systemd-tmpfiles --create /etc/tmpfiles.d/reachd.conf` (systemd/tmpfiles.d/reachd.conf) and `usermod -aG reachd $USER`, then log out and in again";
+    for (path, mode, what) in [
+        (dir.to_path_buf(), libc::R_OK | libc::X_OK, "readable"),
+        (
+            dir.join("incoming"),
+            libc::R_OK | libc::W_OK | libc::X_OK,
+            "writable",
+        ),
+        (
+            dir.join("hosts"),
+            libc::R_OK | libc::W_OK | libc::X_OK,
+            "writable",
+        ),
+    ] {
+        let problem = match access(&path, mode) {
+            Ok(()) => continue,
+            Err(err) if err.kind() == ErrorKind::NotFound => "does not exist".to_string(),
+            Err(err) => format!("is not {what} by you ({err})"),
+        };
+        return Finding::fail(format!("upload spool {} {problem}", path.display()), fix);
+    }
+    Finding::ok(format!(
+        "upload spool {}: yours to take from",
+        dir.display()
+    ))
+}
+
+/// access(2): whether this process's user may use `path` as `mode` says.
+fn access(path: &Path, mode: libc::c_int) -> std::io::Result<()> {
+    let path = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: a valid NUL-terminated string.
+    if unsafe { libc::access(path.as_ptr(), mode) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `secret-key-files`: set, there, and readable by root alone; what cannot be checked is said.
+fn signing_keys(system: &NixConf, path: &Path) -> Vec<Finding> {
+    let files = system.get("secret-key-files");
+    if files.is_empty() {
+        return vec![Finding::warn(
+            format!("no secret-key-files in {}: uploads are unsigned, and a host that does not trust the uploading user refuses them", path.display()),
+            format!("as root: `nix-store --generate-binary-cache-key laptop-1 /etc/nix/laptop-1.sec /etc/nix/laptop-1.pub`, `secret-key-files = /etc/nix/laptop-1.sec` in {}, {RESTART}; then add laptop-1.pub to the host's trusted-public-keys", path.display()),
+        )];
+    }
+    files
+        .iter()
+        .map(|file| signing_key(Path::new(file)))
+        .collect()
+}
+
+fn signing_key(file: &Path) -> Finding {
+    let shown = file.display();
+    match fs::metadata(file) {
+        Err(err) if err.kind() == ErrorKind::PermissionDenied => Finding::warn(
+            format!("secret key {shown} cannot be checked as you ({err})"),
+            format!("as root: `ls -l {shown}` must show root's file, mode 0600"),
+        ),
+        Err(err) => Finding::fail(
+            format!("secret key {shown} cannot be read ({err}): the nix-daemon cannot sign builds"),
+            format!("as root: `nix-store --generate-binary-cache-key laptop-1 {shown} {}`", file.with_extension("pub").display()),
+        ),
+        Ok(meta) if meta.uid() != 0 || meta.mode() & 0o077 != 0 => Finding::fail(
+            format!("secret key {shown} belongs to uid {} with mode {:04o}: others can sign paths as this machine", meta.uid(), meta.mode() & 0o7777),
+            format!("`sudo chown root:root {shown} && sudo chmod 600 {shown}`"),
+        ),
+        Ok(_) => Finding::ok(format!(
+            "secret key {shown}: root's alone (whether the host trusts its public key cannot be checked from here: its trusted-public-keys must list it)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doctor::Level;
+
+    fn cache() -> NixCache {
+        NixCache::Served {
+            daemon_socket: "%t/rpi-nix-daemon.sock".into(),
+            listen: crate::config::DEFAULT_LISTEN,
+        }
+    }
+
+    fn conf(text: &str) -> NixConf {
+        let mut conf = NixConf::default();
+        conf.apply(Path::new("/etc/nix/nix.conf"), text, 0);
+        conf
+    }
+
+    const SYSTEM: &str = "/etc/nix/nix.conf";
+
+    #[test]
+    fn the_exact_url_must_be_trusted() {
+        let path = Path::new(SYSTEM);
+        let ok = trusted_substituter(
+            "rpi",
+            &cache(),
+            &conf("trusted-substituters = https://c http://127.0.0.1:37515\n"),
+            path,
+        );
+        assert_eq!(ok.level, Level::Ok, "{ok}");
+        let near = trusted_substituter(
+            "rpi",
+            &cache(),
+            &conf("trusted-substituters = http://127.0.0.1:37515/\n"),
+            path,
+        );
+        assert_eq!(near.level, Level::Fail);
+        assert_eq!(
+            near.to_string(),
+            "FAIL rpi: http://127.0.0.1:37515 is not in trusted-substituters of /etc/nix/nix.conf (it lists http://127.0.0.1:37515/): \
+             the nix-daemon ignores the cache for your commands; fix: as root, add http://127.0.0.1:37515 to `trusted-substituters` in \
+             /etc/nix/nix.conf (exactly: `trusted-substituters = http://127.0.0.1:37515`), then restart the nix-daemon (`sudo systemctl restart nix-daemon`)"
+        );
+        let none = trusted_substituter("rpi", &cache(), &conf(""), path);
+        assert!(none.what.contains("(it lists none)"), "{none}");
+    }
+
+    #[test]
+    fn the_user_include_is_found_and_named_when_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = dir.path().join("nix.conf");
+        let fragment = Path::new("/run/user/1000/reachd/nix.conf");
+        fs::write(&user, "!include /run/user/1000/reachd/nix.conf\n").unwrap();
+        let found = user_include(std::slice::from_ref(&user), fragment);
+        assert_eq!(found.level, Level::Ok, "{found}");
+        assert!(
+            found
+                .what
+                .starts_with(&format!("{}:1 includes", user.display())),
+            "{found}"
+        );
+
+        fs::write(&user, "include /run/user/1000/reachd/nix.conf\n").unwrap();
+        let plain = user_include(std::slice::from_ref(&user), fragment);
+        assert_eq!(plain.level, Level::Warn, "{plain}");
+        assert_eq!(
+            plain.fix.as_deref(),
+            Some("write it `!include /run/user/1000/reachd/nix.conf`")
+        );
+
+        fs::write(&user, "substituters = https://c\n").unwrap();
+        let missing = user_include(std::slice::from_ref(&user), fragment);
+        assert_eq!(missing.level, Level::Fail);
+        assert_eq!(
+            missing.fix.unwrap(),
+            format!(
+                "add the line `!include /run/user/1000/reachd/nix.conf` to {}",
+                user.display()
+            )
+        );
+    }
+
+    #[test]
+    fn the_fragment_in_the_system_conf_is_refused() {
+        let fragment = Path::new("/run/user/1000/reachd/nix.conf");
+        assert_eq!(
+            fragment_in_system(
+                &conf("trusted-substituters = http://x\n"),
+                Path::new(SYSTEM),
+                fragment
+            ),
+            None
+        );
+        let found = fragment_in_system(
+            &conf("!include /run/user/1000/reachd/nix.conf\n"),
+            Path::new(SYSTEM),
+            fragment,
+        )
+        .expect("named");
+        assert!(
+            found
+                .what
+                .starts_with("/etc/nix/nix.conf:1 includes reachd's fragment"),
+            "{found}"
+        );
+    }
+
+    #[test]
+    fn the_post_build_hook_must_be_reachds() {
+        let path = Path::new(SYSTEM);
+        let unset = post_build_hook(&conf(""), path);
+        assert!(
+            unset
+                .what
+                .starts_with("no post-build-hook in /etc/nix/nix.conf"),
+            "{unset}"
+        );
+        let other = post_build_hook(&conf("post-build-hook = /etc/nix/upload-to-pi.sh\n"), path);
+        assert!(
+            other
+                .what
+                .contains("is /etc/nix/upload-to-pi.sh, not reachd-nix-upload"),
+            "{other}"
+        );
+        assert!(other
+            .fix
+            .unwrap()
+            .contains("`post-build-hook = /usr/local/bin/reachd-nix-upload`"));
+    }
+
+    #[test]
+    fn a_spool_that_is_not_there_is_named() {
+        let finding = spool(Path::new("/nonexistent/reachd-spool"));
+        assert_eq!(finding.level, Level::Fail);
+        assert_eq!(
+            finding.what,
+            "upload spool /nonexistent/reachd-spool does not exist"
+        );
+        assert!(finding.fix.unwrap().contains("systemd-tmpfiles --create"));
+    }
+
+    #[test]
+    fn signing_keys_missing_or_open_to_others_are_named() {
+        let unset = signing_keys(&conf(""), Path::new(SYSTEM));
+        assert_eq!(unset.len(), 1);
+        assert_eq!(unset[0].level, Level::Warn);
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("laptop-1.sec");
+        let missing = signing_key(&key);
+        assert_eq!(missing.level, Level::Fail);
+        assert!(missing.what.contains("cannot be read"), "{missing}");
+        fs::write(&key, "laptop-1:secret").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        let open = signing_key(&key);
+        assert_eq!(open.level, Level::Fail, "{open}");
+        assert!(open
+            .fix
+            .unwrap()
+            .contains(&format!("sudo chmod 600 {}", key.display())));
+    }
+}
