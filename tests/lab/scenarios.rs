@@ -1,5 +1,5 @@
 //! The scenarios of issue 3 (and, from 12 on, of reachd's Nix support: nix.rs; from 17 on, its
-//! uploads: upload.rs), in the order
+//! uploads: upload.rs; from 21 on, issue 10's faults: reliability.rs), in the order
 //! they run. Each one starts from the baseline (home up, Pi present, target active) unless it
 //! continues the previous one, asserts the units, reachd's own view and real traffic, and
 //! returns a short report of what it measured.
@@ -15,7 +15,7 @@ use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
 use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
 use reachd_testkit::process::{wait_until, Spawn};
 
-use crate::{nix, upload};
+use crate::{nix, reliability, upload};
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;
 
@@ -42,6 +42,15 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ("18-nix-upload-no-agent", false, upload::nix_upload_no_agent),
     ("19-nix-upload-crash", false, upload::nix_upload_crash),
     ("20-nix-upload-vanish", false, upload::nix_upload_vanish),
+    ("21-two-agents", false, reliability::two_agents),
+    ("22-long-uptime", false, reliability::long_uptime),
+    ("23-renumbered-pi", false, reliability::renumbered_pi),
+    ("24-manager-reexec", false, reliability::manager_reexec),
+    (
+        "25-restart-keeps-following",
+        false,
+        reliability::restart_keeps_following,
+    ),
 ];
 
 /// The default bound for noticing a Pi that vanished without a word.
@@ -194,14 +203,21 @@ fn coldplug(lab: &mut Lab) -> Result<String, String> {
     ))
 }
 
-fn nm_down_up(lab: &mut Lab) -> Result<String, String> {
-    baseline(lab)?;
+/// `nmcli con down` then `con up` of home from the baseline: the target stops, then starts
+/// again with its tunnel and mount working. How long each took.
+pub fn down_up(lab: &mut Lab, step: &str) -> Result<(Duration, Duration), String> {
     lab.nmcli_con("down", HOME_UUID)?;
-    let down = lab.expect_down(T, "home down")?;
+    let down = lab.expect_down(T, &format!("{step}: home down"))?;
     lab.nmcli_con("up", HOME_UUID)?;
-    let up = lab.expect_up(T, "home up")?;
+    let up = lab.expect_up(T, &format!("{step}: home up"))?;
     lab.expect_tunnel()?;
     lab.expect_mount()?;
+    Ok((down, up))
+}
+
+fn nm_down_up(lab: &mut Lab) -> Result<String, String> {
+    baseline(lab)?;
+    let (down, up) = down_up(lab, "2")?;
     Ok(format!(
         "stopped {} after `con down`, started {} after `con up`",
         secs(down),
