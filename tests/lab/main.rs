@@ -14,6 +14,7 @@
 
 mod doctor;
 mod nix;
+mod reliability;
 mod scenarios;
 mod upload;
 

@@ -1,8 +1,8 @@
-//! The scenarios of issue 3 (and, from 12 on, of reachd's Nix support: nix.rs; from 17 on, its
-//! uploads: upload.rs; from 35 on, `reachd doctor`: doctor.rs), in the order
-//! they run. Each one starts from the baseline (home up, Pi present, target active) unless it
-//! continues the previous one, asserts the units, reachd's own view and real traffic, and
-//! returns a short report of what it measured.
+//! The scenarios, in the order they run: issue 3's here; from 12 on, reachd's Nix support
+//! (nix.rs); from 17, its uploads (upload.rs); from 21, issue 10's faults (reliability.rs); from
+//! 35, `reachd doctor` (doctor.rs). Each one starts from the baseline (home up, Pi present,
+//! target active) unless it continues the previous one, asserts the units, reachd's own view
+//! and real traffic, and returns a short report of what it measured.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -15,7 +15,7 @@ use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
 use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
 use reachd_testkit::process::{wait_until, Spawn};
 
-use crate::{doctor, nix, upload};
+use crate::{doctor, nix, reliability, upload};
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;
 
@@ -42,6 +42,15 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ("18-nix-upload-no-agent", false, upload::nix_upload_no_agent),
     ("19-nix-upload-crash", false, upload::nix_upload_crash),
     ("20-nix-upload-vanish", false, upload::nix_upload_vanish),
+    ("21-two-agents", false, reliability::two_agents),
+    ("22-long-uptime", false, reliability::long_uptime),
+    ("23-renumbered-pi", false, reliability::renumbered_pi),
+    ("24-manager-reexec", false, reliability::manager_reexec),
+    (
+        "25-restart-keeps-following",
+        false,
+        reliability::restart_keeps_following,
+    ),
     ("35-doctor-ok", false, doctor::doctor_ok),
     ("36-doctor-broken", false, doctor::doctor_broken),
     ("37-doctor-host-away", false, doctor::doctor_host_away),
@@ -197,14 +206,21 @@ fn coldplug(lab: &mut Lab) -> Result<String, String> {
     ))
 }
 
-fn nm_down_up(lab: &mut Lab) -> Result<String, String> {
-    baseline(lab)?;
+/// `nmcli con down` then `con up` of home from the baseline: the target stops, then starts
+/// again with its tunnel and mount working. How long each took.
+pub fn down_up(lab: &mut Lab, step: &str) -> Result<(Duration, Duration), String> {
     lab.nmcli_con("down", HOME_UUID)?;
-    let down = lab.expect_down(T, "home down")?;
+    let down = lab.expect_down(T, &format!("{step}: home down"))?;
     lab.nmcli_con("up", HOME_UUID)?;
-    let up = lab.expect_up(T, "home up")?;
+    let up = lab.expect_up(T, &format!("{step}: home up"))?;
     lab.expect_tunnel()?;
     lab.expect_mount()?;
+    Ok((down, up))
+}
+
+fn nm_down_up(lab: &mut Lab) -> Result<String, String> {
+    baseline(lab)?;
+    let (down, up) = down_up(lab, "2")?;
     Ok(format!(
         "stopped {} after `con down`, started {} after `con up`",
         secs(down),

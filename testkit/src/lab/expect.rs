@@ -133,20 +133,25 @@ impl Lab {
 
     /// The Pi's file shows through the sshfs mount, read as the user.
     pub fn expect_mount(&self) -> Result<(), String> {
-        let file = self.user().home.join("rpi/greeting.txt");
         wait_until(T, "the Pi's files in ~/rpi", || {
-            let out = self
-                .user()
-                .cmd("cat")
-                .arg(&file)
-                .run(Duration::from_secs(5))
-                .map_err(|e| e.to_string())?;
-            if out.stdout == GREETING {
-                Ok(Some(()))
-            } else {
-                Err(format!("cat: {} {}", out.status, out.stderr.trim()))
-            }
+            self.mount_reads().map(Some)
         })
+    }
+
+    /// One read of the Pi's file through the sshfs mount, as the user, within 5 s.
+    pub fn mount_reads(&self) -> Result<(), String> {
+        let file = self.user().home.join("rpi/greeting.txt");
+        let out = self
+            .user()
+            .cmd("cat")
+            .arg(&file)
+            .run(Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        if out.stdout == GREETING {
+            Ok(())
+        } else {
+            Err(format!("cat: {} {}", out.status, out.stderr.trim()))
+        }
     }
 
     /// Checks that `reachd check rpi`, `reachd status --json`, the D-Bus properties and the

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::lab::cleanup::mark;
 use crate::lab::network::links;
 use crate::lab::nix::daemon_handshake;
-use crate::lab::{dir, io_err, Lab, GREETING, PI_ADDR, T};
+use crate::lab::{dir, io_err, Lab, GREETING, T};
 use crate::netns::{resolve_once, Avahi, AvahiOptions};
 use crate::process::{wait_until, Spawn};
 
@@ -20,7 +20,8 @@ impl Lab {
         fs::create_dir_all(&files).map_err(|e| io_err("pi dir", e))?;
         fs::write(files.join("greeting.txt"), GREETING).map_err(|e| io_err("pi files", e))?;
         self.start_pi_avahi()?;
-        // sshd: host key and the client key the test user will use.
+        // sshd: host key and the client key the test user will use. It listens on every address
+        // of the Pi, as a real Pi's sshd does, so that it still answers once renumbered.
         for key in ["host_key", "client_key"] {
             let path = pi.join(key);
             Spawn::new("ssh-keygen")
@@ -35,7 +36,7 @@ impl Lab {
         fs::write(
             &conf,
             format!(
-                "ListenAddress {PI_ADDR}:22\nHostKey {d}/host_key\nPidFile none\n\
+                "ListenAddress 0.0.0.0:22\nHostKey {d}/host_key\nPidFile none\n\
                  AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
                  AllowStreamLocalForwarding yes\nStreamLocalBindUnlink yes\nStrictModes no\n\
