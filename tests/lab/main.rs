@@ -12,6 +12,7 @@
 //!
 //! Never run two labs at once on one machine: each starts by removing the other's leftovers.
 
+mod hostile_lan;
 mod nix;
 mod scenarios;
 mod upload;

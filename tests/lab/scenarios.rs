@@ -1,5 +1,6 @@
 //! The scenarios of issue 3 (and, from 12 on, of reachd's Nix support: nix.rs; from 17 on, its
-//! uploads: upload.rs), in the order
+//! uploads: upload.rs; from 26 on, a dual-stack Pi and an impostor on the home LAN:
+//! hostile_lan.rs), in the order
 //! they run. Each one starts from the baseline (home up, Pi present, target active) unless it
 //! continues the previous one, asserts the units, reachd's own view and real traffic, and
 //! returns a short report of what it measured.
@@ -15,7 +16,7 @@ use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
 use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
 use reachd_testkit::process::{wait_until, Spawn};
 
-use crate::{nix, upload};
+use crate::{hostile_lan, nix, upload};
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;
 
@@ -42,6 +43,8 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ("18-nix-upload-no-agent", false, upload::nix_upload_no_agent),
     ("19-nix-upload-crash", false, upload::nix_upload_crash),
     ("20-nix-upload-vanish", false, upload::nix_upload_vanish),
+    ("26-dual-stack", false, hostile_lan::dual_stack),
+    ("27-home-impostor", false, hostile_lan::home_impostor),
 ];
 
 /// The default bound for noticing a Pi that vanished without a word.
