@@ -247,22 +247,28 @@ fn a_dual_stack_host_keeps_its_ipv4_address_check_after_check() {
     });
 }
 
+/// A listener on port 2222 at `address` on the Pi's side, opened from a thread inside its
+/// namespace.
+fn listen_on_the_pi(pair: &MdnsPair, address: IpAddr) -> TcpListener {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                pair.server
+                    .enter_current_thread()
+                    .expect("setns into the server namespace");
+                TcpListener::bind((address, 2222)).expect("listen on 2222")
+            })
+            .join()
+            .expect("listener thread")
+    })
+}
+
 /// With `port`, a dual-stack host whose service listens on IPv4 only is reachable although its
 /// IPv6 address is the best one that answered mDNS (say the address units were given).
 #[test]
 fn with_a_port_the_hosts_other_kind_of_address_is_tried() {
     in_dual_stack_lab("rm8-", async |pair| {
-        let listener = std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    pair.server
-                        .enter_current_thread()
-                        .expect("setns into the server namespace");
-                    TcpListener::bind((IpAddr::V4(SERVER_ADDR), 2222)).expect("listen on 2222")
-                })
-                .join()
-                .expect("listener thread")
-        });
+        let listener = listen_on_the_pi(pair, IpAddr::V4(SERVER_ADDR));
         let pi_v6 = pair
             .server_link_local()
             .expect("the Pi's link-local address");
@@ -305,19 +311,7 @@ fn with_a_port_the_hosts_other_kind_of_address_is_tried() {
 #[test]
 fn tcp_port_is_part_of_the_check() {
     in_lab("rm4-", async |pair| {
-        // A listener on the Pi's side, opened from a thread inside its namespace.
-        let listener = std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    pair.server
-                        .enter_current_thread()
-                        .expect("setns into the server namespace");
-                    TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), 2222))
-                        .expect("listen on 2222")
-                })
-                .join()
-                .expect("listener thread")
-        });
+        let listener = listen_on_the_pi(pair, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         assert_eq!(
             probe::check("rpi.local", &[pi()], Some(2222), LIMIT, None).await,
             Ok(Answered::from(pi()))
