@@ -31,6 +31,49 @@ impl HostAddress {
     }
 }
 
+/// The kinds of address a machine has one of on a link (per interface): two addresses of one
+/// kind that answer a host's name belong to two machines (or to one with two interfaces on the
+/// LAN), while a dual-stack host answers at one address of each kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    V4,
+    V6LinkLocal,
+    V6,
+}
+
+impl HostAddress {
+    fn kind(&self) -> Kind {
+        match self.ip {
+            IpAddr::V4(_) => Kind::V4,
+            IpAddr::V6(ip) if ip.is_unicast_link_local() => Kind::V6LinkLocal,
+            IpAddr::V6(_) => Kind::V6,
+        }
+    }
+
+    /// Whether `other` is of this address's kind (IPv4, IPv6 link-local, other IPv6).
+    pub fn same_kind(&self, other: &HostAddress) -> bool {
+        self.kind() == other.kind()
+    }
+}
+
+/// A check that succeeded: the address taken, and the other candidates that answered the same
+/// question during the check (the host's other addresses, or another device claiming its name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answered {
+    pub address: HostAddress,
+    pub also: Vec<HostAddress>,
+}
+
+impl From<HostAddress> for Answered {
+    /// An answer at `address` alone.
+    fn from(address: HostAddress) -> Self {
+        Answered {
+            address,
+            also: Vec::new(),
+        }
+    }
+}
+
 /// `192.0.2.10`, `2001:db8::1` or `fe80::1%eth0`: what units get in `REACHD_<NAME>_ADDRESS`.
 impl fmt::Display for HostAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -57,5 +100,18 @@ mod tests {
         let v4 = HostAddress::v4("192.0.2.10".parse().unwrap());
         assert_eq!(v4.to_string(), "192.0.2.10");
         assert!(v4 < addr, "IPv4 sorts first");
+    }
+
+    #[test]
+    fn kinds_tell_a_dual_stack_host_from_two_machines() {
+        let v4 = |s: &str| HostAddress::v4(s.parse().unwrap());
+        let v6 = |s: &str| HostAddress {
+            ip: s.parse().unwrap(),
+            scope: None,
+        };
+        assert!(v4("192.0.2.10").same_kind(&v4("192.0.2.66")));
+        assert!(!v4("192.0.2.10").same_kind(&v6("fe80::1")));
+        assert!(v6("fe80::1").same_kind(&v6("fe80::2")));
+        assert!(!v6("fe80::1").same_kind(&v6("2001:db8::1")));
     }
 }

@@ -6,11 +6,14 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::time::Duration;
 
-use reachd::address::HostAddress;
+use reachd::address::{Answered, HostAddress};
+use reachd::config::ProbeSettings;
 use reachd::event::{Event, HostId};
 use reachd::probe::{self, Probe, Resolver};
+use reachd::reconcile::HostTracker;
 use reachd_testkit::netns::{MdnsPair, CLIENT_ADDR, SERVER_ADDR};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 const LIMIT: Duration = Duration::from_millis(1000);
 
@@ -18,11 +21,24 @@ const LIMIT: Duration = Duration::from_millis(1000);
 /// its own inside the client namespace (a current-thread runtime there, so every socket the
 /// resolver and the checks open belongs to that namespace).
 fn in_lab(prefix: &str, body: impl AsyncFnOnce(&mut MdnsPair) + Send) {
+    in_pair(prefix, MdnsPair::start, body)
+}
+
+/// [`in_lab`] with IPv6 link-local on both sides, avahi publishing the Pi's AAAA too.
+fn in_dual_stack_lab(prefix: &str, body: impl AsyncFnOnce(&mut MdnsPair) + Send) {
+    in_pair(prefix, MdnsPair::start_dual_stack, body)
+}
+
+fn in_pair(
+    prefix: &str,
+    build: fn(&str, &str) -> std::io::Result<MdnsPair>,
+    body: impl AsyncFnOnce(&mut MdnsPair) + Send,
+) {
     assert!(
         unsafe { libc::geteuid() } == 0,
         "the mDNS tests create network namespaces: run them as root"
     );
-    let mut pair = MdnsPair::start(prefix, "rpi").unwrap_or_else(|err| {
+    let mut pair = build(prefix, "rpi").unwrap_or_else(|err| {
         panic!("cannot build the mDNS lab ({err}); install the Debian packages iproute2 util-linux avahi-daemon")
     });
     std::thread::scope(|scope| {
@@ -77,7 +93,7 @@ fn resolver_finds_the_host_and_the_check_confirms_it() {
     in_lab("rm1-", async |_pair| {
         let (resolver, _events) = following_the_pi().await;
         let answered = probe::check("rpi.local", &[pi()], None, LIMIT, None).await;
-        assert_eq!(answered, Ok(pi()));
+        assert_eq!(answered, Ok(Answered::from(pi())));
         // Another name is not answered by the Pi's responder.
         let other = probe::check("nas.local", &[pi()], None, LIMIT, None).await;
         assert!(other.unwrap_err().contains("no mDNS answer for nas.local"));
@@ -176,25 +192,129 @@ fn after_a_network_change_the_question_goes_out_again_at_once() {
     });
 }
 
+/// A dual-stack Pi (the default on Raspberry Pi OS and most laptops) answers on IPv4 and on
+/// IPv6 link-local, so each check gets two answers: the tracker must take the IPv4 one every
+/// time (units were given it; sshfs needs an IPv6 one in brackets), and not count the Pi's own
+/// IPv6 address as another device claiming its name.
+#[test]
+fn a_dual_stack_host_keeps_its_ipv4_address_check_after_check() {
+    in_dual_stack_lab("rm7-", async |pair| {
+        let resolver = Resolver::new().expect("mdns-sd daemon");
+        let (tx, mut events) = mpsc::channel(16);
+        tokio::spawn(resolver.follow(HostId(0), "rpi.local.".into(), tx));
+        let mut found: BTreeSet<HostAddress> = BTreeSet::new();
+        let pi_v6 = IpAddr::V6(
+            pair.server_link_local()
+                .expect("the Pi's link-local address"),
+        );
+        while !(found.contains(&pi()) && found.iter().any(|a| a.ip == pi_v6)) {
+            match next_event(&mut events, Duration::from_secs(10)).await {
+                Event::AddressesFound(HostId(0), addresses) => found.extend(addresses),
+                other => panic!("expected the Pi's addresses, got {other:?}"),
+            }
+        }
+        let v6 = found.iter().find(|a| a.ip == pi_v6).expect("found").clone();
+        assert!(
+            v6.scope.is_some(),
+            "a link-local address carries its interface: {v6}"
+        );
+        let alone = probe::check("rpi.local", std::slice::from_ref(&v6), None, LIMIT, None).await;
+        assert_eq!(
+            alone.map(|a| a.address),
+            Ok(v6.clone()),
+            "the Pi answers on IPv6 too"
+        );
+
+        let settings = ProbeSettings::default();
+        let mut tracker = HostTracker::new(Instant::now());
+        tracker.on_network(Ok(()), Instant::now());
+        tracker.on_addresses_found(found.iter().cloned(), Instant::now());
+        for round in 0..20 {
+            tracker.on_refresh(Instant::now());
+            let candidates = tracker.plan(Instant::now()).check.expect("a check is due");
+            let outcome = probe::check("rpi.local", &candidates, None, LIMIT, None).await;
+            let answered = outcome.clone().expect("the Pi answers");
+            assert!(answered.also.contains(&v6), "round {round}: {answered:?}");
+            tracker.on_check(tracker.epoch(), outcome, &settings, Instant::now());
+            assert_eq!(tracker.address, Some(pi()), "round {round}");
+            assert_eq!(
+                tracker.reason,
+                format!("answered at {SERVER_ADDR}"),
+                "round {round}"
+            );
+        }
+        resolver.shutdown();
+    });
+}
+
+/// A listener on port 2222 at `address` on the Pi's side, opened from a thread inside its
+/// namespace.
+fn listen_on_the_pi(pair: &MdnsPair, address: IpAddr) -> TcpListener {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                pair.server
+                    .enter_current_thread()
+                    .expect("setns into the server namespace");
+                TcpListener::bind((address, 2222)).expect("listen on 2222")
+            })
+            .join()
+            .expect("listener thread")
+    })
+}
+
+/// With `port`, a dual-stack host whose service listens on IPv4 only is reachable although its
+/// IPv6 address is the best one that answered mDNS (say the address units were given).
+#[test]
+fn with_a_port_the_hosts_other_kind_of_address_is_tried() {
+    in_dual_stack_lab("rm8-", async |pair| {
+        let listener = listen_on_the_pi(pair, IpAddr::V4(SERVER_ADDR));
+        let pi_v6 = pair
+            .server_link_local()
+            .expect("the Pi's link-local address");
+        let index = pair
+            .client
+            .run_in(|| {
+                let name = std::ffi::CString::new("mc0").expect("no NUL");
+                // SAFETY: a NUL-terminated name; the call only reads it.
+                unsafe { libc::if_nametoindex(name.as_ptr()) }
+            })
+            .expect("the client's interface");
+        let v6 = HostAddress {
+            ip: IpAddr::V6(pi_v6),
+            scope: Some((index, "mc0".into())),
+        };
+        // avahi answers on its IPv6 address once it has probed it, a moment after it appears.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while probe::check("rpi.local", std::slice::from_ref(&v6), None, LIMIT, None)
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the Pi never answered at {v6}");
+        }
+        let candidates = [v6.clone(), pi()];
+        let answered = probe::check("rpi.local", &candidates, Some(2222), LIMIT, None).await;
+        assert_eq!(
+            answered,
+            Ok(Answered {
+                address: pi(),
+                also: vec![v6]
+            })
+        );
+        drop(listener);
+        let refused = probe::check("rpi.local", &candidates, Some(2222), LIMIT, None).await;
+        let why = refused.unwrap_err();
+        assert!(why.starts_with("TCP port 2222 at fe80::"), "{why}");
+    });
+}
+
 #[test]
 fn tcp_port_is_part_of_the_check() {
     in_lab("rm4-", async |pair| {
-        // A listener on the Pi's side, opened from a thread inside its namespace.
-        let listener = std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    pair.server
-                        .enter_current_thread()
-                        .expect("setns into the server namespace");
-                    TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), 2222))
-                        .expect("listen on 2222")
-                })
-                .join()
-                .expect("listener thread")
-        });
+        let listener = listen_on_the_pi(pair, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         assert_eq!(
             probe::check("rpi.local", &[pi()], Some(2222), LIMIT, None).await,
-            Ok(pi())
+            Ok(Answered::from(pi()))
         );
         drop(listener);
         let refused = probe::check("rpi.local", &[pi()], Some(2222), LIMIT, None).await;
@@ -211,7 +331,7 @@ fn check_asks_only_through_the_allowed_local_addresses() {
         let home: BTreeSet<IpAddr> = [IpAddr::V4(CLIENT_ADDR)].into();
         let elsewhere: BTreeSet<IpAddr> = [IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7))].into();
         let through_home = probe::check("rpi.local", &[pi()], None, LIMIT, Some(&home)).await;
-        assert_eq!(through_home, Ok(pi()));
+        assert_eq!(through_home, Ok(Answered::from(pi())));
         let refused = probe::check("rpi.local", &[pi()], None, LIMIT, Some(&elsewhere)).await;
         assert_eq!(
             refused,

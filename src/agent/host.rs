@@ -102,6 +102,26 @@ impl Host {
         );
     }
 
+    /// Logs a change in who else answers the host's name: another device claiming it (an
+    /// impostor, or the host on a second interface), or the end of that. `before` is the list
+    /// before the last check.
+    pub fn log_other_responders(&self, before: &[HostAddress]) {
+        let now = &self.tracker.other_responders;
+        if now.as_slice() == before {
+            return;
+        }
+        let (host, hostname) = (&self.config.name, &self.config.hostname);
+        let kept = self.tracker.address.as_ref().map(ToString::to_string);
+        let kept = kept.unwrap_or_default();
+        if now.is_empty() {
+            info!(host = %host, "{host}: only {kept} answers {hostname} now");
+        } else {
+            let others: Vec<String> = now.iter().map(ToString::to_string).collect();
+            let others = others.join(", ");
+            warn!(host = %host, others, "{host}: {hostname} also answered by {others}: another device claims the name; keeping {kept}");
+        }
+    }
+
     /// Logs a run over the upload queue that did something or failed.
     pub fn log_upload(&self, outcome: &BatchOutcome) {
         let host = &self.config.name;

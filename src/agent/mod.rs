@@ -250,8 +250,10 @@ impl Agent {
             } => {
                 let settings = self.settings;
                 let host = self.host(host);
+                let others_before = host.tracker.other_responders.clone();
                 let transition = host.tracker.on_check(epoch, outcome, &settings, now);
                 host.transition(transition, Some(took));
+                host.log_other_responders(&others_before);
             }
             Event::JobDone {
                 host,

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::Finding;
+use crate::address::Answered;
 use crate::config::{Config, HostConfig};
 use crate::network;
 use crate::probe::{self, Probe, Resolver};
@@ -81,20 +82,39 @@ fn not_checked(host: &HostConfig, why: &str) -> Finding {
 }
 
 /// What the doctor says about one check. A host that does not answer is a warning: being away
-/// from it is no misconfiguration.
+/// from it is no misconfiguration. Another device answering the host's name at an address of
+/// the same kind (see [`crate::address::HostAddress::same_kind`]) is a warning too: an impostor, or a host with
+/// two interfaces on the LAN.
 pub fn answer_finding(
     host: &HostConfig,
-    outcome: Result<crate::address::HostAddress, String>,
+    outcome: Result<Answered, String>,
     took: Duration,
 ) -> Finding {
     match outcome {
-        Ok(address) => Finding::ok(format!(
-            "{}: {} answers at {address}{} ({} ms)",
-            host.name,
-            host.hostname,
-            host.port.map(|p| format!(", TCP port {p} open")).unwrap_or_default(),
-            took.as_millis()
-        )),
+        Ok(Answered { address, also }) => {
+            let answers = format!(
+                "{}: {} answers at {address}{} ({} ms)",
+                host.name,
+                host.hostname,
+                host.port.map(|p| format!(", TCP port {p} open")).unwrap_or_default(),
+                took.as_millis()
+            );
+            let others: Vec<String> = also
+                .iter()
+                .filter(|a| a.same_kind(&address))
+                .map(ToString::to_string)
+                .collect();
+            if others.is_empty() {
+                Finding::ok(answers)
+            } else {
+                Finding::warn(
+                    format!("{answers}; also answered by {}", others.join(", ")),
+                    "if that device is not the host, find it on your LAN; pin the host's ssh key \
+                     in its units (HostKeyAlias=, StrictHostKeyChecking=yes, as the examples in \
+                     systemd/ do) so that it can never get a session",
+                )
+            }
+        }
         Err(why) => Finding::warn(
             format!("{}: {} does not answer now: {why}", host.name, host.hostname),
             format!(
@@ -129,10 +149,42 @@ mod tests {
             ip: "192.0.2.10".parse().unwrap(),
             scope: None,
         };
-        let finding = answer_finding(&host(Some(22)), Ok(address), Duration::from_millis(12));
+        let finding = answer_finding(
+            &host(Some(22)),
+            Ok(address.into()),
+            Duration::from_millis(12),
+        );
         assert_eq!(
             finding.to_string(),
             "ok   rpi: rpi.local answers at 192.0.2.10, TCP port 22 open (12 ms)"
+        );
+    }
+
+    #[test]
+    fn another_device_answering_the_name_is_a_warning_but_the_hosts_own_ipv6_is_not() {
+        let v4 = |ip: &str| HostAddress {
+            ip: ip.parse().unwrap(),
+            scope: None,
+        };
+        let own_v6 = HostAddress {
+            ip: "fe80::1".parse().unwrap(),
+            scope: Some((2, "wlan0".into())),
+        };
+        let dual_stack = Answered {
+            address: v4("192.0.2.10"),
+            also: vec![own_v6.clone()],
+        };
+        let finding = answer_finding(&host(None), Ok(dual_stack), Duration::ZERO);
+        assert_eq!(finding.level, Level::Ok);
+        let impostor = Answered {
+            address: v4("192.0.2.10"),
+            also: vec![own_v6, v4("192.0.2.66")],
+        };
+        let finding = answer_finding(&host(None), Ok(impostor), Duration::ZERO);
+        assert_eq!(finding.level, Level::Warn);
+        assert_eq!(
+            finding.what,
+            "rpi: rpi.local answers at 192.0.2.10 (0 ms); also answered by 192.0.2.66"
         );
     }
 

@@ -7,7 +7,9 @@
 //!
 //! Checking: a one-shot unicast mDNS question to each candidate address (see [`query`]), then,
 //! when the host has a `port`, a TCP connect. This is what decides "reachable", because mdns-sd's
-//! cache keeps answering for a host that lost power until the records' TTL runs out.
+//! cache keeps answering for a host that lost power until the records' TTL runs out. A check
+//! reports every address that answered, not only the one taken: a second device answering
+//! the host's name is seen.
 
 pub mod query;
 
@@ -23,13 +25,17 @@ use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, warn};
 
-use crate::address::HostAddress;
+use crate::address::{Answered, HostAddress};
 use crate::event::{Event, Events, HostId};
 
 /// The mDNS port, where a responder listens for questions.
 const MDNS_PORT: u16 = 5353;
 /// After a closed subscription, wait this long before asking mdns-sd again.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
+/// Once the best address answered, how long a check still listens to the other addresses it
+/// asked, so that another device answering the host's name is seen. Answers on a LAN take a
+/// few milliseconds; only a candidate that never answers costs the whole wait.
+const OTHER_ANSWERS: Duration = Duration::from_millis(200);
 
 /// The process's one mdns-sd daemon.
 pub struct Resolver {
@@ -100,7 +106,7 @@ pub trait Probe: Send + Sync + 'static {
     /// NetworkManager changed something: look at the machine's interfaces again.
     fn interfaces_changed(&self);
     /// One check of a host, as [`check`].
-    fn check(&self, request: CheckRequest) -> BoxFuture<'static, Result<HostAddress, String>>;
+    fn check(&self, request: CheckRequest) -> BoxFuture<'static, Result<Answered, String>>;
     /// The agent is stopping.
     fn shutdown(&self);
 }
@@ -160,7 +166,7 @@ impl Probe for Resolver {
         self.network_changes.send_modify(|n| *n += 1);
     }
 
-    fn check(&self, request: CheckRequest) -> BoxFuture<'static, Result<HostAddress, String>> {
+    fn check(&self, request: CheckRequest) -> BoxFuture<'static, Result<Answered, String>> {
         Box::pin(async move {
             let CheckRequest {
                 hostname,
@@ -220,7 +226,8 @@ fn to_host_address(scoped: &ScopedIp) -> HostAddress {
 }
 
 /// One check of a host: the first candidate address that answers the mDNS question (and then
-/// accepts a TCP connection on `port`, if given), each step within `limit`. With `via`, only
+/// accepts a TCP connection on `port`, if given), each step within `limit`, and the other
+/// candidates that answered too (see [`OTHER_ANSWERS`]). With `via`, only
 /// addresses the kernel routes from one of those local addresses are asked: a host restricted to
 /// some connections is not taken for another machine of the same name on another link.
 pub async fn check(
@@ -229,7 +236,7 @@ pub async fn check(
     port: Option<u16>,
     limit: Duration,
     via: Option<&BTreeSet<IpAddr>>,
-) -> Result<HostAddress, String> {
+) -> Result<Answered, String> {
     if candidates.is_empty() {
         return Err(format!("{hostname} not found by mDNS"));
     }
@@ -263,34 +270,63 @@ pub async fn check(
             )
         });
     }
-    let address = best_answer(asks).await.ok_or_else(|| {
+    let (address, also) = best_answer(asks, OTHER_ANSWERS).await.ok_or_else(|| {
         format!(
             "no mDNS answer for {hostname} from {} within {} ms",
             list(),
             limit.as_millis()
         )
     })?;
-    if let Some(port) = port {
-        let target = address.socket(port);
-        match timeout(limit, TcpStream::connect(target)).await {
-            Ok(Ok(_stream)) => {}
-            Ok(Err(err)) => return Err(format!("TCP port {port} at {address}: {err}")),
-            Err(_) => {
-                return Err(format!(
-                    "TCP port {port} at {address}: no answer within {} ms",
-                    limit.as_millis()
-                ))
-            }
-        }
+    match port {
+        None => Ok(Answered { address, also }),
+        Some(port) => first_accepting(address, also, port, limit).await,
     }
-    Ok(address)
 }
 
-/// Sends the question on `socket` (connected to `address`) and waits up to `limit` for its
-/// answer, asking a second time halfway in case the first packet was lost.
+/// Of the addresses that answered, the best one if it accepts a TCP connection on `port`
+/// within `limit`, else the first of each other kind (IPv4, IPv6 link-local, other IPv6) that
+/// does: a dual-stack host whose service listens on IPv4 only is not lost because its IPv6
+/// address answered mDNS first. Another device of the best one's kind is never tried in its
+/// place. Fails with the best address's error when none accepts.
+async fn first_accepting(
+    best: HostAddress,
+    also: Vec<HostAddress>,
+    port: u16,
+    limit: Duration,
+) -> Result<Answered, String> {
+    let mut answered = also;
+    answered.insert(0, best);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut first_error = None;
+    for (rank, address) in answered.iter().enumerate() {
+        if tried.iter().any(|&t| answered[t].same_kind(address)) {
+            continue;
+        }
+        tried.push(rank);
+        let error = match timeout(limit, TcpStream::connect(address.socket(port))).await {
+            Ok(Ok(_stream)) => {
+                let address = answered.remove(rank);
+                return Ok(Answered {
+                    address,
+                    also: answered,
+                });
+            }
+            Ok(Err(err)) => format!("TCP port {port} at {address}: {err}"),
+            Err(_) => format!(
+                "TCP port {port} at {address}: no answer within {} ms",
+                limit.as_millis()
+            ),
+        };
+        first_error.get_or_insert(error);
+    }
+    Err(first_error.unwrap_or_default())
+}
+
 /// The answer of the first of `asks` (in their order, best first) that succeeds: a later one's
 /// answer is taken only once every earlier one has failed. Each ask ends by its own deadline.
-async fn best_answer<T, F>(asks: Vec<F>) -> Option<T>
+/// With it, in their order, the answers of the other asks that succeeded by then or within
+/// `listen` after it.
+async fn best_answer<T, F>(asks: Vec<F>, listen: Duration) -> Option<(T, Vec<T>)>
 where
     F: std::future::Future<Output = Result<T, ()>>,
 {
@@ -300,20 +336,33 @@ where
         .map(|(rank, ask)| async move { (rank, ask.await) })
         .collect();
     let mut results: Vec<Option<Result<T, ()>>> = (0..pending.len()).map(|_| None).collect();
-    while let Some((rank, result)) = pending.next().await {
-        results[rank] = Some(result);
-        // The best rank not known to have failed: its answer, if it came, is the one.
-        for slot in results.iter_mut() {
-            match slot {
-                Some(Err(())) => continue,
-                Some(Ok(_)) => return slot.take().and_then(Result::ok),
-                None => break,
+    let best = 'decided: {
+        while let Some((rank, result)) = pending.next().await {
+            results[rank] = Some(result);
+            // The best rank not known to have failed: its answer, if it came, is the one.
+            for (rank, slot) in results.iter().enumerate() {
+                match slot {
+                    Some(Err(())) => continue,
+                    Some(Ok(_)) => break 'decided rank,
+                    None => break,
+                }
             }
         }
-    }
-    None
+        return None;
+    };
+    let rest = async {
+        while let Some((rank, result)) = pending.next().await {
+            results[rank] = Some(result);
+        }
+    };
+    let _ = timeout(listen, rest).await;
+    let best = results[best].take().and_then(Result::ok)?;
+    let also = results.into_iter().flatten().filter_map(Result::ok);
+    Some((best, also.collect()))
 }
 
+/// Sends the question on `socket` (connected to `address`) and waits up to `limit` for its
+/// answer, asking a second time halfway in case the first packet was lost.
 async fn ask(
     hostname: &str,
     address: &HostAddress,
@@ -381,6 +430,8 @@ fn next_id() -> u16 {
 mod tests {
     use super::*;
 
+    const LISTEN: Duration = Duration::from_millis(200);
+
     /// An ask that ends after `ms` with `result`.
     async fn after(ms: u64, result: Result<&'static str, ()>) -> Result<&'static str, ()> {
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -394,7 +445,7 @@ mod tests {
             Box::pin(after(30, Ok("kept"))),
             Box::pin(after(1, Ok("v6"))),
         ];
-        assert_eq!(best_answer(asks).await, Some("kept"));
+        assert_eq!(best_answer(asks, LISTEN).await, Some(("kept", vec!["v6"])));
         assert_eq!(started.elapsed(), Duration::from_millis(30));
     }
 
@@ -406,9 +457,25 @@ mod tests {
             Box::pin(after(5, Ok("new"))),
             Box::pin(after(2, Err(()))),
         ];
-        assert_eq!(best_answer(asks).await, Some("new"));
+        assert_eq!(best_answer(asks, LISTEN).await, Some(("new", vec![])));
         assert_eq!(started.elapsed(), Duration::from_millis(1000));
         let asks = vec![Box::pin(after(3, Err(()))), Box::pin(after(5, Err(())))];
-        assert_eq!(best_answer(asks).await, None);
+        assert_eq!(best_answer(asks, LISTEN).await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_after_the_best_one_are_listened_to_for_a_while() {
+        let started = Instant::now();
+        let asks = vec![
+            Box::pin(after(10, Ok("pi"))),
+            Box::pin(after(10 + 150, Ok("impostor"))),
+            Box::pin(after(1000, Ok("too late"))),
+            Box::pin(after(20, Err(()))),
+        ];
+        assert_eq!(
+            best_answer(asks, LISTEN).await,
+            Some(("pi", vec!["impostor"]))
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(10) + LISTEN);
     }
 }

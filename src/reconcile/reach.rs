@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::address::HostAddress;
+use crate::address::{Answered, HostAddress};
 use crate::config::{HostConfig, ProbeSettings};
 
 /// How long a host that was just lost (or a network that just came up) is re-checked at the
@@ -81,7 +81,7 @@ impl Reach {
 }
 
 /// The outcome of one check of a host, as the probe reports it.
-pub type CheckOutcome = Result<HostAddress, String>;
+pub type CheckOutcome = Result<Answered, String>;
 
 /// A change of a host's reachability, for the log and the status objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +106,10 @@ pub struct HostTracker {
     pub reach: Reach,
     /// The address that answered the last successful check.
     pub address: Option<HostAddress>,
+    /// Other devices that answered the host's name in the last successful check: addresses of the same
+    /// kind as [`HostTracker::address`] (see [`HostAddress::same_kind`]), so not the host's
+    /// own IPv6 address beside its IPv4 one. Named in the reason; the address is not changed.
+    pub other_responders: Vec<HostAddress>,
     pub reason: String,
     /// Addresses mDNS currently reports for the host.
     mdns_addresses: BTreeSet<HostAddress>,
@@ -137,6 +141,7 @@ impl HostTracker {
         HostTracker {
             reach: Reach::Unknown,
             address: None,
+            other_responders: Vec::new(),
             reason: "starting".into(),
             mdns_addresses: BTreeSet::new(),
             network_ok: false,
@@ -273,12 +278,24 @@ impl HostTracker {
         let started = self.check_started.take()?;
         let after = |interval: Duration| Some((started + interval).max(now));
         match outcome {
-            Ok(address) => {
+            Ok(Answered { address, also }) => {
                 self.failures = 0;
                 self.suspect = false;
                 self.absent_interval = Duration::ZERO;
                 self.check_due = after(settings.present_interval);
-                let reason = format!("answered at {address}");
+                self.other_responders = also
+                    .into_iter()
+                    .filter(|other| other.same_kind(&address))
+                    .collect();
+                let mut reason = format!("answered at {address}");
+                if !self.other_responders.is_empty() {
+                    let others: Vec<String> = self
+                        .other_responders
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    reason += &format!("; also answered by {}", others.join(", "));
+                }
                 self.address = Some(address);
                 self.set(Reach::Reachable, reason)
             }
@@ -434,7 +451,7 @@ mod tests {
         let plan = t.plan(t0);
         assert_eq!(plan.check, Some(vec![pi()]));
         let tr = t
-            .on_check(t.epoch(), Ok(pi()), &ProbeSettings::default(), t0)
+            .on_check(t.epoch(), Ok(pi().into()), &ProbeSettings::default(), t0)
             .unwrap();
         assert_eq!((tr.from, tr.to), (Reach::Unknown, Reach::Reachable));
         assert_eq!(t.wants_target(), Some(true));
@@ -450,7 +467,7 @@ mod tests {
     fn disconnect_is_unreachable_at_once_without_a_check() {
         let t0 = Instant::now();
         let mut t = tracker_with_pi(t0);
-        check(&mut t, Ok(pi()), t0);
+        check(&mut t, Ok(pi().into()), t0);
         let tr = t
             .on_network(Err("network disconnected".into()), t0)
             .unwrap();
@@ -467,7 +484,7 @@ mod tests {
         let old = t.epoch();
         t.on_network(Err("network disconnected".into()), t0);
         assert_eq!(
-            t.on_check(old, Ok(pi()), &ProbeSettings::default(), t0),
+            t.on_check(old, Ok(pi().into()), &ProbeSettings::default(), t0),
             None
         );
         assert_eq!(t.reach, Reach::Unreachable);
@@ -478,7 +495,7 @@ mod tests {
         let settings = ProbeSettings::default();
         let t0 = Instant::now();
         let mut t = tracker_with_pi(t0);
-        check(&mut t, Ok(pi()), t0);
+        check(&mut t, Ok(pi().into()), t0);
         // The host dies just after t0; run the schedule, each check taking the full timeout.
         let mut now = t0;
         let lost_at = loop {
@@ -506,7 +523,7 @@ mod tests {
     fn goodbye_confirmed_by_one_failed_check_is_final() {
         let t0 = Instant::now();
         let mut t = tracker_with_pi(t0);
-        check(&mut t, Ok(pi()), t0);
+        check(&mut t, Ok(pi().into()), t0);
         t.on_addresses_removed(&[pi()], t0);
         let tr = check(&mut t, Err("no answer".into()), t0).unwrap();
         assert_eq!(tr.to, Reach::Unreachable);
@@ -518,9 +535,9 @@ mod tests {
     fn goodbye_contradicted_by_a_check_changes_nothing() {
         let t0 = Instant::now();
         let mut t = tracker_with_pi(t0);
-        check(&mut t, Ok(pi()), t0);
+        check(&mut t, Ok(pi().into()), t0);
         t.on_addresses_removed(&[pi()], t0);
-        assert_eq!(check(&mut t, Ok(pi()), t0), None);
+        assert_eq!(check(&mut t, Ok(pi().into()), t0), None);
         assert_eq!(t.reach, Reach::Reachable);
     }
 
@@ -553,7 +570,10 @@ mod tests {
         // And it comes back at the first success.
         now += Duration::from_secs(1);
         t.on_refresh(now);
-        assert_eq!(check(&mut t, Ok(pi()), now).unwrap().to, Reach::Reachable);
+        assert_eq!(
+            check(&mut t, Ok(pi().into()), now).unwrap().to,
+            Reach::Reachable
+        );
     }
 
     #[test]
@@ -569,7 +589,7 @@ mod tests {
         assert_eq!(t.plan(end).wake, Some(start));
         assert!(t.plan(start).check.is_some());
         let answered = start + Duration::from_millis(5);
-        t.on_check(t.epoch(), Ok(pi()), &settings, answered);
+        t.on_check(t.epoch(), Ok(pi().into()), &settings, answered);
         assert_eq!(
             t.plan(answered).wake,
             Some(start + settings.present_interval)
@@ -596,7 +616,7 @@ mod tests {
     fn network_change_makes_a_reachable_host_suspect() {
         let t0 = Instant::now();
         let mut t = tracker_with_pi(t0);
-        check(&mut t, Ok(pi()), t0);
+        check(&mut t, Ok(pi().into()), t0);
         assert_eq!(t.on_network(Ok(()), t0), None);
         let tr = check(&mut t, Err("no answer".into()), t0).unwrap();
         assert_eq!(tr.to, Reach::Unreachable);
@@ -614,8 +634,42 @@ mod tests {
         t.on_network(Ok(()), t0);
         t.on_addresses_found([v6.clone(), pi(), other.clone()], t0);
         assert_eq!(t.candidates(), [other.clone(), pi(), v6.clone()]);
-        check(&mut t, Ok(pi()), t0);
+        check(&mut t, Ok(pi().into()), t0);
         assert_eq!(t.candidates(), [pi(), other, v6]);
+    }
+
+    #[test]
+    fn another_device_answering_the_name_is_named_and_does_not_take_the_host() {
+        let t0 = Instant::now();
+        let impostor = HostAddress::v4("192.0.2.66".parse().unwrap());
+        let pi_v6 = HostAddress {
+            ip: "fe80::10".parse().unwrap(),
+            scope: Some((2, "eth0".into())),
+        };
+        let mut t = tracker_with_pi(t0);
+        t.on_addresses_found([impostor.clone(), pi_v6.clone()], t0);
+        let answered = Answered {
+            address: pi(),
+            also: vec![impostor.clone(), pi_v6.clone()],
+        };
+        check(&mut t, Ok(answered), t0);
+        assert_eq!(t.address, Some(pi()));
+        assert_eq!(t.other_responders, std::slice::from_ref(&impostor));
+        assert_eq!(
+            t.reason,
+            "answered at 192.0.2.10; also answered by 192.0.2.66"
+        );
+        // The Pi stays the first to ask: the impostor is taken only once the Pi fails.
+        assert_eq!(t.candidates()[0], pi());
+        // The host's own IPv6 address answering beside its IPv4 one is no second responder.
+        let t3 = t0 + Duration::from_secs(3);
+        let dual_stack = Answered {
+            address: pi(),
+            also: vec![pi_v6],
+        };
+        check(&mut t, Ok(dual_stack), t3);
+        assert!(t.other_responders.is_empty());
+        assert_eq!(t.reason, "answered at 192.0.2.10");
     }
 
     #[test]
@@ -633,7 +687,7 @@ mod tests {
     fn sleep_makes_the_host_unreachable_and_resume_checks_it_at_once() {
         let t0 = Instant::now();
         let mut t = tracker_with_pi(t0);
-        check(&mut t, Ok(pi()), t0);
+        check(&mut t, Ok(pi().into()), t0);
         assert!(t.plan(t0).check.is_none());
         let running = {
             let t1 = t0 + Duration::from_secs(3);
@@ -648,7 +702,7 @@ mod tests {
         assert_eq!(t.wants_target(), Some(false));
         let t2 = t0 + Duration::from_secs(60);
         assert_eq!(
-            t.on_check(running, Ok(pi()), &ProbeSettings::default(), t2),
+            t.on_check(running, Ok(pi().into()), &ProbeSettings::default(), t2),
             None,
             "stale"
         );
@@ -662,7 +716,7 @@ mod tests {
         let t3 = t2 + Duration::from_secs(600);
         t.on_resume(t3);
         assert_eq!(
-            check(&mut t, Ok(pi()), t3).expect("back").to,
+            check(&mut t, Ok(pi().into()), t3).expect("back").to,
             Reach::Reachable
         );
     }

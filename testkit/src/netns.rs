@@ -29,7 +29,7 @@
 
 use std::fs;
 use std::io;
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -157,6 +157,9 @@ pub struct AvahiOptions<'a> {
     pub bus: Option<&'a Path>,
     /// Record the daemon here, so that a cleanup after a crash stops it by PID.
     pub tracker: Option<&'a Tracker>,
+    /// Also publish the host's IPv6 addresses (AAAA) and answer over IPv6, as avahi does by
+    /// default on Raspberry Pi OS and most laptops; without it, IPv4 only.
+    pub ipv6: bool,
 }
 
 impl Avahi {
@@ -187,10 +190,11 @@ impl Avahi {
         fs::create_dir_all(dir)?;
         let conf = dir.join("avahi-daemon.conf");
         let dbus = if options.bus.is_some() { "yes" } else { "no" };
+        let ipv6 = if options.ipv6 { "yes" } else { "no" };
         fs::write(
             &conf,
             format!(
-                "[server]\nhost-name={host_name}\ndomain-name=local\nuse-ipv4=yes\nuse-ipv6=no\n\
+                "[server]\nhost-name={host_name}\ndomain-name=local\nuse-ipv4=yes\nuse-ipv6={ipv6}\n\
                  allow-interfaces={iface}\nenable-dbus={dbus}\nratelimit-interval-usec=1000000\n\
                  ratelimit-burst=1000\n[wide-area]\nenable-wide-area=no\n[publish]\n\
                  publish-hinfo=no\npublish-workstation=no\n[reflector]\n[rlimits]\n"
@@ -267,6 +271,8 @@ pub struct MdnsPair {
     pub server: Netns,
     pub client: Netns,
     host: String,
+    /// Whether the server's avahi publishes and answers over IPv6 too.
+    ipv6: bool,
     tracker: Tracker,
     dir: tempfile::TempDir,
     pids: PathBuf,
@@ -283,6 +289,20 @@ impl Drop for MdnsPair {
 impl MdnsPair {
     /// Builds the pair and waits until `HOST.local` answers from the client namespace.
     pub fn start(prefix: &str, host: &str) -> io::Result<MdnsPair> {
+        MdnsPair::start_with(prefix, host, false)
+    }
+
+    /// [`MdnsPair::start`] with IPv6 link-local on both sides and avahi publishing AAAA too,
+    /// as a Raspberry Pi and a laptop have it by default. Returns once both ends' link-local
+    /// addresses are usable (duplicate address detection done).
+    pub fn start_dual_stack(prefix: &str, host: &str) -> io::Result<MdnsPair> {
+        let pair = MdnsPair::start_with(prefix, host, true)?;
+        pair.server_link_local()?;
+        link_local(&pair.client, "mc0")?;
+        Ok(pair)
+    }
+
+    fn start_with(prefix: &str, host: &str, ipv6: bool) -> io::Result<MdnsPair> {
         let pids = Path::new("/run").join(format!("{prefix}mdns-pids"));
         let tracker = Tracker::open(&pids)?;
         remove_stale(prefix);
@@ -294,7 +314,12 @@ impl MdnsPair {
         server.ip(&["addr", "add", &format!("{SERVER_ADDR}/24"), "dev", "ms0"])?;
         client.ip(&["link", "set", "mc0", "up"])?;
         server.ip(&["link", "set", "ms0", "up"])?;
-        let avahi = Avahi::start(&server, host, "ms0", dir.path(), Some(&tracker))?;
+        let options = AvahiOptions {
+            tracker: Some(&tracker),
+            ipv6,
+            ..AvahiOptions::default()
+        };
+        let avahi = Avahi::start_with(&server, host, "ms0", dir.path(), options)?;
         let name = format!("{host}.local");
         let got = client
             .run_in(|| resolve_once(&name, CLIENT_ADDR, Duration::from_secs(5)))?
@@ -307,6 +332,7 @@ impl MdnsPair {
             server,
             client,
             host: host.to_string(),
+            ipv6,
             tracker,
             dir,
             pids,
@@ -323,10 +349,16 @@ impl MdnsPair {
     pub fn start_avahi(&mut self) -> io::Result<()> {
         let options = AvahiOptions {
             tracker: Some(&self.tracker),
+            ipv6: self.ipv6,
             ..AvahiOptions::default()
         };
         self.avahi = Avahi::start_with(&self.server, &self.host, "ms0", self.dir.path(), options)?;
         Ok(())
+    }
+
+    /// The server's IPv6 link-local address, once duplicate address detection is done.
+    pub fn server_link_local(&self) -> io::Result<Ipv6Addr> {
+        link_local(&self.server, "ms0")
     }
 
     /// Takes the client's link down or up (its carrier, as when a laptop leaves the LAN).
@@ -339,6 +371,47 @@ impl MdnsPair {
     /// veth this also drops the client's carrier.)
     pub fn unplug_server(&self) -> io::Result<()> {
         self.server.ip(&["link", "set", "ms0", "down"])
+    }
+}
+
+/// The IPv6 link-local address of `iface` in `ns`, waiting (up to 20 s) until duplicate address
+/// detection is done: before that the kernel neither sends from nor answers on it.
+pub fn link_local(ns: &Netns, iface: &str) -> io::Result<Ipv6Addr> {
+    let deadline = Instant::now() + CMD_TIMEOUT;
+    loop {
+        let out = Spawn::new("ip")
+            .args([
+                "-n",
+                ns.name(),
+                "-6",
+                "-o",
+                "addr",
+                "show",
+                "dev",
+                iface,
+                "scope",
+                "link",
+            ])
+            .ok(CMD_TIMEOUT)?;
+        let ready = out
+            .stdout
+            .lines()
+            .filter(|l| !l.contains("tentative"))
+            .find_map(|l| {
+                let word = l.split_whitespace().skip_while(|w| *w != "inet6").nth(1)?;
+                word.split('/').next()?.parse::<Ipv6Addr>().ok()
+            });
+        match ready {
+            Some(address) => return Ok(address),
+            None if Instant::now() >= deadline => {
+                return Err(io::Error::other(format!(
+                    "no usable IPv6 link-local address on {iface} in {} after 20 s: {}",
+                    ns.name(),
+                    out.stdout.trim()
+                )))
+            }
+            None => thread::sleep(Duration::from_millis(100)),
+        }
     }
 }
 

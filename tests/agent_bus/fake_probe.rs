@@ -73,7 +73,7 @@ impl Probe for FakeProbe {
         let present = self.state.lock().unwrap().present.clone();
         Box::pin(async move {
             match present {
-                Some(address) if candidates.contains(&address) => Ok(address),
+                Some(address) if candidates.contains(&address) => Ok(address.into()),
                 _ => Err(format!("no mDNS answer for {hostname} (fake)")),
             }
         })

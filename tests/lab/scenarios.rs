@@ -1,6 +1,7 @@
 //! The scenarios, in the order they run: issue 3's here; from 12 on, reachd's Nix support
 //! (nix.rs); from 17, its uploads (upload.rs); from 21, issue 10's faults (reliability.rs); from
-//! 35, `reachd doctor` (doctor.rs). Each one starts from the baseline (home up, Pi present,
+//! 26, a dual-stack Pi and an impostor on the home LAN (hostile_lan.rs); from 35, `reachd
+//! doctor` (doctor.rs). Each one starts from the baseline (home up, Pi present,
 //! target active) unless it continues the previous one, asserts the units, reachd's own view
 //! and real traffic, and returns a short report of what it measured.
 
@@ -15,7 +16,7 @@ use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
 use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
 use reachd_testkit::process::{wait_until, Spawn};
 
-use crate::{doctor, nix, reliability, upload};
+use crate::{doctor, hostile_lan, nix, reliability, upload};
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;
 
@@ -51,6 +52,8 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
         false,
         reliability::restart_keeps_following,
     ),
+    ("26-dual-stack", false, hostile_lan::dual_stack),
+    ("27-home-impostor", false, hostile_lan::home_impostor),
     ("35-doctor-ok", false, doctor::doctor_ok),
     ("36-doctor-broken", false, doctor::doctor_broken),
     ("37-doctor-host-away", false, doctor::doctor_host_away),

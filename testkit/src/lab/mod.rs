@@ -6,6 +6,9 @@
 //!        lh0 192.0.2.2/24 ("home") --veth-- rl-lan: br0 --veth-- rl-pi: pi0 192.0.2.10/24
 //!                                        (avahi; sshd and nix-daemon in the Pi's mount namespace)
 //!        lc0 192.0.2.130/25 ("cafe") --veth-- rl-cafe: c0 192.0.2.140/25 (another avahi "rpi")
+//! Home is dual-stack as a real LAN is: NetworkManager gives lh0 an IPv6 link-local address and
+//! the Pi's avahi publishes its own (AAAA) besides 192.0.2.10. Scenario 27 plugs a third machine
+//! into br0 for a while (impostor.rs: rl-imp, 192.0.2.66, claiming `rpi.local`).
 //! The bridge matters: taking the Pi's switch port (`lan-p` in rl-lan) down is a power loss that
 //! leaves the laptop's carrier up.
 //!
@@ -21,6 +24,7 @@ use std::time::Duration;
 pub mod bench;
 pub mod cleanup;
 pub mod expect;
+pub mod impostor;
 pub mod network;
 pub mod nix;
 pub mod pi;

@@ -55,18 +55,27 @@ impl Lab {
             ),
         )
         .map_err(|e| io_err("NetworkManager.conf", e))?;
+        // Home has IPv6 link-local, as a laptop has by default (no router advertisements on
+        // the LAN: "link-local", not "auto", so NetworkManager does not wait for them).
         let profiles = [
-            ("home", HOME_UUID, "lh0", "192.0.2.2/24", true),
-            ("cafe", CAFE_UUID, "lc0", "192.0.2.130/25", false),
+            ("home", HOME_UUID, "lh0", "192.0.2.2/24", true, "link-local"),
+            (
+                "cafe",
+                CAFE_UUID,
+                "lc0",
+                "192.0.2.130/25",
+                false,
+                "disabled",
+            ),
         ];
-        for (id, uuid, iface, addr, auto) in profiles {
+        for (id, uuid, iface, addr, auto, ipv6) in profiles {
             let path = keyfiles.join(format!("{id}.nmconnection"));
             fs::write(
                 &path,
                 format!(
                     "[connection]\nid={id}\nuuid={uuid}\ntype=ethernet\ninterface-name={iface}\n\
                      autoconnect={auto}\n[ipv4]\nmethod=manual\naddress1={addr}\n\
-                     [ipv6]\nmethod=disabled\n"
+                     [ipv6]\nmethod={ipv6}\n"
                 ),
             )
             .map_err(|e| io_err(path.display(), e))?;

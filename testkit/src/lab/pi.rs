@@ -3,7 +3,7 @@
 //! Pi's nix-daemon (nix.rs), so the tunnel reaches a store the laptop side cannot see.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::lab::cleanup::mark;
@@ -23,28 +23,9 @@ impl Lab {
         // sshd: host key and the client key the test user will use. It listens on every address
         // of the Pi, as a real Pi's sshd does, so that it still answers once renumbered.
         for key in ["host_key", "client_key"] {
-            let path = pi.join(key);
-            Spawn::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-C", "reachd-lab", "-f"])
-                .arg(&path)
-                .ok(T)
-                .map_err(|e| e.to_string())?;
+            ssh_keygen(&pi.join(key))?;
         }
-        fs::copy(pi.join("client_key.pub"), pi.join("authorized_keys"))
-            .map_err(|e| io_err("authorized_keys", e))?;
-        let conf = pi.join("sshd_config");
-        fs::write(
-            &conf,
-            format!(
-                "ListenAddress 0.0.0.0:22\nHostKey {d}/host_key\nPidFile none\n\
-                 AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
-                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-                 AllowStreamLocalForwarding yes\nStreamLocalBindUnlink yes\nStrictModes no\n\
-                 Subsystem sftp internal-sftp\nLogLevel VERBOSE\n",
-                d = pi.display()
-            ),
-        )
-        .map_err(|e| io_err("sshd_config", e))?;
+        let conf = write_sshd_config(&pi)?;
         // sshd's privilege separation directory.
         if !Path::new("/run/sshd").exists() {
             fs::create_dir_all("/run/sshd").map_err(|e| io_err("/run/sshd", e))?;
@@ -65,15 +46,7 @@ impl Lab {
         )?;
         let log = sshd.log().to_path_buf();
         self.sshd = Some(sshd);
-        wait_until(T, "sshd on the pi", || {
-            let text = fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("Server listening") {
-                Ok(Some(()))
-            } else {
-                Err(text.trim().to_string())
-            }
-        })
-        .map(drop)
+        wait_sshd_listening(&log, "sshd on the pi")
     }
 
     /// (Re)starts the Pi's avahi, announcing `rpi.local`.
@@ -92,6 +65,8 @@ impl Lab {
             &dir().join("pi").join("avahi"),
             AvahiOptions {
                 tracker: Some(&self.tracker),
+                // A Pi publishes its IPv6 link-local address too (Raspberry Pi OS's default).
+                ipv6: true,
                 ..options
             },
         )
@@ -135,4 +110,50 @@ impl Lab {
     pub fn tunnel_handshake(&self) -> Result<String, String> {
         daemon_handshake(&self.user().runtime_dir().join("rpi-nix-daemon.sock"))
     }
+}
+
+/// A new ed25519 key pair at `path` (and `path`.pub), replacing one left there.
+pub(crate) fn ssh_keygen(path: &Path) -> Result<(), String> {
+    let _ = fs::remove_file(path);
+    let _ = fs::remove_file(path.with_extension("pub"));
+    Spawn::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "reachd-lab", "-f"])
+        .arg(path)
+        .ok(T)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// The configuration of a lab sshd listening on `address`:22 with `dir`/host_key, letting in
+/// the test user's key (`dir`/authorized_keys, a copy of the Pi's `client_key.pub`), logging
+/// every connection. Returns its path.
+pub(crate) fn write_sshd_config(dir: &Path) -> Result<PathBuf, String> {
+    let client = crate::lab::dir().join("pi/client_key.pub");
+    fs::copy(&client, dir.join("authorized_keys")).map_err(|e| io_err(client.display(), e))?;
+    let conf = dir.join("sshd_config");
+    fs::write(
+        &conf,
+        format!(
+            "ListenAddress 0.0.0.0:22\nHostKey {d}/host_key\nPidFile none\n\
+             AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             AllowStreamLocalForwarding yes\nStreamLocalBindUnlink yes\nStrictModes no\n\
+             Subsystem sftp internal-sftp\nLogLevel VERBOSE\n",
+            d = dir.display()
+        ),
+    )
+    .map_err(|e| io_err(conf.display(), e))?;
+    Ok(conf)
+}
+
+/// Waits until the sshd logging to `log` listens.
+pub(crate) fn wait_sshd_listening(log: &Path, what: &str) -> Result<(), String> {
+    wait_until(T, what, || {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if text.contains("Server listening") {
+            Ok(Some(()))
+        } else {
+            Err(text.trim().to_string())
+        }
+    })
 }

@@ -42,7 +42,7 @@ impl TestUser {
     }
 
     /// `reachd status --json`, the `rpi` entry.
-    pub(crate) fn status_host(&self) -> Result<Value, String> {
+    pub fn status_host(&self) -> Result<Value, String> {
         let out = self.reachd(&["status", "--json"])?;
         if !out.success() {
             return Err(format!(
