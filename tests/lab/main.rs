@@ -17,6 +17,7 @@ mod hostile_lan;
 mod nix;
 mod reliability;
 mod scenarios;
+mod status_bar;
 mod upload;
 
 use std::panic::{self, AssertUnwindSafe};

@@ -30,6 +30,8 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("nix-store", "nix-bin"),
     ("nix-build", "nix-bin"),
     ("nix", "nix-bin"),
+    // The README's status bar example (scenario 38) pipes `reachd status` through jq.
+    ("jq", "jq"),
 ];
 
 /// Files the lab needs that are not on PATH.
