@@ -1232,9 +1232,11 @@ async fn nothing_of_the_agent_runs_after_run_returned() {
 
 /// A reachable host with an HTTP cache (a fake) that Nix uses: its target started, the cache
 /// in the fragment.
-async fn using_a_fake_cache() -> (Rig, FakeCache) {
+async fn using_a_fake_cache() -> (Rig, FakeCache, Arc<FakeProbe>) {
     let cache = FakeCache::start().await;
+    let probe = FakeProbe::present(pi());
     let setup = Setup {
+        probe: Some(probe.clone()),
         host_config: format!("[host.nix]\nsubstituter = \"{}\"\n", cache.url()),
         ..reachable(
             UnitSpec::loaded("inactive"),
@@ -1246,13 +1248,13 @@ async fn using_a_fake_cache() -> (Rig, FakeCache) {
     assert_eq!(host.nix_reason, "in use");
     assert_eq!(host.target_state, "active");
     assert_eq!(rig.fragment_substituters(), [cache.url()]);
-    (rig, cache)
+    (rig, cache, probe)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nix_uses_a_cache_only_while_it_answers_and_leaves_it_before_the_stop() {
     within_timeout(async {
-        let (mut rig, cache) = using_a_fake_cache().await;
+        let (mut rig, cache, _probe) = using_a_fake_cache().await;
 
         // The tunnel's far end stops answering: Nix is pointed away within a check's deadline.
         cache.hang(true);

@@ -176,7 +176,7 @@ async fn a_host_added_is_followed_and_the_unchanged_one_is_not_touched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_removed_is_dropped_and_its_target_left_as_it_is() {
     within_timeout(async {
-        let (mut rig, _cache) = using_a_fake_cache().await;
+        let (mut rig, _cache, probe) = using_a_fake_cache().await;
 
         rig.reload(NAS);
         rig.wait_hosts(&[NAS_PATH]).await;
@@ -188,6 +188,11 @@ async fn a_host_removed_is_dropped_and_its_target_left_as_it_is() {
             .get_all(InterfaceName::from_static_str_unchecked(HOST_INTERFACE))
             .await;
         assert!(gone.is_err(), "the removed host's object is gone: {gone:?}");
+        assert_eq!(
+            probe.following(),
+            ["nas.local."],
+            "the removed host's tasks ended"
+        );
         assert_eq!(
             rig.fragment_substituters(),
             Vec::<String>::new(),
