@@ -29,6 +29,8 @@ enum Command {
     ///
     /// Without --config it reads $XDG_CONFIG_HOME/reachd/config.toml, or runs the embedded
     /// default (host "rpi", rpi.local, rpi-accessible.target) when that file does not exist.
+    /// SIGHUP (`systemctl --user reload reachd`) reads the file again and applies it without a
+    /// restart; a bad file is refused and logged, the running configuration kept.
     Run {
         /// Configuration file (TOML); it must exist.
         #[arg(long, value_name = "PATH")]

@@ -13,6 +13,7 @@
 //! Never run two labs at once on one machine: each starts by removing the other's leftovers.
 
 mod nix;
+mod reload;
 mod scenarios;
 mod upload;
 

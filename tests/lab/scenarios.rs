@@ -42,6 +42,7 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ("18-nix-upload-no-agent", false, upload::nix_upload_no_agent),
     ("19-nix-upload-crash", false, upload::nix_upload_crash),
     ("20-nix-upload-vanish", false, upload::nix_upload_vanish),
+    ("40-reload", false, crate::reload::reload),
 ];
 
 /// The default bound for noticing a Pi that vanished without a word.
