@@ -253,3 +253,39 @@ async fn a_bad_configuration_is_refused_and_the_one_in_force_kept() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_host_starts_afresh_and_its_target_is_adopted_not_restarted() {
+    within_timeout(async {
+        let (rig, _probe) = started_with_fake_probe("").await;
+        let before = rig.host().await;
+        let jobs_before = rig.systemd.jobs();
+
+        // A key added to rpi's table: rpi is removed and added again.
+        rig.reload(&format!("{}port = 22\n", rig.config_text));
+        let host = rig
+            .wait_host("followed afresh and reachable again", |h| {
+                h.jobs_sent == 0 && h.reachable && h.target_state == "active"
+            })
+            .await;
+        assert_ne!(host.since, before.since, "a fresh start: {host:#?}");
+        assert_eq!(rig.hosts().await, [HOST_PATH]);
+        // Its target, already active, is adopted: its address set again, no job.
+        rig.wait_calls("the address set again", |calls| {
+            calls
+                .iter()
+                .filter(|c| matches!(c, Call::SetEnvironment(_)))
+                .count()
+                == 2
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            rig.systemd.jobs(),
+            jobs_before,
+            "no job for the changed host"
+        );
+        rig.assert_agent_running();
+    })
+    .await;
+}
