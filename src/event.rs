@@ -1,5 +1,6 @@
 //! What the agent's loop receives: one [`Event`] enum, fed by one channel, from every source
-//! (NetworkManager, mDNS, the user manager, finished checks and jobs, `Refresh()` callers).
+//! (NetworkManager, mDNS, the user manager, finished checks and jobs, `Refresh()` callers,
+//! SIGHUP).
 //! Every event only says "look again" about a host or all of them; the decisions are made in
 //! [`reconcile`](crate::reconcile). Adding a source means one variant here and one match arm in
 //! the agent.
@@ -10,7 +11,9 @@ use crate::address::HostAddress;
 use crate::reconcile::{BatchOutcome, CheckOutcome, JobKind, NetworkView, UnitState};
 use crate::sleep::SleepLock;
 
-/// A configured host: its position in the configuration.
+/// A host as the agent follows it: a number given when it starts following the host (at start
+/// or at a reload) and never given again in the same run, so that an event from a task of a host
+/// a reload removed is recognised and dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct HostId(pub usize);
 
@@ -63,6 +66,29 @@ pub enum Event {
     Resume,
     /// Someone asked to look at every host again now (`reachd refresh`, the dispatcher hook).
     Refresh,
+    /// Someone asked to read the configuration file again (SIGHUP, `systemctl --user reload`).
+    Reload,
+}
+
+impl Event {
+    /// The host the event is about, if it is about one.
+    pub fn host(&self) -> Option<HostId> {
+        match self {
+            Event::AddressesFound(host, _)
+            | Event::AddressesRemoved(host, _)
+            | Event::UnitState(host, _)
+            | Event::CheckDone { host, .. }
+            | Event::JobDone { host, .. }
+            | Event::AddressSet { host, .. }
+            | Event::NixChecked { host, .. }
+            | Event::UploadDone { host, .. } => Some(*host),
+            Event::Network(_)
+            | Event::Sleep(_)
+            | Event::Resume
+            | Event::Refresh
+            | Event::Reload => None,
+        }
+    }
 }
 
 /// Where every source sends its events.

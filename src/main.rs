@@ -29,6 +29,8 @@ enum Command {
     ///
     /// Without --config it reads $XDG_CONFIG_HOME/reachd/config.toml, or runs the embedded
     /// default (host "rpi", rpi.local, rpi-accessible.target) when that file does not exist.
+    /// SIGHUP (`systemctl --user reload reachd`) reads the file again and applies it without a
+    /// restart; a bad file is refused and logged, the running configuration kept.
     Run {
         /// Configuration file (TOML); it must exist.
         #[arg(long, value_name = "PATH")]
@@ -207,13 +209,23 @@ async fn run(path: Option<PathBuf>, check_only: bool) -> ExitCode {
     }
     logging::init();
     tracing::info!("configuration: {source}");
-    match agent::run(
-        config,
-        agent::Environment::from_process(),
-        shutdown_signal(),
-    )
-    .await
-    {
+    // Before the agent takes its name: SIGHUP's default action would end it.
+    let reloads = match reload_requests() {
+        Ok(reloads) => reloads,
+        Err(err) => {
+            tracing::error!("cannot catch SIGHUP for reloads: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let environment = agent::Environment {
+        config_file: path,
+        ..agent::Environment::from_process()
+    };
+    let control = agent::Control {
+        shutdown: shutdown_signal(),
+        reloads,
+    };
+    match agent::run(config, environment, control).await {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
@@ -223,6 +235,16 @@ async fn run(path: Option<PathBuf>, check_only: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// SIGHUP (`systemctl --user reload reachd`), one item per signal.
+fn reload_requests() -> std::io::Result<impl futures_util::Stream<Item = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let hangups = signal(SignalKind::hangup())?;
+    Ok(futures_util::stream::unfold(
+        hangups,
+        |mut hangups| async move { hangups.recv().await.map(|()| ((), hangups)) },
+    ))
 }
 
 /// SIGTERM (how systemd stops services) or SIGINT (Ctrl-C).

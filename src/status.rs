@@ -234,6 +234,41 @@ impl Publisher {
         self.connection
     }
 
+    /// Publishes the object of a host a reload added.
+    pub async fn add_host(&self, host: HostStatus) -> zbus::Result<()> {
+        let path = host_path(&host.name);
+        self.connection
+            .object_server()
+            .at(path, HostObject(host))
+            .await
+            .map(|_| ())
+    }
+
+    /// Removes the object of a host a reload removed.
+    pub async fn remove_host(&self, name: &str) -> zbus::Result<()> {
+        self.connection
+            .object_server()
+            .remove::<HostObject, _>(host_path(name))
+            .await
+            .map(|_| ())
+    }
+
+    /// Sets the root object's `Hosts` to the objects of `names`, signalling the change.
+    pub async fn set_hosts(&self, names: &[&str]) -> zbus::Result<()> {
+        let root = self
+            .connection
+            .object_server()
+            .interface::<_, RootObject>(ROOT_PATH)
+            .await?;
+        let paths: Vec<_> = names.iter().map(|name| host_path(name)).collect();
+        let mut object = root.get_mut().await;
+        if object.hosts == paths {
+            return Ok(());
+        }
+        object.hosts = paths;
+        object.hosts_changed(root.signal_emitter()).await
+    }
+
     /// Replaces a host's published state, emitting one PropertiesChanged with what changed.
     pub async fn update(&self, new: &HostStatus) -> zbus::Result<()> {
         let path = host_path(&new.name);

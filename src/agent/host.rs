@@ -8,6 +8,7 @@ use tracing::{info, warn};
 
 use crate::address::HostAddress;
 use crate::config::HostConfig;
+use crate::event::HostId;
 use tokio::task::AbortHandle;
 
 use crate::reconcile::{
@@ -17,6 +18,7 @@ use crate::status::HostStatus;
 
 /// Everything the agent holds about one host.
 pub(super) struct Host {
+    pub id: HostId,
     pub config: HostConfig,
     pub tracker: HostTracker,
     pub target: TargetView,
@@ -31,8 +33,9 @@ pub(super) struct Host {
 }
 
 impl Host {
-    pub fn new(config: HostConfig, now: Instant) -> Self {
+    pub fn new(id: HostId, config: HostConfig, now: Instant) -> Self {
         Host {
+            id,
             nix: config.nix.as_ref().map(|_| NixGate::new()),
             upload: config.upload.as_ref().map(|_| UploadGate::new()),
             upload_run: None,

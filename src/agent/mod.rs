@@ -3,28 +3,32 @@
 //! queued, asks [`reconcile`](crate::reconcile) what should be, carries that out through its
 //! [`tasks`] and publishes the result. A burst of events costs one decision per host.
 //!
+//! SIGHUP applies an edited configuration without a restart ([`reload`]).
+//!
 //! When the agent stops it ends every task it started and leaves the targets as they are: a
 //! restart (an upgrade, a crash and `Restart=on-failure`) then does not interrupt tunnels and
 //! mounts, and the next start re-evaluates every host at once. Nix is pointed away from every
 //! cache first: nothing watches them once the agent is gone.
 
 mod host;
+mod reload;
 mod tasks;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
 use zbus::connection;
 
-use crate::config::{Config, HostConfig, NixCache, ProbeSettings};
+use crate::config::{Config, HostConfig, NixCache};
 use crate::event::{Event, HostId};
 use crate::network;
 use crate::nix::drain::Drain;
@@ -36,6 +40,7 @@ use crate::status::{self, Publisher};
 use crate::units::Units;
 
 use self::host::Host;
+use self::reload::Reloader;
 use self::tasks::Tasks;
 
 /// How long to wait at start for NetworkManager's first view before assuming a network.
@@ -47,13 +52,15 @@ const IDLE_WAKE: Duration = Duration::from_secs(3600);
 /// After a failed write of the nix.conf fragment, try again this soon.
 const FRAGMENT_RETRY: Duration = Duration::from_secs(1);
 
-/// Where the agent finds its buses (`None`: the default system or session bus) and its runtime
-/// directory (`$XDG_RUNTIME_DIR`: the Nix fragment, tunnelled sockets).
+/// Where the agent finds its buses (`None`: the default system or session bus), its runtime
+/// directory (`$XDG_RUNTIME_DIR`: the Nix fragment, tunnelled sockets) and the configuration it
+/// reads again on a reload (`None`: found as `reachd run` finds it without `--config`).
 #[derive(Debug, Clone, Default)]
 pub struct Environment {
     pub system_bus: Option<String>,
     pub session_bus: Option<String>,
     pub runtime_dir: Option<PathBuf>,
+    pub config_file: Option<PathBuf>,
 }
 
 impl Environment {
@@ -68,37 +75,46 @@ impl Environment {
     }
 }
 
-/// Runs the agent until `shutdown` completes (Ok) or the session bus is lost (Err).
-pub async fn run(
+/// What the agent is told from outside while it runs: stop when `shutdown` completes, read the
+/// configuration again at each item of `reloads` (SIGHUP).
+pub struct Control<S, R> {
+    pub shutdown: S,
+    pub reloads: R,
+}
+
+/// Runs the agent until `control.shutdown` completes (Ok) or the session bus is lost (Err).
+pub async fn run<S, R>(
     config: Config,
     environment: Environment,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+    control: Control<S, R>,
+) -> anyhow::Result<()>
+where
+    S: Future<Output = ()>,
+    R: Stream<Item = ()> + Send + 'static,
+{
     let resolver = Resolver::new().context("cannot start the mDNS resolver")?;
-    run_with(config, environment, Arc::new(resolver), shutdown).await
+    run_with(config, environment, Arc::new(resolver), control).await
 }
 
 /// [`run`], finding and checking hosts with `probe`. When it returns, every task the agent
 /// started has ended and its session bus connection is closed.
-pub async fn run_with(
+pub async fn run_with<S, R>(
     config: Config,
     environment: Environment,
     probe: Arc<dyn Probe>,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let uses_nix = config.hosts.iter().any(|h| h.nix.is_some());
-    let runtime_dir = match (environment.runtime_dir, uses_nix) {
-        (Some(dir), _) => dir,
-        (None, false) => PathBuf::new(),
-        (None, true) => anyhow::bail!(
-            "XDG_RUNTIME_DIR is not set: reachd keeps its nix.conf fragment there and finds tunnelled sockets by it"
-        ),
-    };
+    control: Control<S, R>,
+) -> anyhow::Result<()>
+where
+    S: Future<Output = ()>,
+    R: Stream<Item = ()> + Send + 'static,
+{
+    let runtime_dir = runtime_dir_for(&config, environment.runtime_dir.as_deref())?;
     let (events, mut inbox) = mpsc::channel(EVENT_QUEUE);
     let hosts: Vec<Host> = config
         .hosts
         .iter()
-        .map(|host| Host::new(host.clone(), Instant::now()))
+        .enumerate()
+        .map(|(index, host)| Host::new(HostId(index), host.clone(), Instant::now()))
         .collect();
     let session = match &environment.session_bus {
         Some(address) => connection::Builder::address(address.as_str())?,
@@ -112,35 +128,28 @@ pub async fn run_with(
     .await
     .context("cannot serve org.reachd.Reachd1 on the session bus")?;
     // Only the one agent that holds the name touches the fragment and the cache ports.
-    let (fragment, listeners) = start_nix(&config, &runtime_dir).await?;
+    let (fragment, mut listeners) = start_nix(&config, &runtime_dir).await?;
     let units = Units::new(publisher.connection())
         .await
         .context("cannot reach the systemd user manager on the session bus")?;
 
     let mut tasks = Tasks::new(events, probe, units, config.probe.timeout, runtime_dir);
-    let uploading: Vec<String> = config
-        .hosts
-        .iter()
-        .filter(|h| h.upload.is_some())
-        .map(|h| h.name.clone())
-        .collect();
-    if !uploading.is_empty() {
-        tasks.set_drain(Drain::new(config.spool.clone(), uploading));
-    }
-    let with_addresses = config.hosts.iter().any(|h| !h.connections.is_empty());
-    tasks.follow_network(environment.system_bus.clone(), with_addresses);
-    for (listener, host) in listeners {
-        tasks.serve_cache(listener, &host);
-    }
-    for (index, host) in hosts.iter().enumerate() {
-        tasks.follow_host(HostId(index), &host.config);
+    tasks.set_drain(drain_for(&config, None));
+    tasks.follow_network(environment.system_bus.clone(), with_addresses(&config));
+    tasks.forward_reloads(control.reloads);
+    for host in &hosts {
+        if let Some(listener) = listeners.remove(&host.config.name) {
+            tasks.serve_cache(host.id, listener, &host.config);
+        }
+        tasks.follow_host(host.id, &host.config);
     }
     let mut agent = Agent {
+        reloader: Reloader::new(&environment, hosts.len()),
         hosts,
         network: None,
         network_changed: false,
         started: Instant::now(),
-        settings: config.probe,
+        config,
         fragment,
         sleep_lock: None,
         tasks,
@@ -151,17 +160,53 @@ pub async fn run_with(
         "reachd {} running",
         env!("CARGO_PKG_VERSION")
     );
-    let result = agent.run(&mut inbox, shutdown).await;
+    let result = agent.run(&mut inbox, control.shutdown).await;
     agent.stop().await;
     result
 }
 
+/// The runtime directory the configuration needs: `$XDG_RUNTIME_DIR` as given, or none (an
+/// empty path) when no host uses Nix.
+fn runtime_dir_for(config: &Config, given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let uses_nix = config.hosts.iter().any(|h| h.nix.is_some());
+    match (given, uses_nix) {
+        (Some(dir), _) => Ok(dir.to_path_buf()),
+        (None, false) => Ok(PathBuf::new()),
+        (None, true) => anyhow::bail!(
+            "XDG_RUNTIME_DIR is not set: reachd keeps its nix.conf fragment there and finds tunnelled sockets by it"
+        ),
+    }
+}
+
+/// Whether NetworkManager must be read for the machine's addresses on each connection.
+fn with_addresses(config: &Config) -> bool {
+    config.hosts.iter().any(|h| !h.connections.is_empty())
+}
+
+/// The upload spool as the configuration names it, if a host uploads (`current`: the drain in
+/// use before a reload, whose claims the new one takes turns with).
+fn drain_for(config: &Config, current: Option<&Drain>) -> Option<Drain> {
+    let uploading: Vec<String> = config
+        .hosts
+        .iter()
+        .filter(|h| h.upload.is_some())
+        .map(|h| h.name.clone())
+        .collect();
+    if uploading.is_empty() {
+        return None;
+    }
+    Some(match current {
+        Some(drain) => drain.reconfigured(config.spool.clone(), uploading),
+        None => Drain::new(config.spool.clone(), uploading),
+    })
+}
+
 /// Empties the nix.conf fragment (Nix is pointed at nothing until a cache answers; one left by
-/// a crash goes now) and binds each served cache's port.
+/// a crash goes now) and binds each served cache's port, by host name.
 async fn start_nix(
     config: &Config,
     runtime_dir: &Path,
-) -> anyhow::Result<(Option<Fragment>, Vec<(TcpListener, HostConfig)>)> {
+) -> anyhow::Result<(Option<Fragment>, HashMap<String, TcpListener>)> {
     let uses_nix = config.hosts.iter().any(|h| h.nix.is_some());
     let mut fragment = uses_nix.then(|| Fragment::in_runtime_dir(runtime_dir));
     if let Some(fragment) = &mut fragment {
@@ -169,26 +214,37 @@ async fn start_nix(
             .set(&[])
             .with_context(|| format!("cannot write {}", fragment.path().display()))?;
     }
-    let mut listeners = Vec::new();
-    for host in &config.hosts {
+    let listeners = bind_caches(config.hosts.iter()).await?;
+    Ok((fragment, listeners))
+}
+
+/// Binds the port of each of `hosts`' served caches, by host name.
+async fn bind_caches(
+    hosts: impl Iterator<Item = &HostConfig>,
+) -> anyhow::Result<HashMap<String, TcpListener>> {
+    let mut listeners = HashMap::new();
+    for host in hosts {
         if let Some(NixCache::Served { listen, .. }) = &host.nix {
             let listener = TcpListener::bind(listen).await.with_context(|| {
                 format!("cannot serve host {}'s Nix cache on {listen}", host.name)
             })?;
-            listeners.push((listener, host.clone()));
+            listeners.insert(host.name.clone(), listener);
         }
     }
-    Ok((fragment, listeners))
+    Ok(listeners)
 }
 
 /// The loop's state: the hosts, what NetworkManager says, and the agent's hands.
 struct Agent {
+    /// In the configuration's order.
     hosts: Vec<Host>,
     /// NetworkManager's last view; `None` until its first one (or [`FIRST_NETWORK_VIEW`]).
     network: Option<NetworkView>,
     network_changed: bool,
     started: Instant,
-    settings: ProbeSettings,
+    /// The configuration in force.
+    config: Config,
+    reloader: Reloader,
     /// The nix.conf fragment; `None` when no host has `[host.nix]`.
     fragment: Option<Fragment>,
     /// Held while the machine waits to sleep, until every target is stopped.
@@ -218,6 +274,9 @@ impl Agent {
             while let Ok(event) = inbox.try_recv() {
                 self.handle(event);
             }
+            if self.reloader.take_request() {
+                self.reload().await;
+            }
             wake = self.decide();
             self.publish().await;
             if self.sleep_lock.is_some() && !self.hosts.iter().any(|h| h.target.busy()) {
@@ -230,6 +289,9 @@ impl Agent {
     /// Takes one event in: it only records what changed; [`Agent::decide`] acts on it.
     fn handle(&mut self, event: Event) {
         let now = Instant::now();
+        if event.host().is_some_and(|id| !self.follows(id)) {
+            return; // from a task of a host a reload removed
+        }
         match event {
             Event::Network(view) => {
                 self.network = Some(view);
@@ -248,7 +310,7 @@ impl Agent {
                 outcome,
                 took,
             } => {
-                let settings = self.settings;
+                let settings = self.config.probe;
                 let host = self.host(host);
                 let others_before = host.tracker.other_responders.clone();
                 let transition = host.tracker.on_check(epoch, outcome, &settings, now);
@@ -316,11 +378,19 @@ impl Agent {
                     host.target.on_refresh();
                 }
             }
+            Event::Reload => self.reloader.request(),
         }
     }
 
+    fn follows(&self, id: HostId) -> bool {
+        self.hosts.iter().any(|h| h.id == id)
+    }
+
     fn host(&mut self, id: HostId) -> &mut Host {
-        &mut self.hosts[id.0]
+        self.hosts
+            .iter_mut()
+            .find(|h| h.id == id)
+            .expect("events of hosts no longer followed are dropped")
     }
 
     /// Asks reconcile what to do for every host, starts the checks and jobs it asks for, and
@@ -350,7 +420,7 @@ impl Agent {
         let mut wake = now + IDLE_WAKE;
         let mut actions = Vec::new();
         for (index, host) in self.hosts.iter_mut().enumerate() {
-            let id = HostId(index);
+            let id = host.id;
             let plan = host.tracker.plan(now);
             if let Some(candidates) = plan.check {
                 self.tasks.check(id, host, candidates, network);
@@ -366,14 +436,14 @@ impl Agent {
                 wake = wake.min(at);
             }
             wake = wake.min(plan.wake.unwrap_or(wake));
-            actions.push((id, action));
+            actions.push((index, action));
         }
         // Nix leaves a cache before its target (and the tunnel) is stopped.
         if let Some(retry) = self.point_nix() {
             wake = wake.min(retry);
         }
-        for (id, action) in actions {
-            let host = &self.hosts[id.0].config;
+        for (index, action) in actions {
+            let (id, host) = (self.hosts[index].id, &self.hosts[index].config);
             match action {
                 TargetAction::Nothing(_) => {}
                 TargetAction::Start(address) => self.tasks.job(id, host, JobKind::Start, address),

@@ -1,12 +1,16 @@
 //! The agent's hands: everything it starts that runs on its own (followers of NetworkManager,
-//! mDNS and the units; checks; jobs; address updates) is a task in one [`JoinSet`] that the
-//! agent owns, and each reports back as an [`Event`]. [`Tasks::shutdown`] ends them all and
-//! waits, so that when the agent returns nothing of it is left running.
+//! mDNS and the units; checks; jobs; address updates) is a task in a [`JoinSet`] that the
+//! agent owns, and each reports back as an [`Event`]. A host's tasks are in a set of their own,
+//! so that a reload that removes the host ends exactly them ([`Tasks::end_host`]).
+//! [`Tasks::shutdown`] ends them all and waits, so that when the agent returns nothing of it is
+//! left running.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::{Stream, StreamExt};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::warn;
@@ -31,7 +35,11 @@ const SYSTEM_BUS_RETRY: Duration = Duration::from_secs(2);
 
 /// Starts the agent's work and owns it.
 pub(super) struct Tasks {
+    /// The agent's own tasks (NetworkManager, signals); a host's are in `hosts`.
     running: JoinSet<()>,
+    hosts: HashMap<HostId, JoinSet<()>>,
+    /// The follower of NetworkManager, to start it again when what it reads changes.
+    network: Option<AbortHandle>,
     events: Events,
     probe: Arc<dyn Probe>,
     units: Units,
@@ -53,6 +61,8 @@ impl Tasks {
     ) -> Self {
         Tasks {
             running: JoinSet::new(),
+            hosts: HashMap::new(),
+            network: None,
             events,
             probe,
             units,
@@ -62,16 +72,43 @@ impl Tasks {
         }
     }
 
-    /// Uploads go through `drain` from now on.
-    pub fn set_drain(&mut self, drain: Drain) {
-        self.drain = Some(drain);
+    /// Uploads go through `drain` from now on (none: no host uploads).
+    pub fn set_drain(&mut self, drain: Option<Drain>) {
+        self.drain = drain;
+    }
+
+    /// The upload spool, if a host uploads.
+    pub fn drain(&self) -> Option<&Drain> {
+        self.drain.as_ref()
+    }
+
+    /// The deadline of one check from now on.
+    pub fn set_check_limit(&mut self, limit: Duration) {
+        self.check_limit = limit;
+    }
+
+    /// Sends [`Event::Reload`] for each item of `requests` (SIGHUP).
+    pub fn forward_reloads(&mut self, requests: impl Stream<Item = ()> + Send + 'static) {
+        let events = self.events.clone();
+        self.running.spawn(async move {
+            let mut requests = std::pin::pin!(requests);
+            while requests.next().await.is_some() {
+                if events.send(Event::Reload).await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     /// Follows NetworkManager and logind (sleep) on the system bus at `address` (the default
-    /// system bus when `None`), reconnecting whenever the bus goes away.
+    /// system bus when `None`), reconnecting whenever the bus goes away; `with_addresses`: also
+    /// the machine's addresses on each connection. Called again, it ends the previous follower.
     pub fn follow_network(&mut self, address: Option<String>, with_addresses: bool) {
+        if let Some(previous) = self.network.take() {
+            previous.abort();
+        }
         let events = self.events.clone();
-        self.running.spawn(async move {
+        self.network = Some(self.running.spawn(async move {
             loop {
                 let connected = match &address {
                     Some(address) => match connection::Builder::address(address.as_str()) {
@@ -96,17 +133,30 @@ impl Tasks {
                 }
                 tokio::time::sleep(SYSTEM_BUS_RETRY).await;
             }
-        });
+        }));
+    }
+
+    /// The set of the host's own tasks.
+    fn of_host(&mut self, id: HostId) -> &mut JoinSet<()> {
+        self.hosts.entry(id).or_default()
+    }
+
+    /// Ends every task of the host (following, checks, a job or an upload under way, its
+    /// cache) and waits until they are gone. Its target is left as it is.
+    pub async fn end_host(&mut self, id: HostId) {
+        if let Some(mut tasks) = self.hosts.remove(&id) {
+            tasks.shutdown().await;
+        }
     }
 
     /// Follows the host's addresses (mDNS) and its target's state (the user manager).
     pub fn follow_host(&mut self, id: HostId, host: &HostConfig) {
         let events = self.events.clone();
-        self.running
-            .spawn(self.probe.follow(id, host.fqdn(), events.clone()));
-        let units = self.units.clone();
-        self.running
-            .spawn(units.follow(id, host.target.clone(), events));
+        let resolution = self.probe.follow(id, host.fqdn(), events.clone());
+        let unit = self.units.clone().follow(id, host.target.clone(), events);
+        let tasks = self.of_host(id);
+        tasks.spawn(resolution);
+        tasks.spawn(unit);
     }
 
     /// NetworkManager changed something: mDNS should look at the interfaces again.
@@ -134,7 +184,7 @@ impl Tasks {
             via,
         });
         let events = self.events.clone();
-        self.running.spawn(async move {
+        self.of_host(id).spawn(async move {
             let started = Instant::now();
             let outcome = check.await;
             let took = started.elapsed();
@@ -163,7 +213,7 @@ impl Tasks {
         let variable = host.address_variable();
         let units = self.units.clone();
         let events = self.events.clone();
-        self.running.spawn(async move {
+        self.of_host(id).spawn(async move {
             let mut result = Ok(());
             if let (JobKind::Start | JobKind::Restart, Some(address)) = (kind, address) {
                 // Units started by the target read the address from the manager's environment.
@@ -190,7 +240,7 @@ impl Tasks {
         let variable = host.address_variable();
         let units = self.units.clone();
         let events = self.events.clone();
-        self.running.spawn(async move {
+        self.of_host(id).spawn(async move {
             let result = set_address(&units, &variable, &address).await;
             let _ = events
                 .send(Event::AddressSet {
@@ -203,7 +253,12 @@ impl Tasks {
     }
 
     /// Serves a host's store as a binary cache on `listener`, from the daemon socket of `cache`.
-    pub fn serve_cache(&mut self, listener: tokio::net::TcpListener, host: &HostConfig) {
+    pub fn serve_cache(
+        &mut self,
+        id: HostId,
+        listener: tokio::net::TcpListener,
+        host: &HostConfig,
+    ) {
         let Some(NixCache::Served { daemon_socket, .. }) = &host.nix else {
             return;
         };
@@ -215,7 +270,7 @@ impl Tasks {
             CacheSettings::default(),
             std::future::pending(),
         );
-        self.running.spawn(async move {
+        self.of_host(id).spawn(async move {
             if let Err(err) = serving.await {
                 warn!(host = %name, "the binary cache stopped: {err}");
             }
@@ -229,7 +284,7 @@ impl Tasks {
         };
         let runtime_dir = self.runtime_dir.clone();
         let events = self.events.clone();
-        self.running.spawn(async move {
+        self.of_host(id).spawn(async move {
             let result = health::check(&cache, &runtime_dir, NIX_CHECK_DEADLINE).await;
             let _ = events
                 .send(Event::NixChecked {
@@ -254,7 +309,7 @@ impl Tasks {
         let store = expand_store_uri(store, &self.runtime_dir);
         let name = host.name.clone();
         let events = self.events.clone();
-        Some(self.running.spawn(async move {
+        Some(self.of_host(id).spawn(async move {
             let outcome = drain.run(&name, &store, run).await;
             let _ = events
                 .send(Event::UploadDone {
@@ -268,10 +323,12 @@ impl Tasks {
 
     /// Forgets tasks that ended, so that the set holds only running ones.
     pub fn reap(&mut self) {
-        while let Some(ended) = self.running.try_join_next() {
-            if let Err(err) = ended {
-                if err.is_panic() {
-                    warn!("an agent task panicked: {err}");
+        for tasks in std::iter::once(&mut self.running).chain(self.hosts.values_mut()) {
+            while let Some(ended) = tasks.try_join_next() {
+                if let Err(err) = ended {
+                    if err.is_panic() {
+                        warn!("an agent task panicked: {err}");
+                    }
                 }
             }
         }
@@ -280,6 +337,9 @@ impl Tasks {
     /// Ends every task and waits for them; then stops the probe.
     pub async fn shutdown(mut self) {
         self.running.shutdown().await;
+        for (_, mut tasks) in self.hosts.drain() {
+            tasks.shutdown().await;
+        }
         self.probe.shutdown();
     }
 }

@@ -43,6 +43,17 @@ impl Drain {
         }
     }
 
+    /// The same drain for another spool or other hosts (a reload): runs under way with this one
+    /// and the new one's runs still claim one at a time.
+    pub fn reconfigured(&self, spool_dir: PathBuf, hosts: Vec<String>) -> Self {
+        Drain {
+            spool_dir,
+            hosts: hosts.into(),
+            nix: self.nix.clone(),
+            claiming: self.claiming.clone(),
+        }
+    }
+
     /// Claims new builds, then counts `host`'s queue or uploads a batch of it to `store`.
     pub async fn run(&self, host: &str, store: &str, run: Run) -> BatchOutcome {
         let spool = match self.claim().await {

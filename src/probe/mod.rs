@@ -118,6 +118,12 @@ impl Probe for Resolver {
         let daemon = self.daemon.clone();
         let mut changes = self.network_changes.subscribe();
         Box::pin(async move {
+            // mdns-sd goes on asking until told to stop: when the host is no longer followed
+            // (a reload removed it), it stops asking too.
+            let _stop = StopResolving {
+                daemon: daemon.clone(),
+                hostname: hostname.clone(),
+            };
             loop {
                 let ended = match daemon.resolve_hostname(&hostname, None) {
                     Ok(receiver) => {
@@ -182,6 +188,18 @@ impl Probe for Resolver {
     /// Stops the daemon's thread.
     fn shutdown(&self) {
         let _ = self.daemon.shutdown();
+    }
+}
+
+/// Stops mdns-sd's resolution of `hostname` when dropped.
+struct StopResolving {
+    daemon: ServiceDaemon,
+    hostname: String,
+}
+
+impl Drop for StopResolving {
+    fn drop(&mut self) {
+        let _ = self.daemon.stop_resolve_hostname(&self.hostname);
     }
 }
 

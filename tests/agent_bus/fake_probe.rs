@@ -14,6 +14,8 @@ use reachd::reconcile::CheckOutcome;
 #[derive(Default)]
 struct State {
     followers: Vec<(HostId, Events)>,
+    /// The hostnames whose following future the agent still holds.
+    following: Vec<String>,
     /// Where the host answers, if it does.
     present: Option<HostAddress>,
 }
@@ -21,7 +23,7 @@ struct State {
 /// The fake: one host, present at one address or absent.
 #[derive(Default)]
 pub struct FakeProbe {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
 }
 
 impl FakeProbe {
@@ -48,10 +50,30 @@ impl FakeProbe {
     pub fn vanish(&self) {
         self.state.lock().unwrap().present = None;
     }
+
+    /// The hostnames the agent follows now (their futures not dropped).
+    pub fn following(&self) -> Vec<String> {
+        self.state.lock().unwrap().following.clone()
+    }
+}
+
+/// Takes its hostname out of [`State::following`] when the agent drops the following future.
+struct Following {
+    state: Arc<Mutex<State>>,
+    hostname: String,
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        let mut state = self.state.lock().unwrap();
+        if let Some(at) = state.following.iter().position(|h| *h == self.hostname) {
+            state.following.remove(at);
+        }
+    }
 }
 
 impl Probe for FakeProbe {
-    fn follow(&self, host: HostId, _hostname: String, events: Events) -> BoxFuture<'static, ()> {
+    fn follow(&self, host: HostId, hostname: String, events: Events) -> BoxFuture<'static, ()> {
         let mut state = self.state.lock().unwrap();
         if let Some(address) = &state.present {
             events
@@ -59,7 +81,15 @@ impl Probe for FakeProbe {
                 .expect("the agent's event queue has room");
         }
         state.followers.push((host, events));
-        Box::pin(std::future::pending())
+        state.following.push(hostname.clone());
+        let following = Following {
+            state: self.state.clone(),
+            hostname,
+        };
+        Box::pin(async move {
+            let _following = following;
+            std::future::pending().await
+        })
     }
 
     fn interfaces_changed(&self) {}

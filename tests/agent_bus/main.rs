@@ -14,6 +14,7 @@ mod fake_logind;
 mod fake_nm;
 mod fake_probe;
 mod fake_systemd;
+mod reload;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use zbus::fdo::{DBusProxy, IntrospectableProxy, PropertiesProxy};
 use zbus::names::InterfaceName;
@@ -46,6 +47,8 @@ const ROOT_PATH: &str = "/org/reachd/Reachd1";
 const HOST_PATH: &str = "/org/reachd/Reachd1/host/rpi";
 const HOST_INTERFACE: &str = "org.reachd.Reachd1.Host";
 const TARGET: &str = "rpi-accessible.target";
+/// The target of a second host, `nas`, that reload tests add.
+const NAS_TARGET: &str = "nas-accessible.target";
 const HOME_UUID: &str = "5f0f6c3e-8a3b-4f0e-9d6a-2b1c7e4d9a10";
 
 /// Runs a test body under [`TEST_TIMEOUT`].
@@ -66,15 +69,19 @@ fn init_logging() {
 /// A configuration with one host `rpi` whose mDNS name nobody on any network answers for,
 /// `extra` TOML (e.g. a `[probe]` table) before it and `host_extra` (e.g. `[host.nix]`) after.
 fn config_with(extra: &str, host_extra: &str) -> reachd::config::Config {
+    reachd::config::parse(&config_text(extra, host_extra), "agent_bus.toml")
+        .expect("the test configuration is valid")
+}
+
+/// The text of [`config_with`].
+fn config_text(extra: &str, host_extra: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let hostname = format!(
         "reachd-test-{}-{}.local",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::SeqCst)
     );
-    let text =
-        format!("{extra}\n[[host]]\nname = \"rpi\"\nhostname = \"{hostname}\"\n{host_extra}");
-    reachd::config::parse(&text, "agent_bus.toml").expect("the test configuration is valid")
+    format!("{extra}\n[[host]]\nname = \"rpi\"\nhostname = \"{hostname}\"\n{host_extra}")
 }
 
 /// The published properties of the host `rpi`, as the CLI reads them.
@@ -114,7 +121,12 @@ struct Rig {
     client: Connection,
     agent: Option<JoinHandle<anyhow::Result<()>>>,
     stop: Option<oneshot::Sender<()>>,
-    /// The agent's `$XDG_RUNTIME_DIR` (its nix.conf fragment).
+    /// Each send is a SIGHUP: the agent reads `config_file` again.
+    reloads: mpsc::UnboundedSender<()>,
+    /// The configuration the agent started with, and the file it reads on a reload.
+    config_text: String,
+    config_file: std::path::PathBuf,
+    /// The agent's `$XDG_RUNTIME_DIR` (its nix.conf fragment and its configuration file).
     runtime: tempfile::TempDir,
 }
 
@@ -148,31 +160,45 @@ impl Rig {
             ),
             None => None,
         };
-        let systemd =
-            FakeSystemd::start(session.address(), &[(TARGET, setup.target)], setup.timing)
-                .await
-                .expect("the fake systemd starts");
+        let units = [
+            (TARGET, setup.target),
+            (NAS_TARGET, UnitSpec::loaded("inactive")),
+        ];
+        let systemd = FakeSystemd::start(session.address(), &units, setup.timing)
+            .await
+            .expect("the fake systemd starts");
         let client = zbus::connection::Builder::address(session.address())
             .expect("a valid bus address")
             .build()
             .await
             .expect("the test connects to its session bus");
         let runtime = tempfile::tempdir().expect("a runtime directory");
+        let config_text = config_text(&setup.extra_config, &setup.host_config);
+        let config_file = runtime.path().join("config.toml");
+        std::fs::write(&config_file, &config_text).expect("the configuration is written");
+        let (config, _) =
+            reachd::config::load(Some(&config_file)).expect("the test configuration is valid");
         let environment = reachd::agent::Environment {
             system_bus: Some(system.path_address()),
             session_bus: Some(session.address().to_string()),
             runtime_dir: Some(runtime.path().to_path_buf()),
+            config_file: Some(config_file.clone()),
         };
         let (stop, stopped) = oneshot::channel::<()>();
-        let stopped = async move {
-            let _ = stopped.await;
+        let (reloads, reload_requests) = mpsc::unbounded_channel();
+        let control = reachd::agent::Control {
+            shutdown: async move {
+                let _ = stopped.await;
+            },
+            reloads: futures_util::stream::unfold(reload_requests, |mut requests| async move {
+                requests.recv().await.map(|()| ((), requests))
+            }),
         };
-        let config = config_with(&setup.extra_config, &setup.host_config);
         let agent = match setup.probe {
             Some(probe) => {
-                tokio::spawn(reachd::agent::run_with(config, environment, probe, stopped))
+                tokio::spawn(reachd::agent::run_with(config, environment, probe, control))
             }
-            None => tokio::spawn(reachd::agent::run(config, environment, stopped)),
+            None => tokio::spawn(reachd::agent::run(config, environment, control)),
         };
         let mut rig = Rig {
             system,
@@ -182,6 +208,9 @@ impl Rig {
             client,
             agent: Some(agent),
             stop: Some(stop),
+            reloads,
+            config_text,
+            config_file,
             runtime,
         };
         rig.wait_for_agent().await;
@@ -217,7 +246,12 @@ impl Rig {
     }
 
     async fn host(&self) -> Host {
-        let properties = self.host_properties().await;
+        self.host_at(HOST_PATH).await
+    }
+
+    /// The published properties of the host object at `path`.
+    async fn host_at(&self, path: &str) -> Host {
+        let properties = self.host_properties_at(path).await;
         let all = properties
             .get_all(InterfaceName::from_static_str_unchecked(HOST_INTERFACE))
             .await
@@ -226,10 +260,14 @@ impl Rig {
     }
 
     async fn host_properties(&self) -> PropertiesProxy<'static> {
+        self.host_properties_at(HOST_PATH).await
+    }
+
+    async fn host_properties_at(&self, path: &str) -> PropertiesProxy<'static> {
         PropertiesProxy::builder(&self.client)
             .destination(BUS_NAME)
             .unwrap()
-            .path(HOST_PATH)
+            .path(path.to_string())
             .unwrap()
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
@@ -240,7 +278,12 @@ impl Rig {
     /// Waits until the host's published properties satisfy `wanted`: subscribe, read, and read
     /// again on each PropertiesChanged (level-triggered, so no change can slip between).
     async fn wait_host(&self, what: &str, wanted: impl Fn(&Host) -> bool) -> Host {
-        let properties = self.host_properties().await;
+        self.wait_host_at(HOST_PATH, what, wanted).await
+    }
+
+    /// [`Rig::wait_host`] for the host object at `path`.
+    async fn wait_host_at(&self, path: &str, what: &str, wanted: impl Fn(&Host) -> bool) -> Host {
+        let properties = self.host_properties_at(path).await;
         let mut changes = properties
             .receive_properties_changed()
             .await
@@ -248,7 +291,7 @@ impl Rig {
         let mut last = None;
         let found = tokio::time::timeout(WAIT, async {
             loop {
-                let host = self.host().await;
+                let host = self.host_at(path).await;
                 if wanted(&host) {
                     return host;
                 }
@@ -735,8 +778,13 @@ async fn a_second_agent_refuses_to_start_and_the_first_keeps_the_name() {
             system_bus: Some(rig.system.address().to_string()),
             session_bus: Some(rig.session.address().to_string()),
             runtime_dir: Some(rig.runtime.path().to_path_buf()),
+            config_file: None,
         };
-        let second = reachd::agent::run(config_with("", ""), environment, std::future::pending());
+        let control = reachd::agent::Control {
+            shutdown: std::future::pending(),
+            reloads: futures_util::stream::pending(),
+        };
+        let second = reachd::agent::run(config_with("", ""), environment, control);
         let refused = tokio::time::timeout(WAIT, second)
             .await
             .expect("the second agent returns at once")
@@ -1182,22 +1230,31 @@ async fn nothing_of_the_agent_runs_after_run_returned() {
     .await;
 }
 
+/// A reachable host with an HTTP cache (a fake) that Nix uses: its target started, the cache
+/// in the fragment.
+async fn using_a_fake_cache() -> (Rig, FakeCache, Arc<FakeProbe>) {
+    let cache = FakeCache::start().await;
+    let probe = FakeProbe::present(pi());
+    let setup = Setup {
+        probe: Some(probe.clone()),
+        host_config: format!("[host.nix]\nsubstituter = \"{}\"\n", cache.url()),
+        ..reachable(
+            UnitSpec::loaded("inactive"),
+            JobTiming::After(Duration::from_millis(20)),
+        )
+    };
+    let rig = Rig::start(setup).await;
+    let host = rig.wait_host("using its cache", |h| h.nix_in_use).await;
+    assert_eq!(host.nix_reason, "in use");
+    assert_eq!(host.target_state, "active");
+    assert_eq!(rig.fragment_substituters(), [cache.url()]);
+    (rig, cache, probe)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nix_uses_a_cache_only_while_it_answers_and_leaves_it_before_the_stop() {
     within_timeout(async {
-        let cache = FakeCache::start().await;
-        let setup = Setup {
-            host_config: format!("[host.nix]\nsubstituter = \"{}\"\n", cache.url()),
-            ..reachable(
-                UnitSpec::loaded("inactive"),
-                JobTiming::After(Duration::from_millis(20)),
-            )
-        };
-        let mut rig = Rig::start(setup).await;
-        let host = rig.wait_host("using its cache", |h| h.nix_in_use).await;
-        assert_eq!(host.nix_reason, "in use");
-        assert_eq!(host.target_state, "active");
-        assert_eq!(rig.fragment_substituters(), [cache.url()]);
+        let (mut rig, cache, _probe) = using_a_fake_cache().await;
 
         // The tunnel's far end stops answering: Nix is pointed away within a check's deadline.
         cache.hang(true);

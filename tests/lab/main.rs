@@ -16,6 +16,7 @@ mod doctor;
 mod hostile_lan;
 mod nix;
 mod reliability;
+mod reload;
 mod scenarios;
 mod status_bar;
 mod upload;

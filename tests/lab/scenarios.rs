@@ -1,10 +1,10 @@
 //! The scenarios, in the order they run: issue 3's here; from 12 on, reachd's Nix support
 //! (nix.rs); from 17, its uploads (upload.rs); from 21, issue 10's faults (reliability.rs); from
 //! 26, a dual-stack Pi and an impostor on the home LAN (hostile_lan.rs); from 35, `reachd
-//! doctor` (doctor.rs); 38, the README's status bar example (status_bar.rs). Each one starts
-//! from the baseline (home up, Pi present, target active) unless it continues the previous one,
-//! asserts the units, reachd's own view and real traffic, and returns a short report of what it
-//! measured.
+//! doctor` (doctor.rs); 38, the README's status bar example (status_bar.rs); 40, reloading the
+//! configuration (reload.rs). Each one starts from the baseline (home up, Pi present, target
+//! active) unless it continues the previous one, asserts the units, reachd's own view and real
+//! traffic, and returns a short report of what it measured.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -17,7 +17,7 @@ use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
 use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
 use reachd_testkit::process::{wait_until, Spawn};
 
-use crate::{doctor, hostile_lan, nix, reliability, status_bar, upload};
+use crate::{doctor, hostile_lan, nix, reliability, reload, status_bar, upload};
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;
 
@@ -59,6 +59,7 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ("36-doctor-broken", false, doctor::doctor_broken),
     ("37-doctor-host-away", false, doctor::doctor_host_away),
     ("38-status-bar", false, status_bar::status_bar),
+    ("40-reload", false, reload::reload),
 ];
 
 /// The default bound for noticing a Pi that vanished without a word.

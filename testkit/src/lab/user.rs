@@ -184,6 +184,14 @@ impl TestUser {
         self.home.join(".config/reachd/config.toml")
     }
 
+    /// Replaces reachd's config file with `text`, as the user's own file (for a reload; the
+    /// lab's is [`reachd_config`]).
+    pub fn write_reachd_config(&self, text: &str) -> Result<(), String> {
+        let path = self.reachd_config_path();
+        fs::write(&path, text).map_err(|e| io_err(path.display(), e))?;
+        chown_tree(&path, self.uid, self.gid)
+    }
+
     /// Fails the lab at once, with reachd's own words, if reachd refuses the lab's config.
     fn check_reachd_config(&self) -> Result<(), String> {
         let check = self
@@ -371,7 +379,7 @@ impl TestUser {
 /// (scenario 6). No [probe] table: the defaults are under test. `[host.nix]` with the defaults
 /// written out, where the Nix scenarios look, and uploads through the tunnel (the default
 /// `upload_store`) from the lab's spool.
-pub(crate) fn reachd_config() -> String {
+pub fn reachd_config() -> String {
     format!(
         "[nix]\nspool = \"{spool}\"\n\n\
          [[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n\
