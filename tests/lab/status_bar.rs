@@ -48,7 +48,10 @@ impl Running {
     fn start(lab: &Lab, name: &str, command: &str) -> Result<Running, String> {
         let log = lab.user().home.join(format!("{name}.out"));
         let _ = fs::remove_file(&log);
-        let path = format!("{}:/usr/local/bin:/usr/bin:/bin", dir().join("bin").display());
+        let path = format!(
+            "{}:/usr/local/bin:/usr/bin:/bin",
+            dir().join("bin").display()
+        );
         let daemon = lab
             .user()
             .cmd("sh")
@@ -67,17 +70,21 @@ impl Running {
     /// Waits for a line after the first `seen` whose JSON has `class`, returning it and the
     /// count of lines.
     fn expect_class(&self, seen: usize, class: &str) -> Result<(Value, usize), String> {
-        wait_until(ON_THE_BAR, &format!("a bar line with class {class:?}"), || {
-            let lines = self.lines();
-            for line in lines.iter().skip(seen) {
-                let v: Value = serde_json::from_str(line)
-                    .map_err(|e| format!("not a JSON line ({e}): {line:?}"))?;
-                if v["class"] == class {
-                    return Ok(Some((v, lines.len())));
+        wait_until(
+            ON_THE_BAR,
+            &format!("a bar line with class {class:?}"),
+            || {
+                let lines = self.lines();
+                for line in lines.iter().skip(seen) {
+                    let v: Value = serde_json::from_str(line)
+                        .map_err(|e| format!("not a JSON line ({e}): {line:?}"))?;
+                    if v["class"] == class {
+                        return Ok(Some((v, lines.len())));
+                    }
                 }
-            }
-            Err(format!("lines so far: {lines:?}"))
-        })
+                Err(format!("lines so far: {lines:?}"))
+            },
+        )
     }
 }
 
