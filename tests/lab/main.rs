@@ -14,6 +14,7 @@
 
 mod nix;
 mod scenarios;
+mod stress;
 mod upload;
 
 use std::panic::{self, AssertUnwindSafe};

@@ -1,5 +1,5 @@
 //! The scenarios of issue 3 (and, from 12 on, of reachd's Nix support: nix.rs; from 17 on, its
-//! uploads: upload.rs), in the order
+//! uploads: upload.rs; from 30 on, sleep: stress.rs), in the order
 //! they run. Each one starts from the baseline (home up, Pi present, target active) unless it
 //! continues the previous one, asserts the units, reachd's own view and real traffic, and
 //! returns a short report of what it measured.
@@ -15,7 +15,7 @@ use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
 use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
 use reachd_testkit::process::{wait_until, Spawn};
 
-use crate::{nix, upload};
+use crate::{nix, stress, upload};
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;
 
@@ -42,6 +42,7 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ("18-nix-upload-no-agent", false, upload::nix_upload_no_agent),
     ("19-nix-upload-crash", false, upload::nix_upload_crash),
     ("20-nix-upload-vanish", false, upload::nix_upload_vanish),
+    ("30-sleep", false, stress::sleep),
 ];
 
 /// The default bound for noticing a Pi that vanished without a word.
@@ -266,12 +267,7 @@ fn foreign_network(lab: &mut Lab) -> Result<String, String> {
     lab.expect_down(T, "home down (for 6)")?;
     lab.nmcli_con("up", CAFE_UUID)?;
     // The test is only worth something if rpi.local does answer in the café.
-    let addr = wait_until(T, "the café's impostor answering rpi.local", || {
-        lab.resolve_rpi_from_laptop("192.0.2.130").map(Some)
-    })?;
-    if addr != IMPOSTOR_ADDR {
-        return Err(format!("in the café rpi.local resolved to {addr}"));
-    }
+    let addr = impostor_answering(lab)?;
     lab.expect_stays_down(Duration::from_secs(8), "in the café")?;
     lab.nmcli_con("down", CAFE_UUID)?;
     lab.nmcli_con("up", HOME_UUID)?;
@@ -279,6 +275,18 @@ fn foreign_network(lab: &mut Lab) -> Result<String, String> {
     Ok(format!(
         "rpi.local answered by {addr} in the café; nothing started for 8 s"
     ))
+}
+
+/// Waits until `rpi.local` resolves in the café (from the laptop's café address) to the café's
+/// impostor; returns its address.
+pub fn impostor_answering(lab: &Lab) -> Result<String, String> {
+    let addr = wait_until(T, "the café's impostor answering rpi.local", || {
+        lab.resolve_rpi_from_laptop("192.0.2.130").map(Some)
+    })?;
+    if addr != IMPOSTOR_ADDR {
+        return Err(format!("in the café rpi.local resolved to {addr}"));
+    }
+    Ok(addr)
 }
 
 /// Home and the café up at once, the café's impostor answering `rpi.local` there: when the Pi
@@ -293,12 +301,7 @@ fn two_networks(lab: &mut Lab) -> Result<String, String> {
         old.stop();
     }
     lab.start_cafe()?;
-    let addr = wait_until(T, "the café's impostor answering rpi.local", || {
-        lab.resolve_rpi_from_laptop("192.0.2.130").map(Some)
-    })?;
-    if addr != IMPOSTOR_ADDR {
-        return Err(format!("in the café rpi.local resolved to {addr}"));
-    }
+    let addr = impostor_answering(lab)?;
     // The impostor also accepts ssh's port, as the config's `port = 22` asks: nothing but the
     // narrowing of the check to home's addresses can tell it from the Pi.
     let _impostor_ssh = std::thread::scope(|scope| {

@@ -41,8 +41,8 @@ impl TestUser {
             .map_err(|e| e.to_string())
     }
 
-    /// `reachd status --json`, the `rpi` entry.
-    pub(crate) fn status_host(&self) -> Result<Value, String> {
+    /// `reachd status --json`, the `rpi` entry (with `reason`, `last_job`...).
+    pub fn status_host(&self) -> Result<Value, String> {
         let out = self.reachd(&["status", "--json"])?;
         if !out.success() {
             return Err(format!(
