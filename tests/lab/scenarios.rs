@@ -1,5 +1,5 @@
 //! The scenarios of issue 3 (and, from 12 on, of reachd's Nix support: nix.rs; from 17 on, its
-//! uploads: upload.rs; from 30 on, sleep: stress.rs), in the order
+//! uploads: upload.rs; from 30 on, sleep and malformed answers: stress.rs), in the order
 //! they run. Each one starts from the baseline (home up, Pi present, target active) unless it
 //! continues the previous one, asserts the units, reachd's own view and real traffic, and
 //! returns a short report of what it measured.
@@ -43,10 +43,11 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ("19-nix-upload-crash", false, upload::nix_upload_crash),
     ("20-nix-upload-vanish", false, upload::nix_upload_vanish),
     ("30-sleep", false, stress::sleep),
+    ("32-malformed-answers", false, stress::malformed_answers),
 ];
 
 /// The default bound for noticing a Pi that vanished without a word.
-const POWER_LOSS_BOUND: Duration = Duration::from_secs(20);
+pub const POWER_LOSS_BOUND: Duration = Duration::from_secs(20);
 const EVIL_UUID: &str = "3f9a7c1e-5b2d-4e8f-9a61-0c2b7d4e1a03";
 const INJECTED: &str = "/tmp/reachd-lab-injected";
 

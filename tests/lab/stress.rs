@@ -1,20 +1,25 @@
 //! Scenarios from 30 on: what a laptop meets beyond ordinary network changes. Sleep, with
 //! logind played by python3-dbusmock on the lab's system bus: the units are stopped before
 //! reachd lets the machine sleep, and a laptop that wakes elsewhere never has the old target
-//! active.
+//! active. Malformed and forged answers for `rpi.local` from a rogue device on the home LAN: no
+//! crash, never reachable at an address that does not answer.
 
+mod forge;
 mod logind;
+mod rogue;
 
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
-use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, T};
+use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, PI_ADDR, T};
 use reachd_testkit::process::wait_until;
 
-use crate::scenarios::{baseline, impostor_answering, secs};
+use crate::scenarios::{baseline, impostor_answering, secs, POWER_LOSS_BOUND};
+use forge::Rng;
 use logind::LogindMock;
+use rogue::Rogue;
 
 /// logind's default `InhibitDelayMaxSec`: a delay inhibitor held longer than this is ignored
 /// and the machine sleeps anyway, so the units must be stopped within it.
@@ -22,6 +27,8 @@ const INHIBIT_DELAY_MAX: Duration = Duration::from_secs(5);
 /// How long the mount's stop is made to take in scenario 30, so that "the inhibitor is held
 /// until the units are stopped" is seen over a window the polling cannot miss.
 const SLOW_STOP: &str = "2";
+const MALFORMED_RATE: u32 = 1_000;
+const MALFORMED_PERIOD: Duration = Duration::from_secs(10);
 
 /// The machine goes to sleep at home and wakes in the café: the units are stopped before reachd
 /// releases its delay inhibitor, nothing starts in the café, and at home the target comes back.
@@ -179,4 +186,107 @@ fn write_as_user(lab: &Lab, path: &Path, text: &str) -> Result<(), String> {
     let e = |e: std::io::Error| format!("{}: {e}", path.display());
     fs::write(path, text).map_err(e)?;
     std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid)).map_err(e)
+}
+
+/// Malformed and forged answers for `rpi.local`, sent to the laptop by a rogue device on the
+/// home LAN, with the Pi present and then gone: reachd keeps its PID, is only ever reachable at
+/// the Pi's address, stops the target when the Pi goes although forged addresses remain, and
+/// starts it when the Pi is back.
+pub fn malformed_answers(lab: &mut Lab) -> Result<String, String> {
+    baseline(lab)?;
+    let before = reachd_unit(lab)?;
+    let rogue = Rogue::plug_in(lab)?;
+    let result = malformed_with(lab, &rogue);
+    // Goodbyes for what was forged, so no later scenario's checks ask those addresses.
+    let goodbyes = rogue.send_to_laptop(&forge::goodbyes());
+    drop(rogue);
+    let detail = result?;
+    goodbyes?;
+    let after = reachd_unit(lab)?;
+    if after != before {
+        return Err(format!(
+            "reachd.service (MainPID, NRestarts) went from {before:?} to {after:?}"
+        ));
+    }
+    Ok(format!("{detail}; reachd kept pid {}", after.0))
+}
+
+fn malformed_with(lab: &mut Lab, rogue: &Rogue) -> Result<String, String> {
+    let packets = forge::malformed_answers(&mut Rng::new(seed()));
+    let count = packets.len();
+    let next = |n: u64| packets[n as usize % count].clone();
+    let present = rogue.send_while(MALFORMED_RATE, MALFORMED_PERIOD, next, || {
+        pi_held_reachable(lab, "malformed answers, Pi present")
+    })?;
+    // The Pi goes: the forged addresses are all mDNS still offers.
+    rogue.send_to_laptop(&packets)?;
+    lab.pi_port(false)?;
+    let down = lab.expect_down(POWER_LOSS_BOUND, "pi lost power among forged answers");
+    let gone = down.and_then(|down| {
+        let mut reason = String::new();
+        let sent = rogue.send_while(MALFORMED_RATE, MALFORMED_PERIOD, next, || {
+            let s = lab.user().status_host()?;
+            if s["reachable"] != false || lab.user().active_state(TARGET)? != "inactive" {
+                return Err(format!("Pi gone, forged answers only: reachd says {s}"));
+            }
+            reason = s["reason"].as_str().unwrap_or_default().to_string();
+            Ok(())
+        })?;
+        Ok((down, reason, sent))
+    });
+    lab.pi_port(true)?;
+    let (down, reason, gone) = gone?;
+    let up = lab.expect_up(T, "pi back after forged answers")?;
+    // The forged answers did reach reachd: its last failed check asked the forged address.
+    if !reason.contains(&forge::FORGED_ON_LINK.to_string()) {
+        return Err(format!(
+            "the forged address {} never reached reachd's checks (last reason: {reason:?}): \
+             the scenario proves nothing",
+            forge::FORGED_ON_LINK
+        ));
+    }
+    Ok(format!(
+        "{count} kinds of malformed answer, {} packets in {} with the Pi present ({} looks: \
+         reachable only at {PI_ADDR}) and {} with it gone ({} looks: unreachable), {} send \
+         errors; stopped {} after the power loss, back {} after; reachd's last check without \
+         the Pi: {reason:?}",
+        present.packets,
+        secs(present.took),
+        present.watched,
+        gone.packets,
+        gone.watched,
+        present.failed_sends + gone.failed_sends,
+        secs(down),
+        secs(up)
+    ))
+}
+
+/// The target active and reachd holding the Pi reachable at its own address, nowhere else.
+fn pi_held_reachable(lab: &Lab, step: &str) -> Result<(), String> {
+    let state = lab.user().active_state(TARGET)?;
+    let s = lab.user().status()?;
+    if state != "active" || !s.reachable || s.address != PI_ADDR {
+        return Err(format!("{step}: {TARGET} {state}, reachd says {s:?}"));
+    }
+    Ok(())
+}
+
+/// reachd.service's MainPID and NRestarts.
+fn reachd_unit(lab: &Lab) -> Result<(u32, String), String> {
+    let units = lab.user().units(&[REACHD])?;
+    let p = units.get(REACHD).ok_or("no reachd.service")?;
+    let pid = p["MainPID"]
+        .parse()
+        .map_err(|e| format!("reachd's MainPID {:?}: {e}", p["MainPID"]))?;
+    if pid == 0 {
+        return Err(format!("reachd.service is {}", p["ActiveState"]));
+    }
+    Ok((pid, p["NRestarts"].clone()))
+}
+
+fn seed() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
 }
