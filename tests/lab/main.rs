@@ -19,6 +19,7 @@ mod reliability;
 mod reload;
 mod scenarios;
 mod status_bar;
+mod stress;
 mod upload;
 
 use std::panic::{self, AssertUnwindSafe};

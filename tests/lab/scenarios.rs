@@ -1,10 +1,11 @@
 //! The scenarios, in the order they run: issue 3's here; from 12 on, reachd's Nix support
 //! (nix.rs); from 17, its uploads (upload.rs); from 21, issue 10's faults (reliability.rs); from
-//! 26, a dual-stack Pi and an impostor on the home LAN (hostile_lan.rs); from 35, `reachd
-//! doctor` (doctor.rs); 38, the README's status bar example (status_bar.rs); 40, reloading the
-//! configuration (reload.rs). Each one starts from the baseline (home up, Pi present, target
-//! active) unless it continues the previous one, asserts the units, reachd's own view and real
-//! traffic, and returns a short report of what it measured.
+//! 26, a dual-stack Pi and an impostor on the home LAN (hostile_lan.rs); 30 and 32, sleep and
+//! malformed mDNS answers (stress.rs); from 35, `reachd doctor` (doctor.rs); 38, the README's
+//! status bar example (status_bar.rs); 40, reloading the configuration (reload.rs). Each one
+//! starts from the baseline (home up, Pi present, target active) unless it continues the
+//! previous one, asserts the units, reachd's own view and real traffic, and returns a short
+//! report of what it measured.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -17,7 +18,7 @@ use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
 use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
 use reachd_testkit::process::{wait_until, Spawn};
 
-use crate::{doctor, hostile_lan, nix, reliability, reload, status_bar, upload};
+use crate::{doctor, hostile_lan, nix, reliability, reload, status_bar, stress, upload};
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;
 
@@ -55,6 +56,8 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ),
     ("26-dual-stack", false, hostile_lan::dual_stack),
     ("27-home-impostor", false, hostile_lan::home_impostor),
+    ("30-sleep", false, stress::sleep),
+    ("32-malformed-answers", false, stress::malformed_answers),
     ("35-doctor-ok", false, doctor::doctor_ok),
     ("36-doctor-broken", false, doctor::doctor_broken),
     ("37-doctor-host-away", false, doctor::doctor_host_away),
@@ -63,7 +66,7 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
 ];
 
 /// The default bound for noticing a Pi that vanished without a word.
-const POWER_LOSS_BOUND: Duration = Duration::from_secs(20);
+pub const POWER_LOSS_BOUND: Duration = Duration::from_secs(20);
 const EVIL_UUID: &str = "3f9a7c1e-5b2d-4e8f-9a61-0c2b7d4e1a03";
 const INJECTED: &str = "/tmp/reachd-lab-injected";
 
@@ -291,12 +294,7 @@ fn foreign_network(lab: &mut Lab) -> Result<String, String> {
     lab.expect_down(T, "home down (for 6)")?;
     lab.nmcli_con("up", CAFE_UUID)?;
     // The test is only worth something if rpi.local does answer in the café.
-    let addr = wait_until(T, "the café's impostor answering rpi.local", || {
-        lab.resolve_rpi_from_laptop("192.0.2.130").map(Some)
-    })?;
-    if addr != IMPOSTOR_ADDR {
-        return Err(format!("in the café rpi.local resolved to {addr}"));
-    }
+    let addr = impostor_answering(lab)?;
     lab.expect_stays_down(Duration::from_secs(8), "in the café")?;
     lab.nmcli_con("down", CAFE_UUID)?;
     lab.nmcli_con("up", HOME_UUID)?;
@@ -304,6 +302,18 @@ fn foreign_network(lab: &mut Lab) -> Result<String, String> {
     Ok(format!(
         "rpi.local answered by {addr} in the café; nothing started for 8 s"
     ))
+}
+
+/// Waits until `rpi.local` resolves in the café (from the laptop's café address) to the café's
+/// impostor; returns its address.
+pub fn impostor_answering(lab: &Lab) -> Result<String, String> {
+    let addr = wait_until(T, "the café's impostor answering rpi.local", || {
+        lab.resolve_rpi_from_laptop("192.0.2.130").map(Some)
+    })?;
+    if addr != IMPOSTOR_ADDR {
+        return Err(format!("in the café rpi.local resolved to {addr}"));
+    }
+    Ok(addr)
 }
 
 /// Home and the café up at once, the café's impostor answering `rpi.local` there: when the Pi
@@ -318,12 +328,7 @@ fn two_networks(lab: &mut Lab) -> Result<String, String> {
         old.stop();
     }
     lab.start_cafe()?;
-    let addr = wait_until(T, "the café's impostor answering rpi.local", || {
-        lab.resolve_rpi_from_laptop("192.0.2.130").map(Some)
-    })?;
-    if addr != IMPOSTOR_ADDR {
-        return Err(format!("in the café rpi.local resolved to {addr}"));
-    }
+    let addr = impostor_answering(lab)?;
     // The impostor also accepts ssh's port, as the config's `port = 22` asks: nothing but the
     // narrowing of the check to home's addresses can tell it from the Pi.
     let _impostor_ssh = std::thread::scope(|scope| {

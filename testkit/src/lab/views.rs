@@ -41,7 +41,7 @@ impl TestUser {
             .map_err(|e| e.to_string())
     }
 
-    /// `reachd status --json`, the `rpi` entry.
+    /// `reachd status --json`, the `rpi` entry (with `reason`, `last_job`...).
     pub fn status_host(&self) -> Result<Value, String> {
         let out = self.reachd(&["status", "--json"])?;
         if !out.success() {
