@@ -17,9 +17,12 @@ pub const ABSENT_FAST_PERIOD: Duration = Duration::from_secs(120);
 /// How long to wait for mDNS to find a host that has no known address before calling it
 /// unreachable, after the network comes up.
 pub const RESOLVE_GRACE: Duration = Duration::from_secs(3);
-/// At most this many addresses from mDNS are kept per host (more are ignored until some are
-/// removed): bounded by design, whatever a device on the LAN announces.
-pub const MAX_ADDRESSES: usize = 16;
+/// At most this many addresses are asked by one check (each opens a socket), whatever a device
+/// on the LAN announces. More than that are asked in turn, this many a check: mdns-sd reports an
+/// address once, when it enters its cache, so one that reachd ignored would never come back
+/// (a flood of forged addresses could then hide the host's own new one for as long as mdns-sd
+/// keeps them).
+pub const MAX_ASKED: usize = 16;
 /// How soon a failed check of a reachable host is repeated, before it counts as lost.
 pub const RETRY_DELAY: Duration = Duration::from_millis(500);
 
@@ -113,6 +116,8 @@ pub struct HostTracker {
     pub reason: String,
     /// Addresses mDNS currently reports for the host.
     mdns_addresses: BTreeSet<HostAddress>,
+    /// Where the next check starts among them when they are more than it asks.
+    ask_from: usize,
     /// Whether the network may carry the host (see [`NetworkView::verdict`]).
     network_ok: bool,
     /// The machine sleeps (or is about to): no check until it wakes.
@@ -144,6 +149,7 @@ impl HostTracker {
             other_responders: Vec::new(),
             reason: "starting".into(),
             mdns_addresses: BTreeSet::new(),
+            ask_from: 0,
             network_ok: false,
             asleep: false,
             network_since: now,
@@ -167,12 +173,27 @@ impl HostTracker {
     /// is where a returning host most likely is, and units were given it), then what mDNS
     /// reports, IPv4 before IPv6. The check takes the best one that answers, so the choice is
     /// stable, not a race between a host's addresses.
+    /// At most [`MAX_ASKED`]: when mDNS reports more, each check asks the next ones in turn
+    /// after the last address that answered.
     pub fn candidates(&self) -> Vec<HostAddress> {
-        let rest = self
+        let rest: Vec<&HostAddress> = self
             .mdns_addresses
             .iter()
-            .filter(|a| Some(*a) != self.address.as_ref());
-        self.address.iter().chain(rest).cloned().collect()
+            .filter(|a| Some(*a) != self.address.as_ref())
+            .collect();
+        let room = self.room_for_others();
+        let start = if rest.len() > room {
+            self.ask_from % rest.len()
+        } else {
+            0
+        };
+        let turn = rest.iter().cycle().skip(start).take(room.min(rest.len()));
+        self.address.iter().chain(turn.copied()).cloned().collect()
+    }
+
+    /// How many of mDNS's other addresses one check asks besides the last one that answered.
+    fn room_for_others(&self) -> usize {
+        MAX_ASKED - usize::from(self.address.is_some())
     }
 
     /// NetworkManager's view changed (or was read for the first time).
@@ -209,13 +230,9 @@ impl HostTracker {
         now: Instant,
     ) {
         let before = self.mdns_addresses.len();
-        for address in found {
-            // The LAN decides how many records arrive; each check opens a socket per address.
-            if self.mdns_addresses.len() >= MAX_ADDRESSES {
-                break;
-            }
-            self.mdns_addresses.insert(address);
-        }
+        // All of them, as mdns-sd holds them (it drops them with their TTL or a goodbye, and
+        // then says so): a check asks at most [`MAX_ASKED`].
+        self.mdns_addresses.extend(found);
         if self.mdns_addresses.len() != before && self.reach != Reach::Reachable {
             self.check_due = Some(now);
         }
@@ -332,8 +349,10 @@ impl HostTracker {
             Some(due) if due <= now => {
                 self.check_due = None;
                 self.check_started = Some(now);
+                let candidates = self.candidates();
+                self.ask_from = self.ask_from.wrapping_add(self.room_for_others());
                 Plan {
-                    check: Some(self.candidates()),
+                    check: Some(candidates),
                     wake: None,
                 }
             }
@@ -673,14 +692,29 @@ mod tests {
     }
 
     #[test]
-    fn addresses_kept_per_host_are_capped() {
+    fn a_check_asks_a_bounded_number_and_every_reported_address_in_turn() {
         let t0 = Instant::now();
         let mut t = tracker_with_pi(t0);
-        let flood = (0..=255u8).map(|i| HostAddress::v4([198, 51, 100, i].into()));
-        t.on_addresses_found(flood, t0);
-        let candidates = t.plan(t0).check.expect("a check is due");
-        assert_eq!(candidates.len(), MAX_ADDRESSES);
-        assert!(candidates.contains(&pi()), "what was there stays");
+        check(&mut t, Ok(pi().into()), t0);
+        let flood: Vec<HostAddress> = (0..=255u8)
+            .map(|i| HostAddress::v4([198, 51, 100, i].into()))
+            .collect();
+        t.on_addresses_found(flood.clone(), t0);
+        // The host's own new address, reported after the flood: it must be asked too.
+        let moved = HostAddress::v4([192, 0, 2, 11].into());
+        t.on_addresses_found([moved.clone()], t0);
+        let mut asked = BTreeSet::new();
+        let turns = (flood.len() + 1).div_ceil(MAX_ASKED - 1);
+        for _ in 0..turns {
+            t.on_refresh(t0);
+            let candidates = t.plan(t0).check.expect("a check is due");
+            assert_eq!(candidates.len(), MAX_ASKED);
+            assert_eq!(candidates[0], pi(), "the address that answered comes first");
+            asked.extend(candidates);
+            t.on_check(t.epoch(), Ok(pi().into()), &ProbeSettings::default(), t0);
+        }
+        assert!(asked.contains(&moved));
+        assert!(flood.iter().all(|a| asked.contains(a)));
     }
 
     #[test]
