@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
-use reachd_testkit::lab::flood::{flood, mib};
-use reachd_testkit::lab::forge::{self, Dest, Rng};
+use reachd_testkit::lab::flood::{flood, mib, Plan};
+use reachd_testkit::lab::forge::{self, Dest, Mix, Rng};
 use reachd_testkit::lab::rogue::Rogue;
 use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, PI_ADDR, T};
 use reachd_testkit::process::wait_until;
@@ -28,10 +28,13 @@ const INHIBIT_DELAY_MAX: Duration = Duration::from_secs(5);
 /// How long the mount's stop is made to take in scenario 30, so that "the inhibitor is held
 /// until the units are stopped" is seen over a window the polling cannot miss.
 const SLOW_STOP: &str = "2";
-/// The flood's bounded rate: a busy LAN's mDNS traffic is tens of packets per second; this is
-/// a misbehaving device's.
-const FLOOD_RATE: u32 = 2_000;
-const FLOOD_PERIOD: Duration = Duration::from_secs(30);
+/// The flood: at a bounded rate, a misbehaving device's (a busy LAN's mDNS traffic is tens of
+/// packets per second), every kind of packet.
+const FLOOD: Plan = Plan {
+    rate: 2_000,
+    period: Duration::from_secs(30),
+    mix: Mix::Full,
+};
 const MALFORMED_RATE: u32 = 1_000;
 const MALFORMED_PERIOD: Duration = Duration::from_secs(10);
 
@@ -193,7 +196,7 @@ fn write_as_user(lab: &Lab, path: &Path, text: &str) -> Result<(), String> {
     std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid)).map_err(e)
 }
 
-/// A 30 s flood at [`FLOOD_RATE`] from a rogue device on the home LAN (answers and questions
+/// A 30 s flood at 2,000 packets/s ([`FLOOD`]) from a rogue device on the home LAN (answers and questions
 /// for random names and services to the group, forged answers for `rpi.local` at addresses
 /// nobody holds to the laptop): the target stays active with reachd at the Pi's address only,
 /// neither reachd nor the tunnel restarts, and afterwards a power loss of the Pi and its return
@@ -204,7 +207,7 @@ pub fn mdns_flood(lab: &mut Lab) -> Result<String, String> {
     let reachd = unit_run(lab, REACHD)?;
     let tunnel = unit_run(lab, TUNNEL)?;
     let pid = reachd.0;
-    let flooded = flood(lab, pid, FLOOD_RATE, FLOOD_PERIOD, || {
+    let flooded = flood(lab, pid, FLOOD, || {
         pi_held_reachable(lab, "under the flood")
     })?;
     for (unit, before) in [(REACHD, reachd), (TUNNEL, tunnel)] {

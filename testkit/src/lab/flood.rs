@@ -4,14 +4,18 @@
 //! memory alike.
 
 use std::fs;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::lab::forge::{self, Rng};
+use crate::lab::forge::{self, Mix, Rng};
 use crate::lab::rogue::{Rogue, Sent};
 use crate::lab::Lab;
 
-/// The same packets every run, so that runs compare.
+/// The same packets every run, so that runs compare; each flood of a run its own names (see
+/// [`FLOODS`]).
 const SEED: u64 = 0x5eed_f100d;
+/// Floods so far in this process: a flood again is of new names, not the last flood's again.
+static FLOODS: AtomicU64 = AtomicU64::new(0);
 /// Below this share of the stated rate, the flood is not the one stated.
 const MIN_RATE_SHARE: f64 = 0.9;
 
@@ -56,6 +60,14 @@ pub fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
+/// A flood: how fast, how long, what.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub rate: u32,
+    pub period: Duration,
+    pub mix: Mix,
+}
+
 /// What a flood sent, and reachd's memory around it.
 pub struct Flooded {
     pub sent: Sent,
@@ -90,26 +102,26 @@ impl Flooded {
     }
 }
 
-/// Floods the home LAN at `rate` packets per second for `period` (see [`forge::flood_packet`])
-/// while `watch` runs every 250 ms, then says goodbye for the forged `rpi.local` addresses.
+/// Floods the home LAN as `plan` says (see [`forge::flood_packet`]) while `watch` runs every
+/// 250 ms, then says goodbye for the forged `rpi.local` addresses.
 /// Reads reachd's (`pid`) memory before, during and after. Fails if `watch` does, or if the
 /// flood fell short of its rate.
 pub fn flood(
     lab: &Lab,
     pid: u32,
-    rate: u32,
-    period: Duration,
+    plan: Plan,
     mut watch: impl FnMut() -> Result<(), String>,
 ) -> Result<Flooded, String> {
     let before = Memory::of(pid)?;
     reset_peak(pid)?;
     let rogue = Rogue::plug_in(lab)?;
-    let mut rng = Rng::new(SEED);
+    // Seeds two apart: the generator sets a seed's lowest bit.
+    let mut rng = Rng::new(SEED + 2 * FLOODS.fetch_add(1, Ordering::Relaxed));
     let mut max_anon = before.anon;
     let sent = rogue.send_while(
-        rate,
-        period,
-        |n| forge::flood_packet(&mut rng, n),
+        plan.rate,
+        plan.period,
+        |n| forge::flood_packet(&mut rng, n, plan.mix),
         || {
             max_anon = max_anon.max(Memory::of(pid)?.anon);
             watch()
@@ -126,9 +138,10 @@ pub fn flood(
         max_anon: max_anon.max(after.anon),
     };
     goodbyes?;
-    if flooded.rate() < f64::from(rate) * MIN_RATE_SHARE {
+    if flooded.rate() < f64::from(plan.rate) * MIN_RATE_SHARE {
         return Err(format!(
-            "the flood fell short of {rate}/s: {}",
+            "the flood fell short of {}/s: {}",
+            plan.rate,
             flooded.describe()
         ));
     }

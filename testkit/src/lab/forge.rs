@@ -115,12 +115,26 @@ fn question(host: &str) -> Vec<u8> {
 /// The addresses on the home link, held by nobody, at which the flood announces `rpi.local`.
 const FLOOD_PI_ADDRS: std::ops::RangeInclusive<u8> = 100..=249;
 
-/// Packet `n` of the flood, in turn: an answer for a random name at a random address, a random
-/// service (PTR, SRV, TXT), a question for a random name (these three to the group), and an
-/// answer for `rpi.local` at an address of the home link that nobody holds (to the laptop).
-pub fn flood_packet(rng: &mut Rng, n: u64) -> (Vec<u8>, Dest) {
+/// What a flood sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mix {
+    /// In turn: an answer for a random name at a random address, a random service (PTR, SRV,
+    /// TXT), a question for a random name (these three to the group), and an answer for
+    /// `rpi.local` at an address of the home link that nobody holds (to the laptop).
+    Full,
+    /// Only the first kind, answers for random names: what mdns-sd keeps (see README, Known
+    /// limitations).
+    RandomNames,
+}
+
+/// Packet `n` of a flood of `mix`.
+pub fn flood_packet(rng: &mut Rng, n: u64, mix: Mix) -> (Vec<u8>, Dest) {
     let random_ip = |rng: &mut Rng| Ipv4Addr::from(rng.next() as u32);
-    match n % 4 {
+    let kind = match mix {
+        Mix::Full => n % 4,
+        Mix::RandomNames => 0,
+    };
+    match kind {
         0 => (
             a_answer(&format!("{}.local", rng.label()), random_ip(rng), TTL),
             Dest::Group,
