@@ -1,11 +1,12 @@
 //! `cargo bench --bench lab` (as root): reachd against the NetworkManager dispatcher script it
 //! replaces, side by side in the end-to-end lab of tests/lab (real NetworkManager, nm-dispatcher,
 //! systemd --user, avahi and nss-mdns in network namespaces), with NetworkManager's own notice of
-//! each change as the floor. It prints one table, reachd's costs at rest and with many hosts,
-//! the machine, and how each figure was taken. Not a test: it asserts nothing, but says which of
+//! each change as the floor. It prints one table, reachd's costs at rest, with many hosts and
+//! under an mDNS flood, the machine, and how each figure was taken. Not a test: it asserts nothing, but says which of
 //! reachd's targets a figure misses. About 7 minutes; it cleans up like the lab, also on failure
 //! (and a run that was killed is cleaned up by the next bench or lab run, from its markers).
 
+mod flood;
 mod measure;
 mod nix;
 mod report;
@@ -49,16 +50,21 @@ fn main() -> ExitCode {
         upload_hook: Path::new(env!("CARGO_BIN_EXE_reachd-nix-upload")),
     };
     eprintln!("bench: building the lab in {} ...", lab::DIR);
-    // `cargo bench --bench lab -- nix`: only the Nix part.
-    let only_nix = std::env::args().skip(1).any(|a| a == "nix");
+    // `cargo bench --bench lab -- nix` (or `-- flood`): only that part.
+    let only = std::env::args()
+        .skip(1)
+        .find(|a| a == "nix" || a == "flood");
     let result = Lab::build_with(bins, false).and_then(|mut lab| {
-        let report = if only_nix {
-            nix::run(&mut lab).map(|nix| Report {
+        let report = match only.as_deref() {
+            Some("nix") => nix::run(&mut lab).map(|nix| Report {
                 nix: Some(nix),
                 ..Report::default()
-            })
-        } else {
-            run(&mut lab)
+            }),
+            Some(_) => flood::run(&mut lab).map(|flood| Report {
+                flood: Some(flood),
+                ..Report::default()
+            }),
+            None => run(&mut lab),
         };
         if report.is_err() {
             if let Some(u) = &lab.user {
@@ -75,10 +81,8 @@ fn main() -> ExitCode {
         report
     });
     match result {
-        Ok(report) if only_nix => {
-            if let Some(nix) = &report.nix {
-                nix.print();
-            }
+        Ok(report) if only.is_some() => {
+            report.print_parts();
             println!("(whole run: {:.0} s)", started.elapsed().as_secs_f64());
             ExitCode::SUCCESS
         }
@@ -171,6 +175,7 @@ fn run(lab: &mut Lab) -> Result<Report, String> {
     lab.user().stop_reachd()?;
     drop(names);
     report.nix = Some(nix::run(lab)?);
+    report.flood = Some(flood::run(lab)?);
     Ok(report)
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::watch::{mono_ns, Events};
 use reachd_testkit::lab::bench::TARGET;
+use reachd_testkit::lab::flood::Memory;
 use reachd_testkit::lab::{Lab, HOME_UUID};
 
 /// A step that has not happened after this is "never".
@@ -277,13 +278,7 @@ fn cpu_stat(pid: u32) -> Result<Duration, String> {
 }
 
 pub fn rss_kib(pid: u32) -> Result<u64, String> {
-    let path = format!("/proc/{pid}/status");
-    let status = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| format!("no VmRSS in {path}"))
+    Memory::of(pid).map(|m| m.rss)
 }
 
 /// Udp OutDatagrams (/proc/PID/net/snmp) and IpExt OutMcastPkts (/proc/PID/net/netstat) of

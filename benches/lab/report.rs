@@ -62,6 +62,7 @@ pub struct Report {
     pub udp_without: Option<u64>,
     pub link_up: Vec<(usize, LinkUp)>,
     pub nix: Option<crate::nix::NixReport>,
+    pub flood: Option<crate::flood::FloodReport>,
 }
 
 impl Report {
@@ -155,10 +156,18 @@ impl Report {
         for l in HOW {
             println!("  - {l}");
         }
+        self.print_parts();
+        println!("  (whole run: {:.0} s)", elapsed.as_secs_f64());
+    }
+
+    /// The Nix and flood parts' own tables, those that ran.
+    pub fn print_parts(&self) {
         if let Some(nix) = &self.nix {
             nix.print();
         }
-        println!("  (whole run: {:.0} s)", elapsed.as_secs_f64());
+        if let Some(flood) = &self.flood {
+            flood.print();
+        }
     }
 
     /// (what, measured, target met?) for each of reachd's targets.

@@ -57,6 +57,7 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ("26-dual-stack", false, hostile_lan::dual_stack),
     ("27-home-impostor", false, hostile_lan::home_impostor),
     ("30-sleep", false, stress::sleep),
+    ("31-mdns-flood", false, stress::mdns_flood),
     ("32-malformed-answers", false, stress::malformed_answers),
     ("35-doctor-ok", false, doctor::doctor_ok),
     ("36-doctor-broken", false, doctor::doctor_broken),

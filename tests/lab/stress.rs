@@ -1,25 +1,26 @@
 //! Scenarios from 30 on: what a laptop meets beyond ordinary network changes. Sleep, with
 //! logind played by python3-dbusmock on the lab's system bus: the units are stopped before
 //! reachd lets the machine sleep, and a laptop that wakes elsewhere never has the old target
-//! active. Malformed and forged answers for `rpi.local` from a rogue device on the home LAN: no
-//! crash, never reachable at an address that does not answer.
+//! active. A 30 s mDNS flood on the home LAN: decisions stay right, and the memory it costs is
+//! reported (the bench measures it for the release build). Malformed and forged answers for
+//! `rpi.local` from a rogue device on the home LAN: no crash, never reachable at an address
+//! that does not answer.
 
-mod forge;
 mod logind;
-mod rogue;
 
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
+use reachd_testkit::lab::flood::{flood, mib, Plan};
+use reachd_testkit::lab::forge::{self, Dest, Mix, Rng};
+use reachd_testkit::lab::rogue::Rogue;
 use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, PI_ADDR, T};
 use reachd_testkit::process::wait_until;
 
 use crate::scenarios::{baseline, impostor_answering, secs, POWER_LOSS_BOUND};
-use forge::Rng;
 use logind::LogindMock;
-use rogue::Rogue;
 
 /// logind's default `InhibitDelayMaxSec`: a delay inhibitor held longer than this is ignored
 /// and the machine sleeps anyway, so the units must be stopped within it.
@@ -27,6 +28,13 @@ const INHIBIT_DELAY_MAX: Duration = Duration::from_secs(5);
 /// How long the mount's stop is made to take in scenario 30, so that "the inhibitor is held
 /// until the units are stopped" is seen over a window the polling cannot miss.
 const SLOW_STOP: &str = "2";
+/// The flood: at a bounded rate, a misbehaving device's (a busy LAN's mDNS traffic is tens of
+/// packets per second), every kind of packet.
+const FLOOD: Plan = Plan {
+    rate: 2_000,
+    period: Duration::from_secs(30),
+    mix: Mix::Full,
+};
 const MALFORMED_RATE: u32 = 1_000;
 const MALFORMED_PERIOD: Duration = Duration::from_secs(10);
 
@@ -188,13 +196,53 @@ fn write_as_user(lab: &Lab, path: &Path, text: &str) -> Result<(), String> {
     std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid)).map_err(e)
 }
 
+/// A 30 s flood at 2,000 packets/s ([`FLOOD`]) from a rogue device on the home LAN (answers and questions
+/// for random names and services to the group, forged answers for `rpi.local` at addresses
+/// nobody holds to the laptop): the target stays active with reachd at the Pi's address only,
+/// neither reachd nor the tunnel restarts, and afterwards a power loss of the Pi and its return
+/// are still noticed in time. Reports reachd's memory (the debug build's; the bench measures the
+/// release build's against the target).
+pub fn mdns_flood(lab: &mut Lab) -> Result<String, String> {
+    baseline(lab)?;
+    let reachd = unit_run(lab, REACHD)?;
+    let tunnel = unit_run(lab, TUNNEL)?;
+    let pid = reachd.0;
+    let flooded = flood(lab, pid, FLOOD, || {
+        pi_held_reachable(lab, "under the flood")
+    })?;
+    for (unit, before) in [(REACHD, reachd), (TUNNEL, tunnel)] {
+        let after = unit_run(lab, unit)?;
+        if after != before {
+            return Err(format!(
+                "{unit} (MainPID, NRestarts) went from {before:?} to {after:?} under the flood"
+            ));
+        }
+    }
+    lab.pi_port(false)?;
+    let down = lab.expect_down(POWER_LOSS_BOUND, "pi lost power after the flood");
+    lab.pi_port(true)?;
+    let down = down?;
+    let up = lab.expect_up(T, "pi back after the flood")?;
+    Ok(format!(
+        "{}; target active at {PI_ADDR} only through {} looks, reachd (pid {}) and the tunnel \
+         not restarted; afterwards a power loss stopped it in {}, back in {}; reachd's RSS after \
+         the flood {} (debug build)",
+        flooded.describe(),
+        flooded.sent.watched,
+        pid,
+        secs(down),
+        secs(up),
+        mib(flooded.after.rss)
+    ))
+}
+
 /// Malformed and forged answers for `rpi.local`, sent to the laptop by a rogue device on the
 /// home LAN, with the Pi present and then gone: reachd keeps its PID, is only ever reachable at
 /// the Pi's address, stops the target when the Pi goes although forged addresses remain, and
 /// starts it when the Pi is back.
 pub fn malformed_answers(lab: &mut Lab) -> Result<String, String> {
     baseline(lab)?;
-    let before = reachd_unit(lab)?;
+    let before = unit_run(lab, REACHD)?;
     let rogue = Rogue::plug_in(lab)?;
     let result = malformed_with(lab, &rogue);
     // Goodbyes for what was forged, so no later scenario's checks ask those addresses.
@@ -202,7 +250,7 @@ pub fn malformed_answers(lab: &mut Lab) -> Result<String, String> {
     drop(rogue);
     let detail = result?;
     goodbyes?;
-    let after = reachd_unit(lab)?;
+    let after = unit_run(lab, REACHD)?;
     if after != before {
         return Err(format!(
             "reachd.service (MainPID, NRestarts) went from {before:?} to {after:?}"
@@ -214,7 +262,7 @@ pub fn malformed_answers(lab: &mut Lab) -> Result<String, String> {
 fn malformed_with(lab: &mut Lab, rogue: &Rogue) -> Result<String, String> {
     let packets = forge::malformed_answers(&mut Rng::new(seed()));
     let count = packets.len();
-    let next = |n: u64| packets[n as usize % count].clone();
+    let next = |n: u64| (packets[n as usize % count].clone(), Dest::Laptop);
     let present = rogue.send_while(MALFORMED_RATE, MALFORMED_PERIOD, next, || {
         pi_held_reachable(lab, "malformed answers, Pi present")
     })?;
@@ -271,15 +319,15 @@ fn pi_held_reachable(lab: &Lab, step: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// reachd.service's MainPID and NRestarts.
-fn reachd_unit(lab: &Lab) -> Result<(u32, String), String> {
-    let units = lab.user().units(&[REACHD])?;
-    let p = units.get(REACHD).ok_or("no reachd.service")?;
+/// A running unit's MainPID and NRestarts.
+fn unit_run(lab: &Lab, unit: &str) -> Result<(u32, String), String> {
+    let units = lab.user().units(&[unit])?;
+    let p = units.get(unit).ok_or_else(|| format!("no {unit}"))?;
     let pid = p["MainPID"]
         .parse()
-        .map_err(|e| format!("reachd's MainPID {:?}: {e}", p["MainPID"]))?;
+        .map_err(|e| format!("{unit}'s MainPID {:?}: {e}", p["MainPID"]))?;
     if pid == 0 {
-        return Err(format!("reachd.service is {}", p["ActiveState"]));
+        return Err(format!("{unit} is {}", p["ActiveState"]));
     }
     Ok((pid, p["NRestarts"].clone()))
 }

@@ -24,11 +24,14 @@ use std::time::Duration;
 pub mod bench;
 pub mod cleanup;
 pub mod expect;
+pub mod flood;
+pub mod forge;
 pub mod impostor;
 pub mod network;
 pub mod nix;
 pub mod pi;
 pub mod preflight;
+pub mod rogue;
 pub mod user;
 pub mod views;
 

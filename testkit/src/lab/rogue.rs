@@ -1,8 +1,7 @@
 //! A rogue device on the home LAN: a namespace of its own (`rl-rogue`, 192.0.2.67) plugged
-//! into the lab's bridge, which sends forged mDNS (forge.rs) straight to the laptop's port 5353
-//! at a bounded rate, while the scenario watches reachd. (Not to the mDNS group: forged answers
-//! for `rpi.local` there would make the Pi's avahi see a conflict and rename itself.) Its packets never leave the
-//! lab's namespaces: its only link is a port of the lab's bridge. Dropping it unplugs it (the
+//! into the lab's bridge, which sends forged mDNS (forge.rs) at a bounded rate to the mDNS group
+//! or straight to the laptop's port 5353 (see [`Dest`]), while a scenario or the bench watches
+//! reachd. Its packets never leave the lab's namespaces: its only link is a port of the lab's bridge. Dropping it unplugs it (the
 //! namespace and its link are deleted; a run that died leaves an `rl-` namespace that the lab's
 //! recovery removes).
 
@@ -11,13 +10,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use reachd_testkit::lab::{io_err, Lab, PREFIX};
-use reachd_testkit::netns::{self, Netns};
+use crate::lab::forge::Dest;
+use crate::lab::{io_err, Lab, PREFIX};
+use crate::netns::{self, Netns};
 
 const ADDRESS: &str = "192.0.2.67/24";
 /// The laptop's address on the home LAN (NetworkManager's "home" connection).
 const LAPTOP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 const MDNS_PORT: u16 = 5353;
+const MDNS_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 251);
 /// How often the scenario's watch runs while packets go out.
 const WATCH_EVERY: Duration = Duration::from_millis(250);
 
@@ -46,17 +47,20 @@ impl Rogue {
         lan.ip(&["link", "set", "lan-r", "up"]).map_err(e)?;
         ns.ip(&["addr", "add", ADDRESS, "dev", "rg0"]).map_err(e)?;
         ns.ip(&["link", "set", "rg0", "up"]).map_err(e)?;
+        // The mDNS group is reached through the LAN (the namespace has no default route).
+        ns.ip(&["route", "add", "224.0.0.0/4", "dev", "rg0"])
+            .map_err(e)?;
         Ok(Rogue { ns })
     }
 
-    /// Sends packet after packet from `next` (given the packet's number) to the laptop at `rate`
-    /// per second for `period`, from port 5353, while `watch` runs every 250 ms on this thread. Stops at
-    /// the first error of `watch`, and returns it.
+    /// Sends packet after packet from `next` (given the packet's number: the packet and where it
+    /// goes) at `rate` per second for `period`, from port 5353, while `watch` runs every 250 ms
+    /// on this thread. Stops at the first error of `watch`, and returns it.
     pub fn send_while(
         &self,
         rate: u32,
         period: Duration,
-        next: impl FnMut(u64) -> Vec<u8> + Send,
+        next: impl FnMut(u64) -> (Vec<u8>, Dest) + Send,
         mut watch: impl FnMut() -> Result<(), String>,
     ) -> Result<Sent, String> {
         let stop = AtomicBool::new(false);
@@ -103,6 +107,7 @@ impl Rogue {
         self.ns.enter_current_thread().map_err(e)?;
         let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, MDNS_PORT)).map_err(e)?;
         socket.set_ttl(255).map_err(e)?;
+        socket.set_multicast_ttl_v4(255).map_err(e)?;
         Ok(socket)
     }
 
@@ -110,11 +115,12 @@ impl Rogue {
         &self,
         rate: u32,
         period: Duration,
-        mut next: impl FnMut(u64) -> Vec<u8>,
+        mut next: impl FnMut(u64) -> (Vec<u8>, Dest),
         stop: &AtomicBool,
     ) -> Result<Sent, String> {
         let socket = self.socket()?;
         let laptop = SocketAddr::from((LAPTOP, MDNS_PORT));
+        let group = SocketAddr::from((MDNS_GROUP, MDNS_PORT));
         let gap = Duration::from_secs(1) / rate;
         let start = Instant::now();
         let (mut packets, mut failed_sends) = (0u64, 0u64);
@@ -125,7 +131,12 @@ impl Rogue {
             if due > now + Duration::from_millis(2) {
                 thread::sleep(due - now);
             }
-            if socket.send_to(&next(packets), laptop).is_err() {
+            let (packet, dest) = next(packets);
+            let to = match dest {
+                Dest::Group => group,
+                Dest::Laptop => laptop,
+            };
+            if socket.send_to(&packet, to).is_err() {
                 failed_sends += 1;
             }
             packets += 1;

@@ -1,6 +1,7 @@
-//! Forged mDNS packets: what a misbehaving or hostile device on the LAN sends to the laptop
-//! (malformed and forged answers for `rpi.local`). Bytes are built by hand, so that nothing here
-//! refuses to build what a parser must survive.
+//! Forged mDNS packets: what a misbehaving or hostile device on the LAN sends (malformed and
+//! forged answers for `rpi.local`; a flood of answers and questions for names nobody asked
+//! about). Bytes are built by hand, so that nothing here refuses to build what a parser must
+//! survive. Shared by the lab's stress scenarios and the bench's flood.
 
 use std::net::Ipv4Addr;
 
@@ -20,6 +21,15 @@ pub const TTL: u32 = 120;
 /// The name whose answers are forged: the lab's Pi.
 pub const PI_NAME: &str = "rpi.local";
 
+/// Where a forged packet goes: the mDNS group on the home LAN (everyone hears it), or straight
+/// to the laptop's port 5353 (answers about `rpi.local`: on the group they would make the Pi's
+/// avahi see a conflict and rename itself, as it should).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dest {
+    Group,
+    Laptop,
+}
+
 /// A small PRNG (xorshift64*): the noise needs variety, not good randomness.
 pub struct Rng(u64);
 
@@ -28,7 +38,7 @@ impl Rng {
         Rng(seed | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -37,6 +47,11 @@ impl Rng {
 
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
+    }
+
+    /// A random DNS label, `h` and up to 10 hex digits.
+    fn label(&mut self) -> String {
+        format!("h{:x}", self.next() & 0xff_ffff_ffff)
     }
 }
 
@@ -86,6 +101,74 @@ fn response(answers: &[Vec<u8>]) -> Vec<u8> {
 /// An announcement: `host` is at `ip` (unique record, cache-flush set), for `ttl` seconds.
 pub fn a_answer(host: &str, ip: Ipv4Addr, ttl: u32) -> Vec<u8> {
     response(&[record(&name(host), TYPE_A, true, ttl, &ip.octets())])
+}
+
+/// A question for `host`'s address.
+fn question(host: &str) -> Vec<u8> {
+    let mut out = header(0, [1, 0, 0, 0]);
+    out.extend_from_slice(&name(host));
+    out.extend_from_slice(&TYPE_A.to_be_bytes());
+    out.extend_from_slice(&CLASS_IN.to_be_bytes());
+    out
+}
+
+/// The addresses on the home link, held by nobody, at which the flood announces `rpi.local`.
+const FLOOD_PI_ADDRS: std::ops::RangeInclusive<u8> = 100..=249;
+
+/// What a flood sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mix {
+    /// In turn: an answer for a random name at a random address, a random service (PTR, SRV,
+    /// TXT), a question for a random name (these three to the group), and an answer for
+    /// `rpi.local` at an address of the home link that nobody holds (to the laptop).
+    Full,
+    /// Only the first kind, answers for random names: what mdns-sd keeps (see README, Known
+    /// limitations).
+    RandomNames,
+}
+
+/// Packet `n` of a flood of `mix`.
+pub fn flood_packet(rng: &mut Rng, n: u64, mix: Mix) -> (Vec<u8>, Dest) {
+    let random_ip = |rng: &mut Rng| Ipv4Addr::from(rng.next() as u32);
+    let kind = match mix {
+        Mix::Full => n % 4,
+        Mix::RandomNames => 0,
+    };
+    match kind {
+        0 => (
+            a_answer(&format!("{}.local", rng.label()), random_ip(rng), TTL),
+            Dest::Group,
+        ),
+        1 => {
+            let service = format!("_{}._tcp.local", rng.label());
+            let instance = format!("{}.{service}", rng.label());
+            let target = name(&format!("{}.local", rng.label()));
+            let mut srv = vec![0, 0, 0, 0, 0x1f, 0x90]; // priority, weight, port 8080
+            srv.extend_from_slice(&target);
+            let packet = response(&[
+                record(&name(&service), TYPE_PTR, false, TTL, &name(&instance)),
+                record(&name(&instance), TYPE_SRV, true, TTL, &srv),
+                record(&name(&instance), TYPE_TXT, true, TTL, b"\x07k=value"),
+            ]);
+            (packet, Dest::Group)
+        }
+        2 => (question(&format!("{}.local", rng.label())), Dest::Group),
+        _ => {
+            let span = u64::from(FLOOD_PI_ADDRS.end() - FLOOD_PI_ADDRS.start()) + 1;
+            let last = FLOOD_PI_ADDRS.start() + rng.below(span) as u8;
+            (
+                a_answer(PI_NAME, Ipv4Addr::new(192, 0, 2, last), TTL),
+                Dest::Laptop,
+            )
+        }
+    }
+}
+
+/// Goodbyes (TTL 0) for every address the flood announced for `rpi.local`.
+pub fn flood_goodbyes() -> Vec<Vec<u8>> {
+    FLOOD_PI_ADDRS
+        .map(|last| a_answer(PI_NAME, Ipv4Addr::new(192, 0, 2, last), 0))
+        .collect()
 }
 
 /// An answer: the (already encoded, possibly broken) `name` is at 192.0.2.`last`.
