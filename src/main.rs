@@ -345,8 +345,9 @@ fn man_pages(dir: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// How often `reachd uploads --wait` looks at the spool again.
-const UPLOADS_WAIT_POLL: Duration = Duration::from_millis(500);
+/// How often `reachd uploads --wait` looks at the spool again: one readdir per host, cheap
+/// enough to look often, so that a script waiting for its uploads goes on soon after them.
+const UPLOADS_WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// `reachd uploads`; `wait`: `None` to list, `Some(timeout)` to wait until nothing waits.
 async fn uploads(path: Option<PathBuf>, wait: Option<Option<Duration>>) -> ExitCode {

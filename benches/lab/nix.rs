@@ -372,7 +372,7 @@ const HOW: &[&str] = &[
      from spawn to exit, as Nix waits for it.",
     "drain: a fresh set built by the user while away (the daemon's hook queues it), home up, \
      time from the bench seeing the target active (polled every ~10 ms) to `reachd uploads \
-     --wait` exiting (it polls every 0.5 s); then reachd stopped, another fresh set built and \
+     --wait` exiting (it looks every 0.1 s); then reachd stopped, another fresh set built and \
      `nix copy --to unix:///run/user/1500/rpi-nix-daemon.sock <paths>` timed as the user, \
      reachd started again (it re-uploads nothing: the Pi has them).",
 ];
