@@ -272,22 +272,20 @@ fn deadline(after: Duration) -> tokio::time::Instant {
     tokio::time::Instant::now() + after
 }
 
+/// One batch of at most `max_paths` of host `rpi`'s queue to the Pi's store, within [`SHORT`].
+async fn batch(stores: &Stores, spool: &Spool, max_paths: usize) -> BatchReport {
+    let limits = Limits {
+        max_paths,
+        deadline: deadline(SHORT),
+    };
+    upload_batch(spool, "rpi", &stores.nix(), &stores.pi_uri(), limits).await
+}
+
 /// Drains `host` in batches of `max_paths` until the queue is empty; every batch must succeed.
 async fn drain(stores: &Stores, spool: &Spool, max_paths: usize) -> Vec<BatchReport> {
-    let (nix, uri) = (stores.nix(), stores.pi_uri());
     let mut reports = Vec::new();
     loop {
-        let report = upload_batch(
-            spool,
-            "rpi",
-            &nix,
-            &uri,
-            Limits {
-                max_paths,
-                deadline: deadline(SHORT),
-            },
-        )
-        .await;
+        let report = batch(stores, spool, max_paths).await;
         if let Some(failure) = &report.failure {
             panic!("batch {} failed: {}", reports.len(), failure.error);
         }
@@ -537,20 +535,9 @@ fn an_unreachable_store_keeps_every_entry_and_the_error() {
         let spool = stores.spool();
         spool.claim(&["rpi"]).expect("claim");
         // The Pi's daemon is not running: its socket does not exist.
-        let nix = stores.nix();
         for attempt in 1..=2 {
             let before = SystemTime::now();
-            let report = upload_batch(
-                &spool,
-                "rpi",
-                &nix,
-                &stores.pi_uri(),
-                Limits {
-                    max_paths: 100,
-                    deadline: deadline(SHORT),
-                },
-            )
-            .await;
+            let report = batch(&stores, &spool, 100).await;
             let failure = report.failure.expect("a failure");
             assert_eq!((failure.scope, failure.attempts), (Scope::Queue, attempt));
             assert!(
@@ -594,19 +581,8 @@ fn a_refused_path_backs_off_alone_and_the_others_go_on() {
         stores.start_pi("pi");
         let spool = stores.spool();
         spool.claim(&["rpi"]).expect("claim");
-        let (nix, uri) = (stores.nix(), stores.pi_uri());
 
-        let report = upload_batch(
-            &spool,
-            "rpi",
-            &nix,
-            &uri,
-            Limits {
-                max_paths: 100,
-                deadline: deadline(SHORT),
-            },
-        )
-        .await;
+        let report = batch(&stores, &spool, 100).await;
         let failure = report.failure.expect("refused");
         assert_eq!((failure.scope, failure.attempts), (Scope::Entries, 1));
         assert!(
@@ -627,17 +603,7 @@ fn a_refused_path_backs_off_alone_and_the_others_go_on() {
         }
         assert!(report.next_try.expect("next") > SystemTime::now() + Duration::from_secs(50));
         // Not due yet: nothing to do, and the report says until when.
-        let idle = upload_batch(
-            &spool,
-            "rpi",
-            &nix,
-            &uri,
-            Limits {
-                max_paths: 100,
-                deadline: deadline(SHORT),
-            },
-        )
-        .await;
+        let idle = batch(&stores, &spool, 100).await;
         assert!(idle.entries.is_empty() && idle.failure.is_none());
         assert_eq!(idle.next_try, report.next_try);
 
@@ -655,17 +621,7 @@ fn a_refused_path_backs_off_alone_and_the_others_go_on() {
         spool.set_retries("rpi", &due).expect("make due");
         let mut outcomes = Vec::new();
         for _ in 0..3 {
-            let report = upload_batch(
-                &spool,
-                "rpi",
-                &nix,
-                &uri,
-                Limits {
-                    max_paths: 100,
-                    deadline: deadline(SHORT),
-                },
-            )
-            .await;
+            let report = batch(&stores, &spool, 100).await;
             assert_eq!(report.entries.len(), 1, "tried alone");
             outcomes.push(report.failure.map(|f| (f.scope, f.attempts)));
         }
