@@ -251,7 +251,7 @@ impl Rig {
 
     /// The published properties of the host object at `path`.
     async fn host_at(&self, path: &str) -> Host {
-        let properties = self.host_properties_at(path).await;
+        let properties = self.properties_at(path).await;
         let all = properties
             .get_all(InterfaceName::from_static_str_unchecked(HOST_INTERFACE))
             .await
@@ -260,10 +260,11 @@ impl Rig {
     }
 
     async fn host_properties(&self) -> PropertiesProxy<'static> {
-        self.host_properties_at(HOST_PATH).await
+        self.properties_at(HOST_PATH).await
     }
 
-    async fn host_properties_at(&self, path: &str) -> PropertiesProxy<'static> {
+    /// The properties of the agent's object at `path` (the root or a host), never cached.
+    async fn properties_at(&self, path: &str) -> PropertiesProxy<'static> {
         PropertiesProxy::builder(&self.client)
             .destination(BUS_NAME)
             .unwrap()
@@ -272,7 +273,7 @@ impl Rig {
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await
-            .expect("a proxy for the host object")
+            .expect("a proxy for the agent's object")
     }
 
     /// Waits until the host's published properties satisfy `wanted`: subscribe, read, and read
@@ -283,7 +284,7 @@ impl Rig {
 
     /// [`Rig::wait_host`] for the host object at `path`.
     async fn wait_host_at(&self, path: &str, what: &str, wanted: impl Fn(&Host) -> bool) -> Host {
-        let properties = self.host_properties_at(path).await;
+        let properties = self.properties_at(path).await;
         let mut changes = properties
             .receive_properties_changed()
             .await
@@ -419,14 +420,7 @@ async fn coldplug_with_network_down_is_unreachable_and_sends_no_job() {
         rig.assert_agent_running();
 
         // The root object lists the host and the version.
-        let root = PropertiesProxy::builder(&rig.client)
-            .destination(BUS_NAME)
-            .unwrap()
-            .path(ROOT_PATH)
-            .unwrap()
-            .build()
-            .await
-            .unwrap();
+        let root = rig.properties_at(ROOT_PATH).await;
         let interface = InterfaceName::from_static_str_unchecked("org.reachd.Reachd1");
         let hosts: Vec<OwnedObjectPath> = root
             .get(interface.clone(), "Hosts")

@@ -23,15 +23,7 @@ impl Rig {
 
     /// The root object's `Hosts`, as paths.
     async fn hosts(&self) -> Vec<String> {
-        let root = PropertiesProxy::builder(&self.client)
-            .destination(BUS_NAME)
-            .unwrap()
-            .path(ROOT_PATH)
-            .unwrap()
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-            .expect("a proxy for the root object");
+        let root = self.properties_at(ROOT_PATH).await;
         let interface = InterfaceName::from_static_str_unchecked("org.reachd.Reachd1");
         let hosts: Vec<OwnedObjectPath> = root
             .get(interface, "Hosts")
@@ -44,14 +36,7 @@ impl Rig {
 
     /// Waits for the root object's PropertiesChanged saying `Hosts` is `wanted`.
     async fn wait_hosts(&self, wanted: &[&str]) {
-        let root = PropertiesProxy::builder(&self.client)
-            .destination(BUS_NAME)
-            .unwrap()
-            .path(ROOT_PATH)
-            .unwrap()
-            .build()
-            .await
-            .expect("a proxy for the root object");
+        let root = self.properties_at(ROOT_PATH).await;
         let mut changes = root
             .receive_properties_changed()
             .await
