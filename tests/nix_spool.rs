@@ -23,6 +23,9 @@ use reachd_testkit::process::{Daemon, Spawn};
 const HOOK: &str = env!("CARGO_BIN_EXE_reachd-nix-upload");
 const SHORT: Duration = Duration::from_secs(60);
 
+/// Why these tests need root and Nix, for the message when either is missing.
+const NEEDS: &str = "the Nix spool tests use chroot stores, a nix-daemon and a second user";
+
 /// Runs an async test body on a runtime of its own, failing it after `limit`. (Each blocking
 /// command inside has its own deadline, so the limit is always reached.)
 fn run_for(limit: Duration, body: impl AsyncFnOnce()) {
@@ -45,9 +48,7 @@ struct Stores {
 
 impl Stores {
     fn new() -> Stores {
-        require_root_and_nix(
-            "the Nix spool tests use chroot stores, a nix-daemon and a second user",
-        );
+        require_root_and_nix(NEEDS);
         let dir = tempfile::Builder::new()
             .prefix("reachd-nix-")
             .tempdir()
@@ -417,9 +418,7 @@ fn a_thousand_paths_are_queued_by_the_hook_and_drained_in_batches() {
 #[test]
 fn hooks_killed_midway_leave_only_whole_entries() {
     run_for(Duration::from_secs(180), async || {
-        require_root_and_nix(
-            "the Nix spool tests use chroot stores, a nix-daemon and a second user",
-        );
+        require_root_and_nix(NEEDS);
         let dir = tempfile::tempdir().expect("temp dir");
         let spool_dir = dir.path();
         let (mut killed, mut exited) = (0, 0);
@@ -740,9 +739,7 @@ fn live_children_named(name: &str) -> Vec<u32> {
 #[test]
 fn a_full_spool_still_exits_0_and_says_so_in_the_build_log() {
     run_for(Duration::from_secs(180), async || {
-        require_root_and_nix(
-            "the Nix spool tests use chroot stores, a nix-daemon and a second user",
-        );
+        require_root_and_nix(NEEDS);
         let dir = tempfile::tempdir().expect("temp dir");
         let incoming = dir.path().join("incoming");
         fs::create_dir(&incoming).expect("mkdir");
@@ -788,9 +785,7 @@ fn the_agent_side_works_as_an_unprivileged_member_of_the_spool_group() {
         return;
     }
     run_for(Duration::from_secs(60), async || {
-        require_root_and_nix(
-            "the Nix spool tests use chroot stores, a nix-daemon and a second user",
-        );
+        require_root_and_nix(NEEDS);
         let stores = Stores::new();
         // As systemd/tmpfiles.d/reachd.conf lays it out, with nogroup (65534) as the group.
         let root = stores.path("spool");
