@@ -2,10 +2,16 @@
 //! the agent's own check (the unicast mDNS question, then the TCP port), from the addresses the
 //! host's `connections` allow, exactly as the agent would check it on this network.
 
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::pin;
 use std::time::{Duration, Instant};
 
+use futures_util::{Stream, StreamExt};
+use tokio::time::timeout_at;
+
 use super::Finding;
-use crate::address::Answered;
+use crate::address::{Answered, HostAddress};
 use crate::config::{Config, HostConfig};
 use crate::network;
 use crate::probe::{self, Probe, Resolver};
@@ -58,19 +64,55 @@ pub async fn check_all(
         }
         let Some(resolver) = &resolver else { return };
         let started = Instant::now();
-        let found = resolver.find_once(&host.fqdn(), FIND_LIMIT).await;
-        let outcome = probe::check(
-            &host.hostname,
-            &found,
-            host.port,
-            config.probe.timeout,
-            via.as_ref(),
-        )
+        let answers = resolver.answers(&host.fqdn(), FIND_LIMIT);
+        let outcome = judge(answers, FIND_LIMIT, |candidates| {
+            let via = via.clone();
+            async move {
+                let limit = config.probe.timeout;
+                probe::check(&host.hostname, &candidates, host.port, limit, via.as_ref()).await
+            }
+        })
         .await;
         emit(answer_finding(host, outcome, started.elapsed()));
     }
     if let Some(resolver) = resolver {
         resolver.shutdown();
+    }
+}
+
+/// Judges a host as the agent does, which checks it again each time mDNS reports an address:
+/// `check` with every address of `answers` so far, again at each new one, until a check
+/// succeeds or `limit` runs out. The last check's failure otherwise (`check` of no address when
+/// nothing was found, which says so). A dual-stack host whose first answer is only its IPv6
+/// address, where its service does not listen, is then judged by its IPv4 address too.
+async fn judge<C, F>(
+    answers: impl Stream<Item = Vec<HostAddress>>,
+    limit: Duration,
+    mut check: C,
+) -> Result<Answered, String>
+where
+    C: FnMut(Vec<HostAddress>) -> F,
+    F: Future<Output = Result<Answered, String>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut answers = pin!(answers);
+    // Ordered IPv4 first, the address the agent gives units.
+    let mut known = BTreeSet::new();
+    let mut failed = None;
+    while let Ok(Some(found)) = timeout_at(deadline, answers.next()).await {
+        let before = known.len();
+        known.extend(found);
+        if known.len() == before {
+            continue;
+        }
+        match check(known.iter().cloned().collect()).await {
+            Ok(answered) => return Ok(answered),
+            Err(why) => failed = Some(why),
+        }
+    }
+    match failed {
+        Some(why) => Err(why),
+        None => check(Vec::new()).await,
     }
 }
 
@@ -200,6 +242,78 @@ mod tests {
             finding.what,
             "rpi: rpi.local does not answer now: rpi.local not found by mDNS"
         );
+    }
+
+    /// mDNS answers as they come: `(after ms, addresses)`, times from the start.
+    fn answers_at(answers: Vec<(u64, Vec<HostAddress>)>) -> impl Stream<Item = Vec<HostAddress>> {
+        let started = tokio::time::Instant::now();
+        futures_util::stream::iter(answers).then(move |(ms, found)| async move {
+            tokio::time::sleep_until(started + Duration::from_millis(ms)).await;
+            found
+        })
+    }
+
+    /// A dual-stack host whose sshd listens on IPv4 only: a check succeeds only with its IPv4
+    /// address among the candidates.
+    async fn ssh_on_ipv4_only(candidates: Vec<HostAddress>) -> Result<Answered, String> {
+        let mut also = candidates.clone();
+        match candidates.iter().position(|a| a.ip.is_ipv4()) {
+            Some(v4) => Ok(Answered {
+                address: also.remove(v4),
+                also,
+            }),
+            None if candidates.is_empty() => Err("rpi.local not found by mDNS".into()),
+            None => Err(format!(
+                "TCP port 22 at {}: Connection refused",
+                candidates[0]
+            )),
+        }
+    }
+
+    fn link_local() -> HostAddress {
+        HostAddress {
+            ip: "fe80::1".parse().unwrap(),
+            scope: Some((2, "lh0".into())),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dual_stack_host_whose_first_answer_is_its_ipv6_address_is_judged_by_both() {
+        let v4 = HostAddress::v4("192.0.2.10".parse().unwrap());
+        let mut checked = Vec::new();
+        let answers = answers_at(vec![(5, vec![link_local()]), (40, vec![v4.clone()])]);
+        let outcome = judge(answers, FIND_LIMIT, |candidates| {
+            checked.push(candidates.len());
+            ssh_on_ipv4_only(candidates)
+        })
+        .await;
+        assert_eq!(
+            outcome,
+            Ok(Answered {
+                address: v4,
+                also: vec![link_local()]
+            })
+        );
+        assert_eq!(checked, [1, 2], "checked at each new address");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_failure_stands_when_no_better_answer_comes_in_time() {
+        let started = tokio::time::Instant::now();
+        let late = HostAddress::v4("192.0.2.10".parse().unwrap());
+        let answers = answers_at(vec![
+            (5, vec![link_local()]),
+            (5, vec![link_local()]),
+            (FIND_LIMIT.as_millis() as u64 + 1, vec![late]),
+        ]);
+        let outcome = judge(answers, FIND_LIMIT, ssh_on_ipv4_only).await;
+        assert_eq!(
+            outcome,
+            Err("TCP port 22 at fe80::1%lh0: Connection refused".into())
+        );
+        assert_eq!(started.elapsed(), FIND_LIMIT);
+        let nothing = judge(answers_at(vec![]), FIND_LIMIT, ssh_on_ipv4_only).await;
+        assert_eq!(nothing, Err("rpi.local not found by mDNS".into()));
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::{self, FuturesUnordered, Stream, StreamExt};
 use mdns_sd::{HostnameResolutionEvent, IfKind, ScopedIp, ServiceDaemon};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
@@ -54,24 +54,31 @@ impl Resolver {
 }
 
 impl Resolver {
-    /// The addresses of the first answer mdns-sd gets for `hostname` (with its trailing dot)
-    /// within `limit`, or none: one look, for `reachd doctor`, where the agent follows instead.
-    pub async fn find_once(&self, hostname: &str, limit: Duration) -> Vec<HostAddress> {
+    /// Every answer mdns-sd gets for `hostname` (with its trailing dot) within `limit`, as it
+    /// comes: one look, for `reachd doctor`, where the agent follows instead. mdns-sd reports a
+    /// dual-stack host's addresses in more than one answer, in either order, so a look that kept
+    /// only the first could miss the address its service listens on.
+    pub fn answers(
+        &self,
+        hostname: &str,
+        limit: Duration,
+    ) -> impl Stream<Item = Vec<HostAddress>> + Send + 'static {
         let millis = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
-        let Ok(receiver) = self.daemon.resolve_hostname(hostname, Some(millis)) else {
-            return Vec::new();
+        let receiver = self.daemon.resolve_hostname(hostname, Some(millis)).ok();
+        let stop = StopResolving {
+            daemon: self.daemon.clone(),
+            hostname: hostname.to_string(),
         };
-        let first = async {
-            while let Ok(event) = receiver.recv_async().await {
-                if let HostnameResolutionEvent::AddressesFound(_, found) = event {
-                    return found.iter().map(to_host_address).collect();
+        stream::unfold((receiver, stop), |(receiver, stop)| async move {
+            let found = loop {
+                match receiver.as_ref()?.recv_async().await.ok()? {
+                    HostnameResolutionEvent::AddressesFound(_, found) => break found,
+                    _ => continue,
                 }
-            }
-            Vec::new()
-        };
-        let found = timeout(limit, first).await.unwrap_or_default();
-        let _ = self.daemon.stop_resolve_hostname(hostname);
-        found
+            };
+            let found = found.iter().map(to_host_address).collect();
+            Some((found, (receiver, stop)))
+        })
     }
 }
 
