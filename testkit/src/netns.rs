@@ -111,6 +111,13 @@ fn ip(args: &[&str]) -> io::Result<()> {
     Spawn::new("ip").args(args).ok(CMD_TIMEOUT).map(drop)
 }
 
+/// Runs `tc -netns NETNS ARGS...`.
+pub fn tc(netns: &str, args: &[&str]) -> io::Result<()> {
+    let mut all = vec!["-netns", netns];
+    all.extend_from_slice(args);
+    Spawn::new("tc").args(all).ok(CMD_TIMEOUT).map(drop)
+}
+
 fn delete_netns(name: &str) {
     if Path::new("/run/netns").join(name).exists() {
         let _ = ip(&["netns", "delete", name]);

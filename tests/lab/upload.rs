@@ -23,8 +23,8 @@ const ARRIVES: Duration = Duration::from_secs(10);
 /// reachd counts the queue every 5 s while away; the status may lag that much, plus a count.
 const COUNTED: Duration = Duration::from_secs(8);
 /// The Pi lost mid-copy: `nix copy` must be gone this long after the port went down (reachd
-/// notices a vanished Pi within 5.5 s).
-const COPY_STOPPED: Duration = Duration::from_secs(7);
+/// notices a vanished Pi within 5.5 s, its cache check failing within 4 s).
+const COPY_STOPPED: Duration = Duration::from_secs(10);
 const BUILD_TIMEOUT: Duration = Duration::from_secs(120);
 /// A drain must get going within this of the tunnel being up, even after a first attempt that
 /// failed. (reachd starts uploading when the target is active, before the tunnel's socket
@@ -34,6 +34,14 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(120);
 const DRAIN_STARTS: Duration = Duration::from_secs(90);
 /// A `nix copy` still running after this is copying, not failing to connect.
 const COPYING: Duration = Duration::from_millis(300);
+/// What the Pi receives while scenarios 19 and 20 catch reachd's copy under way: slow enough
+/// that the copy lasts seconds on any machine (unlimited, a fast machine copies the 1000 paths
+/// in half a second and the 100 MiB in one), so that the scenario acts while it is under way,
+/// and asserts it was. Scenario 20's limit stays on while reachd's cache check shares the
+/// tunnel's TCP connection with the copy: at 64 Mbit/s a full socket buffer drains well within
+/// that check's 2 s deadline, so that reachd does not stop the copy before the Pi goes.
+const CRASH_RATE: &str = "1mbit";
+const VANISH_RATE: &str = "64mbit";
 /// Hook runs timed in the first scenario.
 const HOOK_RUNS: usize = 20;
 
@@ -335,6 +343,8 @@ pub fn nix_upload_crash(lab: &mut Lab) -> Result<String, String> {
     // One entry per hook run, and the daemon's own for the build (its derivation).
     let entries = CRASH_PATHS as u64 + 1;
     expect_pending(lab, before + entries, COUNTED + Duration::from_secs(5))?;
+    // Mid-drain, on any machine: the Pi's port limited until reachd is killed.
+    let limit = lab.pi_inbound_limit(CRASH_RATE)?;
     lab.nmcli_con("up", HOME_UUID)?;
     lab.expect_up(T, "home up (upload crash)")?;
     let home = Instant::now();
@@ -349,6 +359,7 @@ pub fn nix_upload_crash(lab: &mut Lab) -> Result<String, String> {
     let copy_after = tunnel.elapsed();
     kill_pid(pid);
     let killed = home.elapsed();
+    drop(limit);
     // It dies with reachd (not at systemd's SIGTERM to the cgroup, which a copy blocked on the
     // Pi may not heed until TimeoutStopSec, holding back the restart).
     wait_until(
@@ -358,9 +369,10 @@ pub fn nix_upload_crash(lab: &mut Lab) -> Result<String, String> {
     )?;
     let on_pi = CRASH_PATHS - lab.pi_missing(&outs)?.len();
     let left = lab.user().uploads(&[], T)?.stdout;
-    if !left.lines().any(|l| l.starts_with("  ")) {
+    if on_pi == CRASH_PATHS || !left.lines().any(|l| l.starts_with("  ")) {
         return Err(format!(
-            "the queue was empty when reachd was killed (nix copy pid {copy}): nothing to prove"
+            "the copy was done when reachd was killed (nix copy pid {copy}, {on_pi} paths on \
+             the Pi at {CRASH_RATE}): nothing to prove"
         ));
     }
     let new = wait_until(T, "systemd restarting reachd", || {
@@ -393,7 +405,7 @@ pub fn nix_upload_crash(lab: &mut Lab) -> Result<String, String> {
     Ok(format!(
         "{CRASH_PATHS} paths built in {} and queued in {} ({entries} entries); its nix copy \
          began {} after the tunnel was up; SIGKILL then, {} after home up, {on_pi} paths on the \
-         Pi by then; restarted (pid {pid} -> {new}); every path on the Pi {} after home up",
+         Pi by then (its port limited to {CRASH_RATE}); restarted (pid {pid} -> {new}); every path on the Pi {} after home up",
         secs(run.elapsed),
         secs(queued),
         secs(copy_after),
@@ -417,6 +429,8 @@ pub fn nix_upload_vanish(lab: &mut Lab) -> Result<String, String> {
         "/usr/bin/head -c 104857600 /dev/urandom > $out",
     );
     let (pid, _) = reachd_pid(lab)?;
+    // Mid-copy, on any machine: the Pi's port limited until the Pi has lost power.
+    let limit = lab.pi_inbound_limit(VANISH_RATE)?;
     let (_, outs) = build(lab, &name, &expr)?;
     let built = Instant::now();
     let copy = wait_until(DRAIN_STARTS, "reachd's nix copy under way", || {
@@ -424,6 +438,7 @@ pub fn nix_upload_vanish(lab: &mut Lab) -> Result<String, String> {
     });
     let cut = Instant::now();
     lab.pi_port(false)?;
+    drop(limit);
     let copy = copy?;
     let started = cut.duration_since(built);
     let result = vanished(lab, pid, copy, cut, &outs).and_then(|detail| {
@@ -441,8 +456,8 @@ pub fn nix_upload_vanish(lab: &mut Lab) -> Result<String, String> {
     wait_uploads(lab, 30)?;
     expect_drained(lab)?;
     Ok(format!(
-        "reachd's copy under way {} after the build; {detail}; power back: on the Pi {} after \
-         the target was active",
+        "reachd's copy under way {} after the build (the Pi's port limited to {VANISH_RATE}); \
+         {detail}; power back: on the Pi {} after the target was active",
         secs(started),
         secs(arrived)
     ))

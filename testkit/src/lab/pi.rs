@@ -10,7 +10,7 @@ use crate::lab::cleanup::mark;
 use crate::lab::network::links;
 use crate::lab::nix::daemon_handshake;
 use crate::lab::{dir, io_err, Lab, GREETING, T};
-use crate::netns::{resolve_once, Avahi, AvahiOptions};
+use crate::netns::{resolve_once, tc, Avahi, AvahiOptions};
 use crate::process::{wait_until, Spawn};
 
 impl Lab {
@@ -95,6 +95,21 @@ impl Lab {
             .map_err(|e| io_err("the pi's switch port", e))
     }
 
+    /// Limits what reaches the Pi through its switch port to `rate` (tc's units, e.g.
+    /// "2mbit") until the returned guard is dropped: a copy to the Pi then lasts as long as its
+    /// bytes need at that rate, however fast the machine, so that a scenario can act while it
+    /// is under way. A token bucket (tbf; this kernel has no netem) with a short queue.
+    pub fn pi_inbound_limit(&self, rate: &str) -> Result<InboundLimit, String> {
+        let lan = self.namespaces[1].name().to_string();
+        let limit = [
+            "root", "tbf", "rate", rate, "burst", "16kb", "latency", "50ms",
+        ];
+        let mut args = vec!["qdisc", "replace", "dev", "lan-p"];
+        args.extend(limit);
+        tc(&lan, &args).map_err(|e| io_err("limiting the pi's switch port (tc)", e))?;
+        Ok(InboundLimit { lan })
+    }
+
     /// Resolves `rpi.local` from the laptop namespace with the lab's own one-shot query.
     pub fn resolve_rpi_from_laptop(&self, via: &str) -> Result<String, String> {
         let via = via.parse().map_err(|e| io_err(via, e))?;
@@ -109,6 +124,21 @@ impl Lab {
     /// socket; the daemon's protocol version.
     pub fn tunnel_handshake(&self) -> Result<String, String> {
         daemon_handshake(&self.user().runtime_dir().join("rpi-nix-daemon.sock"))
+    }
+}
+
+/// The Pi's switch port limited by [`Lab::pi_inbound_limit`]; lifted when dropped.
+pub struct InboundLimit {
+    /// The lan namespace's name.
+    lan: String,
+}
+
+impl Drop for InboundLimit {
+    fn drop(&mut self) {
+        let lifted = tc(&self.lan, &["qdisc", "del", "dev", "lan-p", "root"]);
+        if let Err(e) = lifted {
+            eprintln!("lab: cannot lift the limit on the pi's switch port: {e}");
+        }
     }
 }
 

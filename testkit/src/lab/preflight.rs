@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 /// Programs the lab runs, with the Debian package that provides each.
 const PROGRAMS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
+    ("tc", "iproute2"),
     ("unshare", "util-linux"),
     ("runuser", "util-linux"),
     ("timeout", "coreutils"),
