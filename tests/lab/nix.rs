@@ -18,8 +18,9 @@ use crate::scenarios::{baseline, secs};
 
 /// The longest a nix command may take before the scenario calls it hung.
 const NIX_TIMEOUT: Duration = Duration::from_secs(60);
-/// A Pi whose sshd hangs: the fragment must drop its cache within this...
-const HALF_DEAD_NOTICED: Duration = Duration::from_secs(5);
+/// A Pi whose sshd hangs: the fragment must drop its cache within this (reachd's design: a
+/// check every 2 s with a 2 s deadline, so 4 s at worst, plus room for a loaded machine)...
+const HALF_DEAD_NOTICED: Duration = Duration::from_secs(7);
 /// ...and a command started after that must end within this.
 const HALF_DEAD_COMMAND: Duration = Duration::from_secs(10);
 /// Status views may lag the fragment by this much.
@@ -174,14 +175,20 @@ fn away(lab: &Lab, place: &str) -> Result<String, String> {
         quiet(&run).map_err(|e| fail(format!("without the include: {e}")))?;
         without_include.push(run.elapsed);
     }
-    let (with, plain) = (median(with_include), median(without_include));
+    let fastest = |v: &[Duration]| v.iter().min().copied().unwrap_or_default();
+    let (with, plain) = (fastest(&with_include), fastest(&without_include));
     let report = format!(
-        "{place}: nix-store -r of a local path {} with the include, {} without (medians of 5)",
+        "{place}: nix-store -r of a local path {} with the include, {} without (medians of 5; \
+         fastest {} and {})",
+        ms(median(with_include)),
+        ms(median(without_include)),
         ms(with),
         ms(plain)
     );
-    if with.abs_diff(plain) > Duration::from_millis(100) {
-        return Err(format!("{report}: more than 100 ms apart"));
+    // The fastest of each: the least noisy figure on a busy machine. The include must not
+    // cost a round trip to anything (stderr, above, shows Nix never named the Pi).
+    if with > plain + Duration::from_millis(100) {
+        return Err(format!("{report}: the include costs more than 100 ms"));
     }
     Ok(report)
 }

@@ -255,10 +255,7 @@ pub fn manager_reexec(lab: &mut Lab) -> Result<String, String> {
         wait_until(
             T,
             &format!("the user manager answering after {verb}"),
-            || {
-                let state = lab.user().systemctl(&["is-system-running"]);
-                Ok(state.is_ok().then_some(()))
-            },
+            || lab.user().manager_up().map(drop).map(Some),
         )?;
         same_agent(lab, &before, &format!("after {verb}"))?;
         lab.expect_up(T, &format!("24: after {verb}"))?;

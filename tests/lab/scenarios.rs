@@ -178,14 +178,17 @@ fn coldplug(lab: &mut Lab) -> Result<String, String> {
             tail(&log, 5)
         ));
     }
-    let props = u.units(&[REACHD])?;
-    let p = props.get(REACHD).ok_or("no reachd.service")?;
-    if p["ActiveState"] != "active" {
-        return Err(format!(
-            "reachd.service is {} after activation",
-            p["ActiveState"]
-        ));
-    }
+    // Type=dbus: the unit is active once systemd has seen the name taken, which may come
+    // just after reachd answered the ping.
+    let p = wait_until(T, "reachd.service active after activation", || {
+        let mut props = u.units(&[REACHD])?;
+        let p = props.remove(REACHD).ok_or("no reachd.service")?;
+        if p["ActiveState"] == "active" {
+            Ok(Some(p))
+        } else {
+            Err(format!("reachd.service is {}", p["ActiveState"]))
+        }
+    })?;
     // The unit's hardening is in effect (and did not keep it from starting).
     let proc_status =
         fs::read_to_string(format!("/proc/{}/status", p["MainPID"])).unwrap_or_default();
@@ -510,10 +513,13 @@ fn dispatcher_hook(lab: &mut Lab) -> Result<String, String> {
     let result = (|| {
         lab.nmcli_con("up", EVIL_UUID)?;
         lab.nmcli_con("down", EVIL_UUID)?;
-        // The hook did run for these events (else "nothing ran" would prove nothing).
-        wait_until(T, "the hook's Refresh for the evil connection", || {
-            Ok((!refresh_calls(&lab.user().monitor_since(mark)).is_empty()).then_some(()))
-        })?;
+        // The hook did run to its end for both events (else "nothing ran" would prove
+        // nothing): its Refresh, its last step, was called for each.
+        wait_until(
+            T,
+            "the hook's Refresh for the evil connection's up and down",
+            || Ok((refresh_calls(&lab.user().monitor_since(mark)).len() >= 2).then_some(())),
+        )?;
         std::thread::sleep(Duration::from_secs(1));
         if Path::new(INJECTED).exists() {
             return Err(format!(

@@ -27,7 +27,10 @@ use logind::LogindMock;
 const INHIBIT_DELAY_MAX: Duration = Duration::from_secs(5);
 /// How long the mount's stop is made to take in scenario 30, so that "the inhibitor is held
 /// until the units are stopped" is seen over a window the polling cannot miss.
-const SLOW_STOP: &str = "2";
+const SLOW_STOP: &str = "1";
+/// Between two looks at the inhibitor and the units: each look runs commands, which must not
+/// take the machine's cores from reachd and systemd while they stop the units.
+const LOOK_EVERY: Duration = Duration::from_millis(20);
 /// The flood: at a bounded rate, a misbehaving device's (a busy LAN's mDNS traffic is tens of
 /// packets per second), every kind of packet.
 const FLOOD: Plan = Plan {
@@ -91,7 +94,10 @@ fn sleep_and_wake(lab: &mut Lab, mock: &LogindMock) -> Result<String, String> {
 
     lab.nmcli_con("down", CAFE_UUID)?;
     home_cable(lab, true)?;
-    lab.nmcli_con("up", HOME_UUID)?;
+    // NetworkManager refuses the connection until it has seen the carrier come back.
+    wait_until(T, "the home connection up after the cable", || {
+        lab.nmcli_con("up", HOME_UUID).map(Some)
+    })?;
     let home = lab.expect_up(T, "home again after waking")?;
     Ok(format!(
         "inhibitor released {} after PrepareForSleep(true), held through {held_while_stopping} \
@@ -160,6 +166,7 @@ fn wait_for_release(
                 state(MOUNT)
             ));
         }
+        std::thread::sleep(LOOK_EVERY);
     }
 }
 

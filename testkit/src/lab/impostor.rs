@@ -134,19 +134,18 @@ fn enter_netns(ns: &fs::File) -> io::Result<()> {
 }
 
 /// Answers every question for `rpi.local` (A or ANY) with the impostor's address, by unicast to
-/// whoever asked, and announces it to the laptop three times, a second apart, until `stop`.
+/// whoever asked, and announces it to the laptop every second until `stop` (not only at first:
+/// those might all go out before the laptop's side of the bridge passes them).
 fn respond(stop: &AtomicBool) -> io::Result<()> {
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, MDNS_PORT))?;
     socket.join_multicast_v4(&MDNS_GROUP, &HOME_IMPOSTOR_ADDR)?;
     socket.set_read_timeout(Some(Duration::from_millis(100)))?;
     let laptop = SocketAddr::V4(SocketAddrV4::new(LAPTOP_HOME, MDNS_PORT));
-    let mut announcements = 0;
     let mut next_announcement = Instant::now();
     let mut buffer = [0u8; 1500];
     while !stop.load(Ordering::Relaxed) {
-        if announcements < 3 && Instant::now() >= next_announcement {
+        if Instant::now() >= next_announcement {
             socket.send_to(&response(0, None), laptop)?;
-            announcements += 1;
             next_announcement += Duration::from_secs(1);
         }
         let (len, from) = match socket.recv_from(&mut buffer) {

@@ -265,15 +265,7 @@ impl TestUser {
         let pid = manager.pid();
         self.manager = Some(manager);
         let out = wait_until(T, "systemd --user to finish starting", || {
-            let o = self
-                .systemctl_raw(&["is-system-running", "--wait"])
-                .map_err(|e| e.to_string())?;
-            let s = o.stdout.trim().to_string();
-            if s == "running" || s == "degraded" {
-                Ok(Some(s))
-            } else {
-                Err(format!("{s} {}", o.stderr.trim()))
-            }
+            self.manager_up().map(Some)
         })?;
         let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
@@ -290,6 +282,20 @@ impl TestUser {
             );
         }
         Ok(())
+    }
+
+    /// The user manager's state once it has started up: `running`, or `degraded` (some unit
+    /// failed, as one of the lab's may have). An error while it starts or re-executes.
+    pub fn manager_up(&self) -> Result<String, String> {
+        let o = self
+            .systemctl_raw(&["is-system-running", "--wait"])
+            .map_err(|e| e.to_string())?;
+        let s = o.stdout.trim().to_string();
+        if s == "running" || s == "degraded" {
+            Ok(s)
+        } else {
+            Err(format!("{s} {}", o.stderr.trim()))
+        }
     }
 
     fn systemctl_raw(&self, args: &[&str]) -> std::io::Result<Output> {
