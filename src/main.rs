@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use reachd::client::{Client, ClientError};
-use reachd::nix::listing::{self, Listing};
+use reachd::upload::listing::{self, Listing};
 use reachd::{agent, config, doctor, logging};
 
 /// Keeps systemd user targets started exactly while LAN hosts are reachable.

@@ -28,16 +28,16 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 use zbus::connection;
 
+use crate::cache::fragment::Fragment;
 use crate::config::{Config, HostConfig, NixCache};
 use crate::event::{Event, HostId};
 use crate::network;
-use crate::nix::drain::Drain;
-use crate::nix::fragment::Fragment;
 use crate::probe::{Probe, Resolver};
 use crate::reconcile::{nix_eligibility, JobKind, NetworkView, NixGate, TargetAction};
 use crate::sleep::SleepLock;
 use crate::status::{self, Publisher};
 use crate::units::Units;
+use crate::upload::drain::Drain;
 
 use self::host::Host;
 use self::reload::Reloader;

@@ -24,9 +24,9 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::cache::fragment::Fragment;
 use crate::config::{self, Config, HostConfig, NixCache};
 use crate::event::HostId;
-use crate::nix::fragment::Fragment;
 
 use super::host::Host;
 use super::{bind_caches, drain_for, runtime_dir_for, with_addresses, Agent, Environment};

@@ -17,16 +17,16 @@ use tracing::warn;
 use zbus::connection;
 
 use crate::address::HostAddress;
+use crate::cache::health;
+use crate::cache::server::{self as cache, CacheSettings};
 use crate::config::{expand_runtime_dir, expand_store_uri, HostConfig, NixCache};
 use crate::event::{Event, Events, HostId};
 use crate::network;
-use crate::nix::cache::{self, CacheSettings};
-use crate::nix::drain::Drain;
-use crate::nix::health;
 use crate::probe::{CheckRequest, Probe};
 use crate::reconcile::{JobKind, NetworkView, Run, NIX_CHECK_DEADLINE};
 use crate::sleep;
 use crate::units::Units;
+use crate::upload::drain::Drain;
 
 use super::host::Host;
 

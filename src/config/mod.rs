@@ -287,7 +287,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             ))
         }
         Some(spool) => PathBuf::from(spool.into_inner()),
-        None => PathBuf::from(crate::nix::spool::DEFAULT_DIR),
+        None => PathBuf::from(crate::upload::spool::DEFAULT_DIR),
     };
     Ok(Config {
         hosts,

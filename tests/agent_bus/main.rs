@@ -1292,11 +1292,11 @@ async fn nix_uses_a_cache_only_while_it_answers_and_leaves_it_before_the_stop() 
 async fn builds_recorded_while_away_are_counted_and_kept() {
     within_timeout(async {
         let spool_dir = tempfile::tempdir().expect("a spool directory");
-        let spool = reachd::nix::spool::Spool::open(spool_dir.path()).expect("the spool opens");
+        let spool = reachd::upload::spool::Spool::open(spool_dir.path()).expect("the spool opens");
         let out = "/nix/store/0c0ixk0gr8kqxzfh6m4zvrhl6wa4b1nq-hello"
             .parse()
             .expect("a store path");
-        let entry = reachd::nix::spool::Entry::new(None, [out]).expect("an entry");
+        let entry = reachd::upload::spool::Entry::new(None, [out]).expect("an entry");
         spool.record(&entry).expect("recorded as the hook does");
         let setup = Setup {
             extra_config: format!("[nix]\nspool = \"{}\"\n", spool_dir.path().display()),

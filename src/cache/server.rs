@@ -38,8 +38,9 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::daemon::{within, Daemon, DaemonError, NarStream, PathInfo, ProtocolError};
-use super::hash::{hash_part_of, is_hash_part, Sha256};
+use super::hash::Sha256;
 use super::pool::{Pool, MAX_IDLE_TIME};
+use crate::store_path::{hash_part_of, is_hash_part};
 
 /// The store directory the cache serves, the Pi's and the laptop's.
 const STORE_DIR: &str = "/nix/store";

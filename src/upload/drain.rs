@@ -14,8 +14,8 @@ use tracing::warn;
 
 use crate::reconcile::{BatchOutcome, Run};
 
+use super::batch::{upload_batch, Limits, Nix};
 use super::spool::{Spool, SpoolError};
-use super::upload::{upload_batch, Limits, Nix};
 
 /// Paths per batch: enough to amortise a `nix copy`, few enough to report progress often.
 const BATCH_PATHS: usize = 200;

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{expand_runtime_dir, http_authority, NixCache};
 
-use super::cache::daemon_answers;
+use super::server::daemon_answers;
 
 /// Checks `cache` within `deadline`; `runtime_dir` expands `%t/` in a daemon socket path.
 pub async fn check(cache: &NixCache, runtime_dir: &Path, deadline: Duration) -> Result<(), String> {

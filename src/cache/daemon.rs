@@ -25,8 +25,9 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::UnixStream;
 use tracing::debug;
 
-use super::hash::{hash_part_of, BadHash, Sha256};
+use super::hash::{BadHash, Sha256};
 use super::nar::{NarError, NarFramer};
+use crate::store_path::hash_part_of;
 
 pub(super) const WORKER_MAGIC_1: u64 = 0x6e69_7863;
 pub(super) const WORKER_MAGIC_2: u64 = 0x6478_696f;

@@ -1,5 +1,5 @@
-//! The drain: uploads a host's queued builds to its store with `nix copy`, one bounded batch per
-//! call, so that the agent decides when (while the host is reachable) and how often (the report
+//! One upload batch: a host's queued builds uploaded to its store with `nix copy`, one bounded
+//! batch per call, so that the agent decides when (while the host is reachable) and how often (the report
 //! says when calling again can do anything) and can stop at any moment by dropping the future.
 //!
 //! A batch: the oldest due entries; derivation-only entries (Nix 2.8) resolved to their outputs;
@@ -21,7 +21,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::time::{timeout_at, Instant};
 
-use crate::nix::spool::{one_line, EntryId, Queued, Retry, Spool, SpoolError, StorePath};
+use crate::store_path::StorePath;
+use crate::upload::spool::{one_line, EntryId, Queued, Retry, Spool, SpoolError};
 
 /// Backoff of a queue whose store cannot be reached: 15 s, doubling, at most 15 min.
 pub const QUEUE_BACKOFF: Backoff = Backoff {

@@ -10,7 +10,8 @@ use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::nix::spool::{self, Entry, EntryId, Shown, Spool, StorePath, MAX_ENTRY_BYTES};
+use crate::store_path::{Shown, StorePath};
+use crate::upload::spool::{self, Entry, EntryId, Spool, MAX_ENTRY_BYTES};
 
 /// Overrides the spool directory. For tests: Nix runs the hook with the daemon's environment,
 /// which an installation has no reason to change.
