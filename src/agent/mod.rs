@@ -10,7 +10,7 @@
 //! mounts, and the next start re-evaluates every host at once. Nix is pointed away from every
 //! cache first: nothing watches them once the agent is gone.
 
-mod host;
+mod host_state;
 mod reload;
 mod tasks;
 
@@ -39,7 +39,7 @@ use crate::status::{self, Publisher};
 use crate::units::Units;
 use crate::upload::drain::Drain;
 
-use self::host::Host;
+use self::host_state::Host;
 use self::reload::Reloader;
 use self::tasks::Tasks;
 

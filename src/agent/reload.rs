@@ -28,7 +28,7 @@ use crate::cache::fragment::Fragment;
 use crate::config::{self, Config, HostConfig, NixCache};
 use crate::event::HostId;
 
-use super::host::Host;
+use super::host_state::Host;
 use super::{bind_caches, drain_for, runtime_dir_for, with_addresses, Agent, Environment};
 
 /// Where the agent reads its configuration again, and what it needs to follow new hosts.

@@ -28,7 +28,7 @@ use crate::sleep;
 use crate::units::Units;
 use crate::upload::drain::Drain;
 
-use super::host::Host;
+use super::host_state::Host;
 
 /// After losing the system bus, try to connect again this often.
 const SYSTEM_BUS_RETRY: Duration = Duration::from_secs(2);

@@ -9,9 +9,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-mod nix;
+mod host_nix;
 
-pub use self::nix::{
+pub use self::host_nix::{
     expand_runtime_dir, expand_store_uri, http_authority, NixCache, DEFAULT_LISTEN,
 };
 
@@ -188,7 +188,7 @@ struct RawHost {
     port: Option<Spanned<u16>>,
     #[serde(default)]
     connections: Vec<Spanned<String>>,
-    nix: Option<Spanned<nix::RawNix>>,
+    nix: Option<Spanned<host_nix::RawNix>>,
 }
 
 #[derive(Deserialize)]
@@ -358,7 +358,7 @@ fn validate_host(
     }
     let (nix, upload) = match raw.nix {
         Some(table) => {
-            let valid = nix::validate(table.into_inner(), name, &at)?;
+            let valid = host_nix::validate(table.into_inner(), name, &at)?;
             (Some(valid.cache), valid.upload)
         }
         None => (None, None),

@@ -8,8 +8,8 @@
 
 mod files;
 mod host;
-mod nix;
 pub mod nix_conf;
+mod nix_setup;
 mod session;
 
 use std::ffi::OsString;
@@ -168,7 +168,7 @@ pub async fn run(config: Option<PathBuf>, paths: &Paths, mut emit: impl FnMut(Fi
     }
     emit(files::dispatcher_hook(&paths.dispatcher_hook));
     if let Some(config) = &loaded {
-        nix::check(config, paths, &mut emit);
+        nix_setup::check(config, paths, &mut emit);
     }
 }
 

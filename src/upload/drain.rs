@@ -1,7 +1,7 @@
 //! One run over the upload spool for the agent: claim the builds the post-build hook recorded
 //! (each uploading host gets every one), then either only count a host's queue (while it is
 //! away) or upload one batch of it ([`upload_batch`]). The agent decides which and when
-//! ([`reconcile::upload`](crate::reconcile::upload)); dropping a run's future stops it, `nix
+//! ([`reconcile::upload_timing`](crate::reconcile::upload_timing)); dropping a run's future stops it, `nix
 //! copy` included, and the queue stays as it was before the step under way.
 
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
-//! Uploads: when to drain a host's upload queue. Batches run only while the host's cache answers
-//! (reachable, target active, and the daemon seen through the tunnel), one at a time; the next starts at once while due entries
-//! remain, after the drain's backoff when it failed, and every [`SPOOL_POLL`] otherwise, to pick
-//! up new builds. A host lost mid-batch has the batch stopped at once (its entries stay queued).
+//! Upload timing: when to drain a host's upload queue. Batches run only while the host's cache
+//! answers (reachable, target active, and the daemon seen through the tunnel), one at a time; the
+//! next starts at once while due entries remain, after the backoff when it failed, and every
+//! [`SPOOL_POLL`] otherwise, to pick up new builds. A host lost mid-batch has the batch stopped at once (its entries stay queued).
 //! While the host is away the queue is still counted every [`SPOOL_POLL`], so that "12 paths
 //! waiting for rpi" shows at a glance. The clock is passed in.
 
