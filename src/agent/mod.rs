@@ -30,11 +30,10 @@ use zbus::connection;
 
 use crate::cache::fragment::Fragment;
 use crate::config::{Config, HostConfig, NixCache};
-use crate::event::{Event, HostId};
+use crate::event::{Event, HostId, SleepLock};
 use crate::network;
 use crate::probe::{Probe, Resolver};
 use crate::reconcile::{nix_eligibility, JobKind, NetworkView, NixGate, TargetAction};
-use crate::sleep::SleepLock;
 use crate::status::{self, Publisher};
 use crate::units::Units;
 use crate::upload::drain::Drain;

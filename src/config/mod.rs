@@ -15,6 +15,10 @@ pub use self::host_nix::{
     expand_runtime_dir, expand_store_uri, http_authority, NixCache, DEFAULT_LISTEN,
 };
 
+/// Where the upload spool lives unless `[nix] spool` says otherwise (created by
+/// systemd/tmpfiles.d/reachd.conf); the post-build hook's default too.
+pub const DEFAULT_SPOOL: &str = "/var/spool/reachd";
+
 /// The configuration used when no file exists: the Raspberry Pi at `rpi.local`.
 pub const EMBEDDED_DEFAULT: &str = r#"[[host]]
 name = "rpi"
@@ -287,7 +291,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             ))
         }
         Some(spool) => PathBuf::from(spool.into_inner()),
-        None => PathBuf::from(crate::upload::spool::DEFAULT_DIR),
+        None => PathBuf::from(DEFAULT_SPOOL),
     };
     Ok(Config {
         hosts,

@@ -10,8 +10,9 @@ use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::config::DEFAULT_SPOOL;
 use crate::store_path::{Shown, StorePath};
-use crate::upload::spool::{self, Entry, EntryId, Spool, MAX_ENTRY_BYTES};
+use crate::upload::spool::{Entry, EntryId, Spool, MAX_ENTRY_BYTES};
 
 /// Overrides the spool directory. For tests: Nix runs the hook with the daemon's environment,
 /// which an installation has no reason to change.
@@ -73,10 +74,10 @@ pub fn request(drv_path: Option<&OsStr>, out_paths: Option<&OsStr>) -> Request {
     Request { entry, refused }
 }
 
-/// The spool the hook writes to: `$REACHD_SPOOL`, else [`spool::DEFAULT_DIR`].
+/// The spool the hook writes to: `$REACHD_SPOOL`, else [`DEFAULT_SPOOL`].
 pub fn spool_dir(var: Option<&OsStr>) -> PathBuf {
     var.filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from(spool::DEFAULT_DIR), PathBuf::from)
+        .map_or_else(|| PathBuf::from(DEFAULT_SPOOL), PathBuf::from)
 }
 
 /// The whole hook: validates, records in the spool at `dir`, and explains any problem on `log`.

@@ -31,9 +31,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::atomic_file::{self, Mode, WriteError, TEMP_PREFIX};
 use crate::store_path::{Shown, StorePath, StorePathError};
 
-/// Where the spool lives unless told otherwise (created by systemd/tmpfiles.d/reachd.conf).
-pub const DEFAULT_DIR: &str = "/var/spool/reachd";
-
 /// The most entries `incoming/` or one host's queue holds. Beyond it the hook refuses new entries
 /// (and says so in the build log) instead of dropping old ones: see docs/nix-upload.md.
 pub const DEFAULT_CAPACITY: usize = 100_000;
