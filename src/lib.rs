@@ -14,6 +14,7 @@ pub mod cache;
 pub mod client;
 pub mod config;
 pub mod doctor;
+pub mod error;
 pub mod event;
 pub mod logging;
 pub mod network;

@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 use crate::cache::fragment::Fragment;
 use crate::config::{self, Config, HostConfig, NixCache};
+use crate::error::Chain;
 use crate::event::HostId;
 
 use super::host_state::Host;
@@ -105,7 +106,10 @@ impl Agent {
         let (config, source) = match config::load(self.reloader.config_file.as_deref()) {
             Ok(loaded) => loaded,
             Err(err) => {
-                warn!("reload refused, the configuration in force is kept: {err}");
+                warn!(
+                    "reload refused, the configuration in force is kept: {}",
+                    Chain(&err)
+                );
                 return;
             }
         };

@@ -110,7 +110,7 @@ pub struct PathInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot connect to the Nix daemon at {}: {source}", path.display())]
+    #[error("cannot connect to the Nix daemon at {}", path.display())]
     Connect {
         path: PathBuf,
         #[source]
@@ -120,9 +120,9 @@ pub enum DaemonError {
     Timeout(Duration),
     #[error("the Nix daemon closed the connection")]
     Closed,
-    #[error("talking to the Nix daemon: {0}")]
+    #[error("talking to the Nix daemon")]
     Io(#[source] io::Error),
-    #[error("the Nix daemon broke the protocol: {0}")]
+    #[error("the Nix daemon broke the protocol")]
     Protocol(#[from] ProtocolError),
     #[error("the Nix daemon reported: {0}")]
     Remote(String),

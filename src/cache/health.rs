@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::config::{expand_runtime_dir, http_authority, NixCache};
+use crate::error::Chain;
 
 use super::server::daemon_answers;
 
@@ -23,7 +24,7 @@ pub async fn check(cache: &NixCache, runtime_dir: &Path, deadline: Duration) -> 
             let socket = expand_runtime_dir(daemon_socket, runtime_dir);
             daemon_answers(&socket, deadline)
                 .await
-                .map_err(|err| format!("{}: {err}", socket.display()))
+                .map_err(|err| format!("{}: {}", socket.display(), Chain(&err)))
         }
         NixCache::Http { url } => match tokio::time::timeout(deadline, cache_info(url)).await {
             Ok(result) => result.map_err(|err| format!("{url}/nix-cache-info: {err}")),

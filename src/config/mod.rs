@@ -34,6 +34,46 @@ pub struct Config {
     pub spool: PathBuf,
 }
 
+impl Config {
+    /// What `reachd run --check-config` prints: the file, the spool if any host uploads, and
+    /// one line per host, each line ended by a newline.
+    pub fn summary(&self, source: &Source) -> String {
+        let mut text = format!("{source}: OK\n");
+        if self.hosts.iter().any(|h| h.upload.is_some()) {
+            text.push_str(&format!("upload spool: {}\n", self.spool.display()));
+        }
+        for host in &self.hosts {
+            text.push_str(&format!(
+                "host {}: {} -> {}{}{}{}{}\n",
+                host.name,
+                host.hostname,
+                host.target,
+                host.port
+                    .map(|p| format!(", TCP port {p}"))
+                    .unwrap_or_default(),
+                if host.connections.is_empty() {
+                    String::new()
+                } else {
+                    format!(", only on {}", host.connections.join(", "))
+                },
+                match &host.nix {
+                    None => String::new(),
+                    Some(cache @ NixCache::Served { daemon_socket, .. }) => format!(
+                        ", Nix cache {} served from the daemon at {daemon_socket}",
+                        cache.substituter()
+                    ),
+                    Some(cache) => format!(", Nix cache {}", cache.substituter()),
+                },
+                host.upload
+                    .as_ref()
+                    .map(|store| format!(", builds uploaded to {store}"))
+                    .unwrap_or_default(),
+            ));
+        }
+        text
+    }
+}
+
 /// One host to follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostConfig {
@@ -101,7 +141,7 @@ impl Default for ProbeSettings {
 /// A configuration error, already located: `FILE:LINE:COLUMN: key `K`: message`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]

@@ -21,6 +21,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::time::{timeout_at, Instant};
 
+use crate::error::chain;
 use crate::reconcile::upload_timing::{
     after_failure, is_due, BatchEnd, ENTRY_BACKOFF, QUEUE_BACKOFF,
 };
@@ -88,7 +89,7 @@ impl Nix {
 pub enum UploadError {
     #[error(transparent)]
     Spool(#[from] SpoolError),
-    #[error("cannot run `{command}`: {source}")]
+    #[error("cannot run `{command}`")]
     Spawn {
         command: String,
         #[source]
@@ -104,7 +105,7 @@ pub enum UploadError {
     Timeout { command: String },
     #[error("`{command}` printed {line:?}, not a store path")]
     Output { command: String, line: String },
-    #[error("the spool task failed: {0}")]
+    #[error("the spool task failed")]
     Task(#[from] tokio::task::JoinError),
 }
 
@@ -210,7 +211,7 @@ pub async fn upload_batch(
         }
         Err((Scope::Entries, error)) => {
             done.clone_from(&report.done);
-            let message = error.to_string();
+            let message = chain(&error);
             let mut retries = Vec::new();
             let mut most = 0;
             for queued in &selection.batch {
@@ -671,7 +672,7 @@ async fn queue_failure(
     let retry = Retry {
         attempts,
         next_try,
-        error: error.to_string(),
+        error: chain(&error),
     };
     let error = match blocking(spool, host, move |s, h| s.set_queue_retry(h, Some(&retry))).await {
         Ok(()) => error,

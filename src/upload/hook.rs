@@ -11,6 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::config::DEFAULT_SPOOL;
+use crate::error::Chain;
 use crate::store_path::{Shown, StorePath};
 use crate::upload::spool::{Entry, EntryId, Spool, MAX_ENTRY_BYTES};
 
@@ -117,7 +118,11 @@ pub fn run(
     match Spool::open(dir).and_then(|spool| spool.record(&entry)) {
         Ok(id) => Some(id),
         Err(err) => {
-            let _ = writeln!(log, "{PREFIX}: {what} will not be uploaded: {err}");
+            let _ = writeln!(
+                log,
+                "{PREFIX}: {what} will not be uploaded: {}",
+                Chain(&err)
+            );
             None
         }
     }

@@ -360,7 +360,7 @@ pub struct Queued {
 pub enum SpoolError {
     #[error("the spool {} does not exist or is not a directory: install systemd/tmpfiles.d/reachd.conf and run `systemd-tmpfiles --create` (docs/nix-upload.md)", .0.display())]
     Missing(PathBuf),
-    #[error("cannot {action} {}: {source}", path.display())]
+    #[error("cannot {action} {}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -371,7 +371,7 @@ pub enum SpoolError {
     Full { dir: PathBuf, count: usize },
     #[error("{} is not a host name: [a-z0-9-], 1 to 32 characters", Shown(.0))]
     BadHost(String),
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     BadEntry {
         path: PathBuf,
         #[source]
@@ -1136,7 +1136,11 @@ mod tests {
         fs::write(incoming.join("README"), "not an entry").expect("write");
         let report = spool.claim(&["rpi"]).expect("claim");
         assert_eq!(report.claimed, 1);
-        let errors: Vec<String> = report.rejected.iter().map(|e| e.to_string()).collect();
+        let errors: Vec<String> = report
+            .rejected
+            .iter()
+            .map(|e| crate::error::chain(e))
+            .collect();
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].contains("not a store path"), "{errors:?}");
         assert!(errors[1].contains("digest"), "{errors:?}");
