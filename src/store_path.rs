@@ -111,11 +111,6 @@ impl StorePath {
     pub fn name(&self) -> &str {
         &self.0[NIX_STORE.len() + HASH_PART_LEN + 1..]
     }
-
-    /// Whether this is a derivation (`.drv`).
-    pub fn is_derivation(&self) -> bool {
-        self.0.ends_with(".drv")
-    }
 }
 
 impl FromStr for StorePath {

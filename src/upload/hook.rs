@@ -8,6 +8,7 @@
 
 use std::ffi::OsStr;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::DEFAULT_SPOOL;
@@ -52,11 +53,10 @@ pub fn request(drv_path: Option<&OsStr>, out_paths: Option<&OsStr>) -> Request {
         .and_then(|v| parse("DRV_PATH", v));
     let outs: Vec<StorePath> = out_paths
         .map(|v| {
-            v.as_encoded_bytes()
+            v.as_bytes()
                 .split(|&b| b == b' ')
                 .filter(|token| !token.is_empty())
-                // SAFETY: split on an ASCII byte of a valid OsStr encoding.
-                .map(|token| unsafe { OsStr::from_encoded_bytes_unchecked(token) })
+                .map(OsStr::from_bytes)
                 .filter_map(|token| parse("OUT_PATHS", token))
                 .collect()
         })
