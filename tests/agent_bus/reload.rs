@@ -83,8 +83,10 @@ impl ReadWatch {
             "inotify_init1: {}",
             std::io::Error::last_os_error()
         );
+        // SAFETY: `fd` was just returned by inotify_init1 and nothing else owns it.
         let inotify = unsafe { OwnedFd::from_raw_fd(fd) };
         let path = CString::new(path.as_os_str().as_bytes()).expect("a path without NUL");
+        // SAFETY: a live descriptor and a NUL-terminated path that outlives the call.
         let watch = unsafe {
             libc::inotify_add_watch(inotify.as_raw_fd(), path.as_ptr(), libc::IN_CLOSE_NOWRITE)
         };
