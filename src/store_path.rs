@@ -24,8 +24,21 @@ pub fn is_hash_part(s: &str) -> bool {
 /// The hash part of a store path (`/nix/store/<hash>-<name>`), if it has one.
 pub fn hash_part_of(store_path: &str) -> Option<&str> {
     let base = store_path.rsplit('/').next()?;
-    let hash = base.get(..HASH_PART_LEN)?;
-    (is_hash_part(hash) && base.as_bytes().get(HASH_PART_LEN) == Some(&b'-')).then_some(hash)
+    split_base(base).ok().map(|(hash, _)| hash)
+}
+
+/// A store path's last component split into its hash part and its name (`<hash>-<name>`), or
+/// why it cannot be: the one reading of that shape, for [`hash_part_of`] and [`StorePath`].
+fn split_base(base: &str) -> Result<(&str, &str), &'static str> {
+    if base.as_bytes().get(HASH_PART_LEN) != Some(&b'-') {
+        return Err("it lacks a 32-character hash, a dash and a name");
+    }
+    // A dash at HASH_PART_LEN: the hash part ends on a character boundary.
+    let (hash, name) = (&base[..HASH_PART_LEN], &base[HASH_PART_LEN + 1..]);
+    if !is_hash_part(hash) {
+        return Err("its hash is not Nix base-32");
+    }
+    Ok((hash, name))
 }
 
 /// Nix's `printHash32`: the last character holds the lowest bits.
@@ -129,14 +142,13 @@ impl FromStr for StorePath {
         if base.len() > HASH_PART_LEN + 1 + MAX_NAME_LEN {
             return refuse("its name is longer than 211 characters");
         }
-        let bytes = base.as_bytes();
-        if bytes.len() < HASH_PART_LEN + 2 || bytes[HASH_PART_LEN] != b'-' {
+        if base.len() < HASH_PART_LEN + 2 {
             return refuse("it lacks a 32-character hash, a dash and a name");
         }
-        if !base.get(..HASH_PART_LEN).is_some_and(is_hash_part) {
-            return refuse("its hash is not Nix base-32");
-        }
-        let name = &base[HASH_PART_LEN + 1..];
+        let name = match split_base(base) {
+            Ok((_, name)) => name,
+            Err(reason) => return refuse(reason),
+        };
         let allowed = |c: char| c.is_ascii_alphanumeric() || "+-._?=".contains(c);
         if !name.chars().all(allowed) {
             return refuse("its name has a character outside [A-Za-z0-9+._?=-]");
