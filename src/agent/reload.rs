@@ -133,7 +133,10 @@ impl Agent {
         let mut listeners = match self.prepare(&config, &changes.added, &gone).await {
             Ok(listeners) => listeners,
             Err(err) => {
-                warn!("reload refused, the configuration in force is kept: {err:#}");
+                warn!(
+                    "reload refused, the configuration in force is kept: {}",
+                    Chain(err.as_ref())
+                );
                 return;
             }
         };
@@ -148,7 +151,7 @@ impl Agent {
             .filter(|h| !listeners.contains_key(&h.name));
         match bind_caches(freed).await {
             Ok(bound) => listeners.extend(bound),
-            Err(err) => warn!("{err:#}"),
+            Err(err) => warn!("{}", Chain(err.as_ref())),
         }
         for host in &changes.added {
             self.follow_new_host(host, &mut listeners).await;
