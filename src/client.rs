@@ -13,13 +13,13 @@ use crate::status::{self, HostStatus, Reachd1Proxy};
 /// Why the CLI could not tell.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to the session bus: {0}")]
+    #[error("cannot connect to the session bus")]
     Bus(#[source] zbus::Error),
     #[error("reachd is not running on the session bus (no owner of {name}); start it with `systemctl --user start reachd` or `reachd run`", name = status::BUS_NAME)]
     NotRunning,
     #[error("no host named {name:?} in the running agent (hosts: {known})")]
     UnknownHost { name: String, known: String },
-    #[error("cannot read the agent's state: {0}")]
+    #[error("cannot read the agent's state")]
     Read(#[source] zbus::Error),
 }
 

@@ -5,11 +5,11 @@
 //! [`reconcile`](crate::reconcile). Adding a source means one variant here and one match arm in
 //! the agent.
 
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use crate::address::HostAddress;
 use crate::reconcile::{BatchOutcome, CheckOutcome, JobKind, NetworkView, UnitState};
-use crate::sleep::SleepLock;
 
 /// A host as the agent follows it: a number given when it starts following the host (at start
 /// or at a reload) and never given again in the same run, so that an event from a task of a host
@@ -87,6 +87,21 @@ impl Event {
             | Event::Resume
             | Event::Refresh
             | Event::Reload => None,
+        }
+    }
+}
+
+/// A delay inhibitor that logind gave (none without logind), carried by [`Event::Sleep`]: logind
+/// lets the machine sleep once every one is dropped (its file descriptor closed).
+#[derive(Debug)]
+pub struct SleepLock {
+    _inhibitor: Option<OwnedFd>,
+}
+
+impl SleepLock {
+    pub fn holding(inhibitor: Option<OwnedFd>) -> SleepLock {
+        SleepLock {
+            _inhibitor: inhibitor,
         }
     }
 }

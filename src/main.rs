@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::{anyhow, Context};
 use clap::{CommandFactory, Parser, Subcommand};
 use reachd::client::{Client, ClientError};
-use reachd::nix::listing::{self, Listing};
+use reachd::error::Chain;
+use reachd::upload::listing::{self, Listing};
 use reachd::{agent, config, doctor, logging};
 
 /// Keeps systemd user targets started exactly while LAN hosts are reachable.
@@ -108,42 +110,91 @@ enum Command {
 /// Exit code when the CLI cannot tell (agent not running, unknown host, bad config...).
 const CANNOT_TELL: u8 = 2;
 
+/// Why `reachd` ends unsuccessfully, with the code to exit with: printed once, whole, by
+/// [`main`]. `logged`: the agent's failures go to its log (the journal), the CLI's to stderr.
+struct Failure {
+    error: anyhow::Error,
+    code: u8,
+    logged: bool,
+}
+
+impl Failure {
+    fn cannot_tell(error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            error: error.into(),
+            code: CANNOT_TELL,
+            logged: false,
+        }
+    }
+
+    /// The running agent failed: exit 1, so that systemd restarts it.
+    fn agent(error: anyhow::Error) -> Failure {
+        Failure {
+            error,
+            code: 1,
+            logged: true,
+        }
+    }
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(error: E) -> Failure {
+        Failure::cannot_tell(error)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    match run(cli) {
+        Ok(code) => code,
+        Err(Failure {
+            error,
+            code,
+            logged,
+        }) => {
+            // The one printer: the error and each of its causes, once.
+            let shown = Chain(error.as_ref());
+            if logged {
+                tracing::error!("{shown}");
+            } else {
+                eprintln!("reachd: {shown}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("reachd: cannot start the async runtime: {err}");
-            return ExitCode::from(CANNOT_TELL);
-        }
-    };
+        .context("cannot start the async runtime")?;
     runtime.block_on(async {
         match cli.command {
             Command::Run {
                 config,
                 check_config,
-            } => run(config, check_config).await,
-            Command::Status { json, watch: false } => report(status(json).await),
+            } => run_agent(config, check_config).await,
+            Command::Status { json, watch: false } => status(json).await,
             Command::Status { json, watch: true } => watch(json).await,
-            Command::Check { host } => match check(&host).await {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::from(1),
-                Err(err) => report(Err(err)),
-            },
-            Command::Refresh => report(refresh().await),
+            Command::Check { host } => Ok(match check(&host).await? {
+                true => ExitCode::SUCCESS,
+                false => ExitCode::from(1),
+            }),
+            Command::Refresh => {
+                Client::connect().await?.refresh().await?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Completions { shell } => {
                 // Into memory first: clap_complete panics when its writer fails (a closed pipe).
                 let mut script = Vec::new();
                 clap_complete::generate(shell, &mut Cli::command(), "reachd", &mut script);
                 match std::io::Write::write_all(&mut std::io::stdout(), &script) {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(_) => ExitCode::from(1),
+                    Ok(()) => Ok(ExitCode::SUCCESS),
+                    Err(_) => Ok(ExitCode::from(1)),
                 }
             }
-            Command::Doctor { config } => doctor(config).await,
+            Command::Doctor { config } => Ok(doctor(config).await),
             Command::Man { dir } => man_pages(&dir),
             Command::Uploads {
                 config,
@@ -154,69 +205,18 @@ fn main() -> ExitCode {
     })
 }
 
-fn report(result: Result<(), ClientError>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("reachd: {err}");
-            ExitCode::from(CANNOT_TELL)
-        }
-    }
-}
-
-async fn run(path: Option<PathBuf>, check_only: bool) -> ExitCode {
-    let (config, source) = match config::load(path.as_deref()) {
-        Ok(loaded) => loaded,
-        Err(err) => {
-            eprintln!("reachd: {err}");
-            return ExitCode::from(CANNOT_TELL);
-        }
-    };
+async fn run_agent(path: Option<PathBuf>, check_only: bool) -> Result<ExitCode, Failure> {
+    let (config, source) = config::load(path.as_deref())?;
     if check_only {
-        println!("{source}: OK");
-        if config.hosts.iter().any(|h| h.upload.is_some()) {
-            println!("upload spool: {}", config.spool.display());
-        }
-        for host in &config.hosts {
-            println!(
-                "host {}: {} -> {}{}{}{}{}",
-                host.name,
-                host.hostname,
-                host.target,
-                host.port
-                    .map(|p| format!(", TCP port {p}"))
-                    .unwrap_or_default(),
-                if host.connections.is_empty() {
-                    String::new()
-                } else {
-                    format!(", only on {}", host.connections.join(", "))
-                },
-                match &host.nix {
-                    None => String::new(),
-                    Some(cache @ config::NixCache::Served { daemon_socket, .. }) => format!(
-                        ", Nix cache {} served from the daemon at {daemon_socket}",
-                        cache.substituter()
-                    ),
-                    Some(cache) => format!(", Nix cache {}", cache.substituter()),
-                },
-                host.upload
-                    .as_ref()
-                    .map(|store| format!(", builds uploaded to {store}"))
-                    .unwrap_or_default(),
-            );
-        }
-        return ExitCode::SUCCESS;
+        print!("{}", config.summary(&source));
+        return Ok(ExitCode::SUCCESS);
     }
     logging::init();
     tracing::info!("configuration: {source}");
     // Before the agent takes its name: SIGHUP's default action would end it.
-    let reloads = match reload_requests() {
-        Ok(reloads) => reloads,
-        Err(err) => {
-            tracing::error!("cannot catch SIGHUP for reloads: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let reloads = reload_requests()
+        .context("cannot catch SIGHUP for reloads")
+        .map_err(Failure::agent)?;
     let environment = agent::Environment {
         config_file: path,
         ..agent::Environment::from_process()
@@ -225,16 +225,11 @@ async fn run(path: Option<PathBuf>, check_only: bool) -> ExitCode {
         shutdown: shutdown_signal(),
         reloads,
     };
-    match agent::run(config, environment, control).await {
-        Ok(()) => {
-            tracing::info!("stopped");
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            tracing::error!("{err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    agent::run(config, environment, control)
+        .await
+        .map_err(Failure::agent)?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// SIGHUP (`systemctl --user reload reachd`), one item per signal.
@@ -267,41 +262,35 @@ async fn shutdown_signal() {
     }
 }
 
-async fn status(json: bool) -> Result<(), ClientError> {
+async fn status(json: bool) -> Result<ExitCode, Failure> {
     let hosts = Client::connect().await?.hosts().await?;
     if json {
         let doc = serde_json::json!({ "hosts": hosts });
         println!("{doc}");
-        return Ok(());
+    } else {
+        for host in &hosts {
+            println!("{}", status_line(host));
+        }
     }
-    for host in &hosts {
-        println!("{}", status_line(host));
-    }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `reachd status --watch`: ends only when the agent goes away (or cannot be read): exit 2.
-async fn watch(json: bool) -> ExitCode {
-    let watched = async {
-        Client::connect()
-            .await?
-            .watch(|host| {
-                let line = if json {
-                    serde_json::to_string(host).unwrap_or_default()
-                } else {
-                    status_line(host)
-                };
-                println!("{line}");
-            })
-            .await
-    };
-    match watched.await {
-        Ok(()) => {
-            eprintln!("reachd: the agent left the session bus");
-            ExitCode::from(CANNOT_TELL)
-        }
-        Err(err) => report(Err(err)),
-    }
+async fn watch(json: bool) -> Result<ExitCode, Failure> {
+    Client::connect()
+        .await?
+        .watch(|host| {
+            let line = if json {
+                serde_json::to_string(host).unwrap_or_default()
+            } else {
+                status_line(host)
+            };
+            println!("{line}");
+        })
+        .await?;
+    Err(Failure::cannot_tell(anyhow!(
+        "the agent left the session bus"
+    )))
 }
 
 /// One host as `reachd status` prints it: name, state, address, target and its state, reason,
@@ -324,7 +313,7 @@ fn status_line(h: &reachd::status::HostStatus) -> String {
 }
 
 /// Writes reachd.1 and one page per subcommand (reachd-status.1, ...) into `dir`.
-fn man_pages(dir: &std::path::Path) -> ExitCode {
+fn man_pages(dir: &std::path::Path) -> Result<ExitCode, Failure> {
     let command = Cli::command();
     let mut pages = vec![("reachd".to_string(), command.clone())];
     for sub in command.get_subcommands() {
@@ -334,15 +323,12 @@ fn man_pages(dir: &std::path::Path) -> ExitCode {
     for (name, page) in pages {
         let path = dir.join(format!("{name}.1"));
         let mut text = Vec::new();
-        let written = clap_mangen::Man::new(page)
+        clap_mangen::Man::new(page)
             .render(&mut text)
-            .and_then(|()| std::fs::write(&path, text));
-        if let Err(err) = written {
-            eprintln!("reachd: cannot write {}: {err}", path.display());
-            return ExitCode::from(CANNOT_TELL);
-        }
+            .and_then(|()| std::fs::write(&path, text))
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    ExitCode::SUCCESS
+    Ok(ExitCode::SUCCESS)
 }
 
 /// How often `reachd uploads --wait` looks at the spool again: one readdir per host, cheap
@@ -350,14 +336,11 @@ fn man_pages(dir: &std::path::Path) -> ExitCode {
 const UPLOADS_WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// `reachd uploads`; `wait`: `None` to list, `Some(timeout)` to wait until nothing waits.
-async fn uploads(path: Option<PathBuf>, wait: Option<Option<Duration>>) -> ExitCode {
-    let config = match config::load(path.as_deref()) {
-        Ok((config, _)) => config,
-        Err(err) => {
-            eprintln!("reachd: {err}");
-            return ExitCode::from(CANNOT_TELL);
-        }
-    };
+async fn uploads(
+    path: Option<PathBuf>,
+    wait: Option<Option<Duration>>,
+) -> Result<ExitCode, Failure> {
+    let (config, _) = config::load(path.as_deref())?;
     let hosts: Vec<String> = config
         .hosts
         .iter()
@@ -365,41 +348,31 @@ async fn uploads(path: Option<PathBuf>, wait: Option<Option<Duration>>) -> ExitC
         .map(|h| h.name.clone())
         .collect();
     if hosts.is_empty() {
-        eprintln!("reachd: no host has `upload = true` in its [host.nix]");
-        return ExitCode::from(CANNOT_TELL);
+        return Err(Failure::cannot_tell(anyhow!(
+            "no host has `upload = true` in its [host.nix]"
+        )));
     }
     let Some(timeout) = wait else {
-        return match Listing::read(&config.spool, &hosts) {
-            Ok(listing) => {
-                print!("{listing}");
-                ExitCode::SUCCESS
-            }
-            Err(err) => {
-                eprintln!("reachd: {err}");
-                ExitCode::from(CANNOT_TELL)
-            }
-        };
+        print!("{}", Listing::read(&config.spool, &hosts)?);
+        return Ok(ExitCode::SUCCESS);
     };
     let started = tokio::time::Instant::now();
     let mut last = None;
     loop {
-        let waiting = match listing::waiting(&config.spool, &hosts) {
-            Ok(waiting) => waiting,
-            Err(err) => {
-                eprintln!("reachd: {err}");
-                return ExitCode::from(CANNOT_TELL);
-            }
-        };
+        let waiting = listing::waiting(&config.spool, &hosts)?;
         if waiting == 0 {
-            return ExitCode::SUCCESS;
+            return Ok(ExitCode::SUCCESS);
         }
         if last != Some(waiting) {
             println!("{waiting} build(s) waiting for upload");
             last = Some(waiting);
         }
         if timeout.is_some_and(|t| started.elapsed() >= t) {
-            eprintln!("reachd: {waiting} build(s) still waiting for upload");
-            return ExitCode::from(1);
+            return Err(Failure {
+                error: anyhow!("{waiting} build(s) still waiting for upload"),
+                code: 1,
+                logged: false,
+            });
         }
         tokio::time::sleep(UPLOADS_WAIT_POLL).await;
     }
@@ -419,8 +392,4 @@ async fn doctor(config: Option<PathBuf>) -> ExitCode {
 
 async fn check(host: &str) -> Result<bool, ClientError> {
     Ok(Client::connect().await?.host_named(host).await?.reachable)
-}
-
-async fn refresh() -> Result<(), ClientError> {
-    Client::connect().await?.refresh().await
 }

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use tracing::{debug, info};
 use zbus::{proxy, Connection};
 
-use crate::event::{Event, Events};
+use crate::event::{Event, Events, SleepLock};
 
 #[proxy(
     interface = "org.freedesktop.login1.Manager",
@@ -31,13 +31,6 @@ trait Login {
     fn prepare_for_sleep(&self, start: bool) -> zbus::Result<()>;
 }
 
-/// A delay inhibitor: logind lets the machine sleep once every one is dropped (its file
-/// descriptor closed).
-#[derive(Debug)]
-pub struct SleepLock {
-    _inhibitor: Option<OwnedFd>,
-}
-
 /// Follows logind on `system` until its signals end (the bus went away: an error), sending
 /// [`Event::Sleep`] with the inhibitor to release once ready, and [`Event::Resume`]. Without
 /// logind (no inhibitor to take) sleep is still followed, only without the delay.
@@ -48,9 +41,7 @@ pub async fn follow(system: &Connection, events: &Events) -> zbus::Result<()> {
     while let Some(signal) = signals.next().await {
         let event = if signal.args()?.start {
             info!("the machine is going to sleep");
-            Event::Sleep(SleepLock {
-                _inhibitor: lock.take(),
-            })
+            Event::Sleep(SleepLock::holding(lock.take()))
         } else {
             info!("the machine woke up");
             lock = inhibit(&login).await;

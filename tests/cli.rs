@@ -130,9 +130,9 @@ fn uploads_lists_the_spool_and_waits_for_it_without_an_agent() {
     );
 
     std::fs::create_dir(&spool_dir).expect("the spool");
-    let spool = reachd::nix::spool::Spool::open(&spool_dir).expect("opens");
+    let spool = reachd::upload::spool::Spool::open(&spool_dir).expect("opens");
     let out = "/nix/store/0c0ixk0gr8kqxzfh6m4zvrhl6wa4b1nq-hello";
-    let entry = reachd::nix::spool::Entry::new(None, [out.parse().expect("a store path")])
+    let entry = reachd::upload::spool::Entry::new(None, [out.parse().expect("a store path")])
         .expect("an entry");
     spool.record(&entry).expect("recorded");
     let output = reachd(&["uploads", "--config", &config], None);

@@ -35,6 +35,7 @@ fn in_pair(
     body: impl AsyncFnOnce(&mut MdnsPair) + Send,
 ) {
     assert!(
+        // SAFETY: plain syscall.
         unsafe { libc::geteuid() } == 0,
         "the mDNS tests create network namespaces: run them as root"
     );

@@ -17,8 +17,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use reachd::nix::cache::{self, CacheSettings};
-use reachd::nix::daemon::{self as nix_daemon, DaemonError};
+use reachd::cache::daemon::{self as nix_daemon, DaemonError};
+use reachd::cache::server::{self as cache, CacheSettings};
 use reachd_testkit::nix::require_root_and_nix;
 use reachd_testkit::process::{Daemon, Output, Spawn};
 use tempfile::TempDir;

@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use reachd::nix::spool::{Retry, Spool, StorePath};
-use reachd::nix::upload::{upload_batch, BatchReport, Limits, Nix, Scope};
+use reachd::store_path::StorePath;
+use reachd::upload::batch::{upload_batch, BatchReport, Limits, Nix, Scope};
+use reachd::upload::spool::{Retry, Spool};
 use reachd_testkit::nix::require_root_and_nix;
 use reachd_testkit::process::{Daemon, Spawn};
 
@@ -743,7 +744,7 @@ fn a_full_spool_still_exits_0_and_says_so_in_the_build_log() {
         let dir = tempfile::tempdir().expect("temp dir");
         let incoming = dir.path().join("incoming");
         fs::create_dir(&incoming).expect("mkdir");
-        for i in 0..reachd::nix::spool::DEFAULT_CAPACITY {
+        for i in 0..reachd::upload::spool::DEFAULT_CAPACITY {
             // Only names are counted on the hook's side.
             let name = format!("{i:020}-1-0000000000000000.entry");
             fs::File::create(incoming.join(name)).expect("create");
@@ -764,7 +765,7 @@ fn a_full_spool_still_exits_0_and_says_so_in_the_build_log() {
         let count = fs::read_dir(&incoming).expect("list").count();
         assert_eq!(
             count,
-            reachd::nix::spool::DEFAULT_CAPACITY,
+            reachd::upload::spool::DEFAULT_CAPACITY,
             "nothing dropped or added"
         );
     });

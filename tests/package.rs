@@ -123,8 +123,8 @@ fn output(command: &mut Command) -> Output {
 
 /// Fails unless the test can run here: root, the programs, cargo-deb.
 fn require_tools() {
-    // SAFETY: plain syscall.
     assert!(
+        // SAFETY: plain syscall.
         unsafe { libc::geteuid() } == 0,
         "the package test installs a .deb with dpkg: run it as root"
     );

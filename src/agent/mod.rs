@@ -10,7 +10,7 @@
 //! mounts, and the next start re-evaluates every host at once. Nix is pointed away from every
 //! cache first: nothing watches them once the agent is gone.
 
-mod host;
+mod host_state;
 mod reload;
 mod tasks;
 
@@ -28,18 +28,17 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 use zbus::connection;
 
+use crate::cache::fragment::Fragment;
 use crate::config::{Config, HostConfig, NixCache};
-use crate::event::{Event, HostId};
+use crate::event::{Event, HostId, SleepLock};
 use crate::network;
-use crate::nix::drain::Drain;
-use crate::nix::fragment::Fragment;
 use crate::probe::{Probe, Resolver};
 use crate::reconcile::{nix_eligibility, JobKind, NetworkView, NixGate, TargetAction};
-use crate::sleep::SleepLock;
 use crate::status::{self, Publisher};
 use crate::units::Units;
+use crate::upload::drain::Drain;
 
-use self::host::Host;
+use self::host_state::Host;
 use self::reload::Reloader;
 use self::tasks::Tasks;
 
@@ -110,11 +109,13 @@ where
 {
     let runtime_dir = runtime_dir_for(&config, environment.runtime_dir.as_deref())?;
     let (events, mut inbox) = mpsc::channel(EVENT_QUEUE);
-    let hosts: Vec<Host> = config
-        .hosts
-        .iter()
-        .enumerate()
-        .map(|(index, host)| Host::new(HostId(index), host.clone(), Instant::now()))
+    // Start is a reload from no host at all: every host is added, the same way.
+    let mut reloader = Reloader::new(&environment, 0);
+    let now = Instant::now();
+    let hosts: Vec<Host> = reload::host_changes(&[], &config.hosts)
+        .added
+        .into_iter()
+        .map(|host| arriving(reloader.new_id(), host, None, now))
         .collect();
     let session = match &environment.session_bus {
         Some(address) => connection::Builder::address(address.as_str())?,
@@ -133,18 +134,15 @@ where
         .await
         .context("cannot reach the systemd user manager on the session bus")?;
 
-    let mut tasks = Tasks::new(events, probe, units, config.probe.timeout, runtime_dir);
+    let mut tasks = Tasks::new(events, probe, units, runtime_dir);
     tasks.set_drain(drain_for(&config, None));
     tasks.follow_network(environment.system_bus.clone(), with_addresses(&config));
     tasks.forward_reloads(control.reloads);
     for host in &hosts {
-        if let Some(listener) = listeners.remove(&host.config.name) {
-            tasks.serve_cache(host.id, listener, &host.config);
-        }
-        tasks.follow_host(host.id, &host.config);
+        start_following(&mut tasks, host, listeners.remove(&host.config.name));
     }
     let mut agent = Agent {
-        reloader: Reloader::new(&environment, hosts.len()),
+        reloader,
         hosts,
         network: None,
         network_changed: false,
@@ -163,6 +161,26 @@ where
     let result = agent.run(&mut inbox, control.shutdown).await;
     agent.stop().await;
     result
+}
+
+/// A host the agent starts to follow, at start (every host) and on a reload (the hosts added):
+/// its state, seen against the network known now (none yet at start).
+fn arriving(id: HostId, config: &HostConfig, network: Option<&NetworkView>, now: Instant) -> Host {
+    let mut host = Host::new(id, config.clone(), now);
+    if let Some(network) = network {
+        let transition = host.tracker.on_network(network.verdict(config), now);
+        host.transition(transition, None);
+    }
+    host
+}
+
+/// An arriving host's tasks, once its object is published: its served cache on `listener`, then
+/// the followers of its name and its target.
+fn start_following(tasks: &mut Tasks, host: &Host, listener: Option<TcpListener>) {
+    if let Some(listener) = listener {
+        tasks.serve_cache(host.id, listener, &host.config);
+    }
+    tasks.follow_host(host.id, &host.config);
 }
 
 /// The runtime directory the configuration needs: `$XDG_RUNTIME_DIR` as given, or none (an
@@ -423,7 +441,8 @@ impl Agent {
             let id = host.id;
             let plan = host.tracker.plan(now);
             if let Some(candidates) = plan.check {
-                self.tasks.check(id, host, candidates, network);
+                self.tasks
+                    .check(host, candidates, network, &self.config.probe);
             }
             if let Some(at) = decide_nix(&mut self.tasks, id, host, now) {
                 wake = wake.min(at);

@@ -24,12 +24,15 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::cache::fragment::Fragment;
 use crate::config::{self, Config, HostConfig, NixCache};
+use crate::error::Chain;
 use crate::event::HostId;
-use crate::nix::fragment::Fragment;
 
-use super::host::Host;
-use super::{bind_caches, drain_for, runtime_dir_for, with_addresses, Agent, Environment};
+use super::{
+    arriving, bind_caches, drain_for, runtime_dir_for, start_following, with_addresses, Agent,
+    Environment,
+};
 
 /// Where the agent reads its configuration again, and what it needs to follow new hosts.
 pub(super) struct Reloader {
@@ -63,7 +66,7 @@ impl Reloader {
         std::mem::take(&mut self.requested)
     }
 
-    fn new_id(&mut self) -> HostId {
+    pub fn new_id(&mut self) -> HostId {
         self.next_id += 1;
         HostId(self.next_id - 1)
     }
@@ -71,15 +74,18 @@ impl Reloader {
 
 /// What a new configuration changes in the hosts followed.
 #[derive(Debug, PartialEq, Eq)]
-struct HostChanges<'a> {
+pub(super) struct HostChanges<'a> {
     /// Hosts whose table is gone or changed.
-    removed: Vec<HostId>,
+    pub removed: Vec<HostId>,
     /// Tables that are new or changed, in the configuration's order.
-    added: Vec<&'a HostConfig>,
+    pub added: Vec<&'a HostConfig>,
 }
 
 /// Compares the hosts followed with those of the new configuration, table by table.
-fn host_changes<'a>(followed: &[(HostId, &HostConfig)], new: &'a [HostConfig]) -> HostChanges<'a> {
+pub(super) fn host_changes<'a>(
+    followed: &[(HostId, &HostConfig)],
+    new: &'a [HostConfig],
+) -> HostChanges<'a> {
     HostChanges {
         removed: followed
             .iter()
@@ -105,7 +111,10 @@ impl Agent {
         let (config, source) = match config::load(self.reloader.config_file.as_deref()) {
             Ok(loaded) => loaded,
             Err(err) => {
-                warn!("reload refused, the configuration in force is kept: {err}");
+                warn!(
+                    "reload refused, the configuration in force is kept: {}",
+                    Chain(&err)
+                );
                 return;
             }
         };
@@ -124,7 +133,10 @@ impl Agent {
         let mut listeners = match self.prepare(&config, &changes.added, &gone).await {
             Ok(listeners) => listeners,
             Err(err) => {
-                warn!("reload refused, the configuration in force is kept: {err:#}");
+                warn!(
+                    "reload refused, the configuration in force is kept: {}",
+                    Chain(err.as_ref())
+                );
                 return;
             }
         };
@@ -139,7 +151,7 @@ impl Agent {
             .filter(|h| !listeners.contains_key(&h.name));
         match bind_caches(freed).await {
             Ok(bound) => listeners.extend(bound),
-            Err(err) => warn!("{err:#}"),
+            Err(err) => warn!("{}", Chain(err.as_ref())),
         }
         for host in &changes.added {
             self.follow_new_host(host, &mut listeners).await;
@@ -204,7 +216,7 @@ impl Agent {
         info!(host = %name, "{name}: no longer followed; {target} left as it is");
     }
 
-    /// Follows a host the new configuration adds, as at start. A host whose served cache has
+    /// Follows a host the new configuration adds, as at start ([`arriving`], [`start_following`]). A host whose served cache has
     /// no port (see [`Agent::reload`]) is not followed: Nix would be pointed at nothing.
     async fn follow_new_host(
         &mut self,
@@ -216,25 +228,17 @@ impl Agent {
             warn!(host = %config.name, "{}: not followed: its Nix cache has no port", config.name);
             return;
         }
-        let now = Instant::now();
-        let mut host = Host::new(self.reloader.new_id(), config.clone(), now);
-        if let Some(network) = &self.network {
-            let transition = host.tracker.on_network(network.verdict(config), now);
-            host.transition(transition, None);
-        }
+        let id = self.reloader.new_id();
+        let host = arriving(id, config, self.network.as_ref(), Instant::now());
         if let Err(err) = self.publisher.add_host(host.status()).await {
             warn!(host = %config.name, "cannot publish the host's object: {err}");
         }
-        if let Some(listener) = listener {
-            self.tasks.serve_cache(host.id, listener, config);
-        }
-        self.tasks.follow_host(host.id, config);
+        start_following(&mut self.tasks, &host, listener);
         self.hosts.push(host);
     }
 
     /// The top-level settings of `config`, from the next decision on.
     fn apply_settings(&mut self, config: &Config) {
-        self.tasks.set_check_limit(config.probe.timeout);
         self.tasks.set_drain(drain_for(config, self.tasks.drain()));
         if with_addresses(config) != with_addresses(&self.config) {
             let bus = self.reloader.system_bus.clone();

@@ -17,18 +17,18 @@ use tracing::warn;
 use zbus::connection;
 
 use crate::address::HostAddress;
-use crate::config::{expand_runtime_dir, expand_store_uri, HostConfig, NixCache};
+use crate::cache::health;
+use crate::cache::server::{self as cache, CacheSettings};
+use crate::config::{expand_runtime_dir, expand_store_uri, HostConfig, NixCache, ProbeSettings};
 use crate::event::{Event, Events, HostId};
 use crate::network;
-use crate::nix::cache::{self, CacheSettings};
-use crate::nix::drain::Drain;
-use crate::nix::health;
 use crate::probe::{CheckRequest, Probe};
 use crate::reconcile::{JobKind, NetworkView, Run, NIX_CHECK_DEADLINE};
 use crate::sleep;
 use crate::units::Units;
+use crate::upload::drain::Drain;
 
-use super::host::Host;
+use super::host_state::Host;
 
 /// After losing the system bus, try to connect again this often.
 const SYSTEM_BUS_RETRY: Duration = Duration::from_secs(2);
@@ -43,8 +43,6 @@ pub(super) struct Tasks {
     events: Events,
     probe: Arc<dyn Probe>,
     units: Units,
-    /// The deadline of one check.
-    check_limit: Duration,
     /// `$XDG_RUNTIME_DIR`, where tunnelled daemon sockets (`%t/`) are.
     runtime_dir: PathBuf,
     /// The upload spool, when a host uploads.
@@ -52,13 +50,7 @@ pub(super) struct Tasks {
 }
 
 impl Tasks {
-    pub fn new(
-        events: Events,
-        probe: Arc<dyn Probe>,
-        units: Units,
-        check_limit: Duration,
-        runtime_dir: PathBuf,
-    ) -> Self {
+    pub fn new(events: Events, probe: Arc<dyn Probe>, units: Units, runtime_dir: PathBuf) -> Self {
         Tasks {
             running: JoinSet::new(),
             hosts: HashMap::new(),
@@ -66,7 +58,6 @@ impl Tasks {
             events,
             probe,
             units,
-            check_limit,
             runtime_dir,
             drain: None,
         }
@@ -80,11 +71,6 @@ impl Tasks {
     /// The upload spool, if a host uploads.
     pub fn drain(&self) -> Option<&Drain> {
         self.drain.as_ref()
-    }
-
-    /// The deadline of one check from now on.
-    pub fn set_check_limit(&mut self, limit: Duration) {
-        self.check_limit = limit;
     }
 
     /// Sends [`Event::Reload`] for each item of `requests` (SIGHUP).
@@ -168,19 +154,19 @@ impl Tasks {
     /// network allows for it, tagged with its tracker's epoch.
     pub fn check(
         &mut self,
-        id: HostId,
         host: &Host,
         candidates: Vec<HostAddress>,
         network: &NetworkView,
+        settings: &ProbeSettings,
     ) {
-        let config = &host.config;
+        let (id, config) = (host.id, &host.config);
         let via = network.local_addresses_for(config);
         let epoch = host.tracker.epoch();
         let check = self.probe.check(CheckRequest {
             hostname: config.hostname.clone(),
             candidates,
             port: config.port,
-            limit: self.check_limit,
+            limit: settings.timeout,
             via,
         });
         let events = self.events.clone();

@@ -6,7 +6,7 @@
 use std::env;
 use std::process::ExitCode;
 
-use reachd::nix::hook;
+use reachd::upload::hook;
 
 fn main() -> ExitCode {
     // Even a bug must not fail the build: the panic is printed (into the build log), then 0.

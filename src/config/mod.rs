@@ -9,11 +9,15 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-mod nix;
+mod host_nix;
 
-pub use self::nix::{
+pub use self::host_nix::{
     expand_runtime_dir, expand_store_uri, http_authority, NixCache, DEFAULT_LISTEN,
 };
+
+/// Where the upload spool lives unless `[nix] spool` says otherwise (created by
+/// systemd/tmpfiles.d/reachd.conf); the post-build hook's default too.
+pub const DEFAULT_SPOOL: &str = "/var/spool/reachd";
 
 /// The configuration used when no file exists: the Raspberry Pi at `rpi.local`.
 pub const EMBEDDED_DEFAULT: &str = r#"[[host]]
@@ -28,6 +32,46 @@ pub struct Config {
     pub probe: ProbeSettings,
     /// `[nix] spool`: where Nix's post-build hook records builds for upload.
     pub spool: PathBuf,
+}
+
+impl Config {
+    /// What `reachd run --check-config` prints: the file, the spool if any host uploads, and
+    /// one line per host, each line ended by a newline.
+    pub fn summary(&self, source: &Source) -> String {
+        let mut text = format!("{source}: OK\n");
+        if self.hosts.iter().any(|h| h.upload.is_some()) {
+            text.push_str(&format!("upload spool: {}\n", self.spool.display()));
+        }
+        for host in &self.hosts {
+            text.push_str(&format!(
+                "host {}: {} -> {}{}{}{}{}\n",
+                host.name,
+                host.hostname,
+                host.target,
+                host.port
+                    .map(|p| format!(", TCP port {p}"))
+                    .unwrap_or_default(),
+                if host.connections.is_empty() {
+                    String::new()
+                } else {
+                    format!(", only on {}", host.connections.join(", "))
+                },
+                match &host.nix {
+                    None => String::new(),
+                    Some(cache @ NixCache::Served { daemon_socket, .. }) => format!(
+                        ", Nix cache {} served from the daemon at {daemon_socket}",
+                        cache.substituter()
+                    ),
+                    Some(cache) => format!(", Nix cache {}", cache.substituter()),
+                },
+                host.upload
+                    .as_ref()
+                    .map(|store| format!(", builds uploaded to {store}"))
+                    .unwrap_or_default(),
+            ));
+        }
+        text
+    }
 }
 
 /// One host to follow.
@@ -97,7 +141,7 @@ impl Default for ProbeSettings {
 /// A configuration error, already located: `FILE:LINE:COLUMN: key `K`: message`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -188,7 +232,7 @@ struct RawHost {
     port: Option<Spanned<u16>>,
     #[serde(default)]
     connections: Vec<Spanned<String>>,
-    nix: Option<Spanned<nix::RawNix>>,
+    nix: Option<Spanned<host_nix::RawNix>>,
 }
 
 #[derive(Deserialize)]
@@ -287,7 +331,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             ))
         }
         Some(spool) => PathBuf::from(spool.into_inner()),
-        None => PathBuf::from(crate::nix::spool::DEFAULT_DIR),
+        None => PathBuf::from(DEFAULT_SPOOL),
     };
     Ok(Config {
         hosts,
@@ -358,7 +402,7 @@ fn validate_host(
     }
     let (nix, upload) = match raw.nix {
         Some(table) => {
-            let valid = nix::validate(table.into_inner(), name, &at)?;
+            let valid = host_nix::validate(table.into_inner(), name, &at)?;
             (Some(valid.cache), valid.upload)
         }
         None => (None, None),

@@ -8,8 +8,8 @@
 
 mod files;
 mod host;
-mod nix;
 pub mod nix_conf;
+mod nix_setup;
 mod session;
 
 use std::ffi::OsString;
@@ -17,6 +17,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::config;
+use crate::error::Chain;
 
 /// How a finding counts: only a failure makes `reachd doctor` exit 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -154,7 +155,7 @@ pub async fn run(config: Option<PathBuf>, paths: &Paths, mut emit: impl FnMut(Fi
         }
         Err(err) => {
             emit(Finding::fail(
-                format!("configuration: {err}"),
+                format!("configuration: {}", Chain(&err)),
                 "correct it, then check it with `reachd run --check-config`",
             ));
             None
@@ -168,7 +169,7 @@ pub async fn run(config: Option<PathBuf>, paths: &Paths, mut emit: impl FnMut(Fi
     }
     emit(files::dispatcher_hook(&paths.dispatcher_hook));
     if let Some(config) = &loaded {
-        nix::check(config, paths, &mut emit);
+        nix_setup::check(config, paths, &mut emit);
     }
 }
 

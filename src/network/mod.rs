@@ -1,5 +1,5 @@
 //! NetworkManager, seen from the system bus: the agent gets a fresh [`NetworkView`] whenever
-//! NetworkManager's state, primary connection, active connections or their addresses change.
+//! NetworkManager's state, active connections or their addresses change.
 //!
 //! Level-triggered: every signal only says "read again", and a burst of signals costs one read.
 //! Signals are subscribed to before the first read (coldplug), so no change falls between the
@@ -128,16 +128,11 @@ async fn read(
     with_addresses: bool,
 ) -> zbus::Result<NetworkView> {
     let state = manager.state().await?;
-    let primary = manager.primary_connection().await?;
     let mut active = BTreeMap::new();
-    let mut primary_uuid = None;
     for path in manager.active_connections().await? {
         // An active connection may vanish between the list and the read: skip it.
         match read_active(system, &path, with_addresses).await {
             Ok((uuid, activated, addresses)) => {
-                if path == primary {
-                    primary_uuid = Some(uuid.clone());
-                }
                 if activated {
                     active.insert(uuid, addresses);
                 }
@@ -145,7 +140,7 @@ async fn read(
             Err(err) => debug!(%path, "active connection not read: {err}"),
         }
     }
-    debug!(state, ?primary_uuid, ?active, "NetworkManager read");
+    debug!(state, ?active, "NetworkManager read");
     Ok(NetworkView {
         connected: (NM_STATE_CONNECTED_LOCAL..=NM_STATE_CONNECTED_GLOBAL).contains(&state),
         active,

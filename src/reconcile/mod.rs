@@ -4,15 +4,15 @@
 //! the next one. The agent feeds them and carries out what they return.
 //!
 //! [`reach`] decides whether a host is reachable and when to check it; [`target`] what to do
-//! about its systemd target; [`nix`] whether Nix may use its cache; [`upload`] when to upload
-//! builds to it.
+//! about its systemd target; [`cache_gate`] whether Nix may use its cache; [`upload_timing`]
+//! when to upload builds to it and how long to wait after a failure.
 
-pub mod nix;
+pub mod cache_gate;
 pub mod reach;
 pub mod target;
-pub mod upload;
+pub mod upload_timing;
 
-pub use nix::{nix_eligibility, NixGate, NixPlan, NIX_CHECK_DEADLINE};
+pub use cache_gate::{nix_eligibility, NixGate, NixPlan, NIX_CHECK_DEADLINE};
 pub use reach::{CheckOutcome, HostTracker, NetworkView, Plan, Reach, Transition};
 pub use target::{JobKind, TargetAction, TargetView, UnitState};
-pub use upload::{BatchOutcome, Run, UploadGate, UploadPlan};
+pub use upload_timing::{BatchOutcome, Run, UploadGate, UploadPlan};

@@ -83,8 +83,10 @@ impl ReadWatch {
             "inotify_init1: {}",
             std::io::Error::last_os_error()
         );
+        // SAFETY: `fd` was just returned by inotify_init1 and nothing else owns it.
         let inotify = unsafe { OwnedFd::from_raw_fd(fd) };
         let path = CString::new(path.as_os_str().as_bytes()).expect("a path without NUL");
+        // SAFETY: a live descriptor and a NUL-terminated path that outlives the call.
         let watch = unsafe {
             libc::inotify_add_watch(inotify.as_raw_fd(), path.as_ptr(), libc::IN_CLOSE_NOWRITE)
         };
@@ -124,9 +126,9 @@ fn job_for(call: &Call, unit: &str) -> bool {
     matches!(call, Call::Start { unit: u, .. } | Call::Stop { unit: u, .. } | Call::Restart { unit: u, .. } if u == unit)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_added_is_followed_and_the_unchanged_one_is_not_touched() {
-    within_timeout(async {
+#[test]
+fn a_host_added_is_followed_and_the_unchanged_one_is_not_touched() {
+    on_buses(async {
         let (rig, _probe) = started_with_fake_probe("").await;
         let before = rig.host().await;
         let calls_before = rig.systemd.calls().len();
@@ -154,13 +156,12 @@ async fn a_host_added_is_followed_and_the_unchanged_one_is_not_touched() {
         // The unchanged host kept its state (nothing published anew, no job).
         assert_eq!(rig.host().await, before);
         rig.assert_agent_running();
-    })
-    .await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_removed_is_dropped_and_its_target_left_as_it_is() {
-    within_timeout(async {
+#[test]
+fn a_host_removed_is_dropped_and_its_target_left_as_it_is() {
+    on_buses(async {
         let (mut rig, _cache, probe) = using_a_fake_cache().await;
 
         rig.reload(NAS);
@@ -206,13 +207,12 @@ async fn a_host_removed_is_dropped_and_its_target_left_as_it_is() {
             "no job for the removed host's target"
         );
         rig.assert_agent_running();
-    })
-    .await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_configuration_is_refused_and_the_one_in_force_kept() {
-    within_timeout(async {
+#[test]
+fn a_bad_configuration_is_refused_and_the_one_in_force_kept() {
+    on_buses(async {
         let (rig, _probe) = started_with_fake_probe("").await;
         let before = rig.host().await;
         let calls_before = rig.systemd.calls();
@@ -235,13 +235,12 @@ async fn a_bad_configuration_is_refused_and_the_one_in_force_kept() {
             "no job for rpi's target"
         );
         rig.assert_agent_running();
-    })
-    .await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changed_host_starts_afresh_and_its_target_is_adopted_not_restarted() {
-    within_timeout(async {
+#[test]
+fn a_changed_host_starts_afresh_and_its_target_is_adopted_not_restarted() {
+    on_buses(async {
         let (rig, _probe) = started_with_fake_probe("").await;
         let before = rig.host().await;
         let jobs_before = rig.systemd.jobs();
@@ -271,6 +270,5 @@ async fn a_changed_host_starts_afresh_and_its_target_is_adopted_not_restarted() 
             "no job for the changed host"
         );
         rig.assert_agent_running();
-    })
-    .await;
+    });
 }

@@ -6,9 +6,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::lab::{dir, io_err, HOOK, LAB_CGROUP, OLD_SCRIPT, PREFIX, SYSTEM_BUS, T};
+use crate::lab::on_disk::{state, unmount_below};
+use crate::lab::{dir, io_err, HOOK, LAB_CGROUP, OLD_SCRIPT, PREFIX, SYSTEM_BUS};
 use crate::netns;
-use crate::process::{kill_cgroup_tree, Spawn, Tracker};
+use crate::process::{kill_cgroup_tree, Tracker};
 
 /// The machine's avahi runtime directory, which the benchmark's laptop-side avahi uses (and
 /// creates, if the machine has none) so that nss-mdns finds its socket.
@@ -27,10 +28,6 @@ pub fn watchdog(budget: Duration, what: &'static str, report: fn()) {
         report();
         std::process::exit(1);
     });
-}
-
-pub fn state(name: &str) -> PathBuf {
-    dir().join("state").join(name)
 }
 
 /// Records that the lab created something outside DIR that recovery must undo.
@@ -100,20 +97,6 @@ fn keep_logs() {
     for f in files {
         if let Some(name) = f.file_name() {
             let _ = fs::copy(&f, to.join(name));
-        }
-    }
-}
-
-/// Lazily unmounts anything mounted below `root` (an sshfs killed mid-run leaves a dead mount
-/// that makes `rm -r` fail).
-pub fn unmount_below(root: &Path) {
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    for line in mounts.lines() {
-        if let Some(target) = line.split_whitespace().nth(1) {
-            // /proc/mounts escapes spaces as \040; our paths have none.
-            if Path::new(target).starts_with(root) {
-                let _ = Spawn::new("umount").args(["-l", target]).run(T);
-            }
         }
     }
 }

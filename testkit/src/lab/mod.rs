@@ -29,6 +29,7 @@ pub mod forge;
 pub mod impostor;
 pub mod network;
 pub mod nix;
+pub mod on_disk;
 pub mod pi;
 pub mod preflight;
 pub mod rogue;
@@ -38,9 +39,10 @@ pub mod views;
 use crate::netns::{self, Avahi, Netns};
 use crate::process::{Daemon, Spawn, Tracker};
 
-use self::cleanup::{marked, recover, state};
+use self::cleanup::{marked, recover};
 use self::network::install_hook;
 use self::nix::NixPaths;
+use self::on_disk::state;
 use self::user::TestUser;
 
 /// All the lab's files; removed at the end (and at the start, if a run died halfway).

@@ -8,7 +8,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::lab::cleanup::{mark, state};
+use crate::lab::cleanup::mark;
+use crate::lab::on_disk::state;
 use crate::lab::{dir, io_err, Lab, CAFE_UUID, HOME_UUID, HOOK, PREFIX, SYSTEM_BUS, T};
 use crate::process::{wait_until, Spawn};
 

@@ -15,7 +15,8 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::lab::cleanup::state;
+use crate::lab::nix::places::{self, laptop_socket, laptop_store_root};
+use crate::lab::on_disk::{state, unmount_below};
 use crate::lab::{chown_tree, dir, io_err, Lab, HOME_UUID, LAB_CGROUP, PI_ADDR, T};
 use crate::process::{kill_cgroup_tree, wait_until, Daemon, Output, Spawn, Tracker};
 
@@ -137,7 +138,7 @@ impl TestUser {
             units.join("rpi-nix-tunnel.service.d/lab.conf"),
             format!(
                 "[Service]\nEnvironment=RPI_NIX_SOCKET={}\n",
-                crate::lab::nix::pi_socket().display()
+                places::pi_socket().display()
             ),
         )?;
         w(
@@ -148,10 +149,7 @@ impl TestUser {
             ),
         )?;
         w(self.reachd_config_path(), reachd_config())?;
-        w(
-            self.home.join(".config/nix/nix.conf"),
-            crate::lab::nix::user_nix_conf(true),
-        )?;
+        w(self.home.join(".config/nix/nix.conf"), user_nix_conf(true))?;
         let host_key = read(pi.join("host_key.pub"))?;
         let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
         w(
@@ -392,9 +390,38 @@ pub fn reachd_config() -> String {
          target = \"rpi-accessible.target\"\nport = 22\nconnections = [\"{HOME_UUID}\"]\n\n\
          [host.nix]\ndaemon_socket = \"%t/rpi-nix-daemon.sock\"\nlisten = \"{listen}\"\n\
          upload = true\n",
-        spool = crate::lab::nix::spool_dir().display(),
-        listen = crate::lab::nix::CACHE_LISTEN,
+        spool = places::spool_dir().display(),
+        listen = places::CACHE_LISTEN,
     )
+}
+
+/// reachd's nix.conf fragment for the lab user.
+pub fn fragment_path() -> PathBuf {
+    Path::new("/run/user")
+        .join(UID.to_string())
+        .join("reachd/nix.conf")
+}
+
+/// The lab user's ~/.config/nix/nix.conf, with or without reachd's fragment. `store =` stands
+/// for the default daemon socket of a real multi-user install; it is in nix.conf rather than
+/// NIX_REMOTE in the user manager's environment because that is where a user's Nix settings
+/// live: every shell, timer and unit reads the file, while the manager's environment reaches
+/// only its units.
+pub fn user_nix_conf(include: bool) -> String {
+    let mut text = format!(
+        "# The lab's laptop nix-daemon (a chroot store on a socket of its own; `root`: where\n\
+         # `nix copy` reads the paths it uploads).\n\
+         store = unix://{}?root={}\n",
+        laptop_socket().display(),
+        laptop_store_root().display()
+    );
+    if include {
+        text.push_str(&format!(
+            "# reachd's fragment: the Pi's cache while it can serve.\n!include {}\n",
+            fragment_path().display()
+        ));
+    }
+    text
 }
 
 /// Makes sure `reachd-lab` exists with uid 1500 and `home` as its home; returns its gid.
@@ -461,7 +488,7 @@ pub fn recover() {
             }
         }
     }
-    crate::lab::cleanup::unmount_below(&dir().join("home"));
+    unmount_below(&dir().join("home"));
     if marked("runtime-dir") {
         let _ = fs::remove_dir_all(Path::new("/run/user").join(UID.to_string()));
     }

@@ -6,20 +6,12 @@
 
 use std::fs;
 use std::io::ErrorKind;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::SUBSTITUTER_LINE;
-use crate::lab::user::UID;
+use super::places::SUBSTITUTER_LINE;
+use crate::lab::user::fragment_path;
 use crate::lab::Lab;
 use crate::process::wait_until;
-
-/// reachd's nix.conf fragment for the lab user.
-pub fn fragment_path() -> PathBuf {
-    Path::new("/run/user")
-        .join(UID.to_string())
-        .join("reachd/nix.conf")
-}
 
 /// One read of the fragment.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,57 +6,15 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::{daemon_handshake, fragment_path, nix_spawn, upload, write, CACHE_URL};
-use crate::lab::user::TestUser;
-use crate::lab::{dir, io_err, Lab, T};
+use super::places::{
+    hook_path, laptop_dir, laptop_etc, laptop_socket, laptop_store_root, spool_dir,
+    user_conf_without_include, CACHE_URL, SPOOL_VAR, TUNNEL_STORE,
+};
+use super::tools::{daemon_handshake, nix_spawn, write};
+use super::upload::laptop_key;
+use crate::lab::user::{user_nix_conf, TestUser};
+use crate::lab::{io_err, Lab, T};
 use crate::process::{wait_until, Spawn};
-
-fn laptop_dir() -> PathBuf {
-    dir().join("laptop-nix")
-}
-
-/// The laptop's "/etc/nix" (NIX_CONF_DIR of its daemon and of the user's commands).
-pub fn laptop_etc() -> PathBuf {
-    laptop_dir().join("etc")
-}
-
-pub fn laptop_store_root() -> PathBuf {
-    laptop_dir().join("root")
-}
-
-fn laptop_socket() -> PathBuf {
-    laptop_dir().join("daemon.sock")
-}
-
-/// The user's nix.conf without the `!include` (NIX_USER_CONF_FILES), for comparisons.
-pub fn user_conf_without_include() -> PathBuf {
-    laptop_dir().join("user-without-include.conf")
-}
-
-/// The lab user's ~/.config/nix/nix.conf, with or without reachd's fragment. `store =` stands
-/// for the default daemon socket of a real multi-user install; it is in nix.conf rather than
-/// NIX_REMOTE in the user manager's environment because that is where a user's Nix settings
-/// live: every shell, timer and unit reads the file, while the manager's environment reaches
-/// only its units.
-pub fn user_nix_conf(include: bool) -> String {
-    let mut text = format!(
-        "# The lab's laptop nix-daemon (a chroot store on a socket of its own; `root`: where\n\
-         # `nix copy` reads the paths it uploads).\n\
-         store = unix://{}?root={}\n",
-        laptop_socket().display(),
-        laptop_store_root().display()
-    );
-    if include {
-        text.push_str(&format!(
-            "# reachd's fragment: the Pi's cache while it can serve.\n!include {}\n",
-            fragment_path().display()
-        ));
-    }
-    text
-}
-
-/// The tunnel's socket as a store: what the old recipe named in `extra-substituters`.
-pub const TUNNEL_STORE: &str = "unix:///run/user/1500/rpi-nix-daemon.sock";
 
 /// The old recipe's user nix.conf (for NIX_USER_CONF_FILES): the tunnel's socket as an extra
 /// substituter, which the laptop's daemon lists in `trusted-substituters` as the recipe said.
@@ -128,7 +86,7 @@ impl Lab {
         for d in [&etc, &home, &laptop_store_root()] {
             fs::create_dir_all(d).map_err(|e| io_err(d.display(), e))?;
         }
-        let (laptop_sec, _) = upload::laptop_key()?;
+        let (laptop_sec, _) = laptop_key()?;
         write(
             &etc.join("nix.conf"),
             &format!(
@@ -140,7 +98,7 @@ impl Lab {
                  # Uploads: builds signed by laptop-1, recorded by reachd's hook.\n\
                  secret-key-files = {}\npost-build-hook = {}\n",
                 laptop_sec.display(),
-                upload::hook_path().display()
+                hook_path().display()
             ),
         )?;
         write(&user_conf_without_include(), &user_nix_conf(false))?;
@@ -148,7 +106,7 @@ impl Lab {
             .args(["--option", "store"])
             .arg(format!("local?root={}", laptop_store_root().display()))
             .env("NIX_DAEMON_SOCKET_PATH", laptop_socket())
-            .env(upload::SPOOL_VAR, upload::spool_dir())
+            .env(SPOOL_VAR, spool_dir())
             .netns(Lab::netns_path("laptop"));
         self.laptop_nix = Some(self.daemon("laptop-nix-daemon", daemon)?);
         wait_until(T, "the laptop's nix-daemon", || {

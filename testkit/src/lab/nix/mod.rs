@@ -4,9 +4,11 @@
 //! (where reachd's cache listens on 127.0.0.1), and the lab user's Nix configuration, which
 //! includes reachd's fragment as the README tells users to.
 //!
-//! Modules: pi.rs (the Pi's daemon and store), laptop.rs (the laptop's daemon, the user's
-//! configuration, running nix as the user), fragment.rs (reachd's fragment and what reachd says
-//! about Nix), upload.rs (the post-build hook, the spool, the laptop's signing key). Where things are:
+//! Modules: pi.rs (the Pi's daemon and store), laptop.rs (the laptop's daemon, running nix as
+//! the user), fragment.rs (reachd's fragment and what reachd says about Nix), upload.rs (the
+//! post-build hook, the spool, the laptop's signing key); places.rs (where things are) and
+//! tools.rs (starting Nix, greeting a daemon) are the leaves they all read; the user's
+//! nix.conf is written with the user's other files (../user.rs). Where things are:
 //! - DIR/pi/store-root: the Pi's chroot store, a tmpfs mounted in the Pi's mount namespace only
 //!   (sshd and the Pi's nix-daemon share that namespace); from the machine's own namespace it
 //!   is an empty directory. Its daemon's socket, the tunnel's far end (`RPI_NIX_SOCKET`), is
@@ -31,38 +33,27 @@
 //! - /proc/PID/root reaches into another mount namespace: the lab waits for the Pi's socket
 //!   through it; Nix never looks there.
 
-use std::fs;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
 
-use crate::lab::{io_err, Lab};
-use crate::process::Spawn;
+use crate::lab::Lab;
 
 mod fragment;
 mod laptop;
 mod pi;
+pub(crate) mod places;
+mod tools;
 mod upload;
 
-pub use fragment::{fragment_path, Fragment};
-pub use laptop::{
-    laptop_etc, laptop_store_root, old_recipe_conf, user_conf_without_include, user_nix_conf,
-    NixRun, TUNNEL_STORE,
+pub use self::fragment::Fragment;
+pub use self::laptop::{old_recipe_conf, NixRun};
+pub use self::pi::SMALL_TEXT;
+pub use self::places::{
+    hook_path, laptop_etc, laptop_store_root, pi_socket, pi_store_root, spool_dir,
+    user_conf_without_include, CACHE_LISTEN, CACHE_URL, SUBSTITUTER_LINE, TUNNEL_STORE,
 };
-pub use pi::{pi_socket, pi_store_root, SMALL_TEXT};
-pub use upload::{create_spool, hook_path, spool_dir, UploadView};
-
-/// Where reachd serves the Pi's cache, in the laptop's network namespace (its config's
-/// `listen`), and the URL Nix uses for it.
-pub const CACHE_LISTEN: &str = "127.0.0.1:37515";
-pub const CACHE_URL: &str = "http://127.0.0.1:37515";
-/// The one line reachd's fragment holds while the Pi's cache can serve.
-pub const SUBSTITUTER_LINE: &str = "extra-substituters = http://127.0.0.1:37515";
-/// The worker protocol's greeting: the client's magic, then the daemon's.
-const WORKER_MAGIC_1: u64 = 0x6e69_7863;
-const WORKER_MAGIC_2: u64 = 0x6478_696f;
-const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+pub use self::tools::daemon_handshake;
+pub use self::upload::{create_spool, UploadView};
+pub use crate::lab::user::{fragment_path, user_nix_conf};
 
 /// Store paths the scenarios use: what only the Pi has, and one the laptop has on its own.
 #[derive(Debug, Clone)]
@@ -102,47 +93,4 @@ impl Lab {
         });
         Ok(())
     }
-}
-
-/// `program` (for a root nix command or daemon of the lab) with nothing of the caller's
-/// environment but PATH, Nix's configuration in `etc`, and its state and logs below `home`:
-/// whatever is not configured explicitly (a daemon's socket, a plain `local` store) must never
-/// fall back to the machine's /nix/var.
-fn nix_spawn(program: &str, etc: &Path, home: &Path) -> Spawn {
-    Spawn::new(program)
-        .env_clear()
-        .env("PATH", PATH)
-        .env("HOME", home)
-        .env("NIX_CONF_DIR", etc)
-        .env("NIX_STATE_DIR", home.join("state"))
-        .env("NIX_LOG_DIR", home.join("log"))
-}
-
-fn write(path: &Path, text: &str) -> Result<(), String> {
-    fs::write(path, text).map_err(|e| io_err(path.display(), e))
-}
-
-/// The worker protocol's greeting with the nix-daemon at `socket`: sends the client's magic,
-/// expects the daemon's and returns its protocol version ("1.34").
-pub fn daemon_handshake(socket: &Path) -> Result<String, String> {
-    let e = |what: &str, err: std::io::Error| io_err(format!("{what} {}", socket.display()), err);
-    let mut s = UnixStream::connect(socket).map_err(|err| e("connecting to", err))?;
-    let timeout = Some(Duration::from_secs(5));
-    s.set_read_timeout(timeout)
-        .and_then(|()| s.set_write_timeout(timeout))
-        .map_err(|err| e("setting timeouts on", err))?;
-    s.write_all(&WORKER_MAGIC_1.to_le_bytes())
-        .map_err(|err| e("writing to", err))?;
-    let mut buf = [0u8; 16];
-    s.read_exact(&mut buf)
-        .map_err(|err| e("reading the nix-daemon's answer from", err))?;
-    let word = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
-    if word(0) != WORKER_MAGIC_2 {
-        return Err(format!(
-            "{} answered {:#x}, not the nix-daemon's magic",
-            socket.display(),
-            word(0)
-        ));
-    }
-    Ok(format!("{}.{}", word(8) >> 8, word(8) & 0xff))
 }

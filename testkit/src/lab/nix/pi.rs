@@ -5,7 +5,10 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{daemon_handshake, nix_spawn, write};
+use super::laptop::NixRun;
+use super::places::{laptop_etc, pi_nix_dir, pi_socket, pi_store_root};
+use super::tools::{daemon_handshake, nix_spawn, write};
+use super::upload::laptop_key;
 use crate::lab::{dir, io_err, Lab, PREFIX, T};
 use crate::process::wait_until;
 
@@ -31,20 +34,6 @@ in rec {
   big = mk "p-big-${nonce}" "/usr/bin/head -c 104857600 /dev/urandom > $out";
 }
 "#;
-
-pub fn pi_store_root() -> PathBuf {
-    dir().join("pi/store-root")
-}
-
-/// The Pi's nix-daemon socket, where a real Pi has it (below its store's root): visible only in
-/// the Pi's mount namespace.
-pub fn pi_socket() -> PathBuf {
-    pi_store_root().join("nix/var/nix/daemon-socket/socket")
-}
-
-pub(super) fn pi_nix_dir() -> PathBuf {
-    dir().join("pi/nix")
-}
 
 /// The Pi's public key, `pi-1:…`.
 pub(super) fn pi_key() -> Result<String, String> {
@@ -84,7 +73,7 @@ impl Lab {
             .ok(T)
             .map_err(|e| e.to_string())?;
         let key = pi_key()?;
-        let (_, laptop_key) = super::upload::laptop_key()?;
+        let (_, laptop_key) = laptop_key()?;
         write(
             &nix.join("nix.conf"),
             &format!(
@@ -171,15 +160,11 @@ impl Lab {
     /// fresh chroot store at `to`, as root in the laptop's namespace with the lab's ssh key: the
     /// plain-ssh way to fetch from the Pi (`nix-store --serve` on the Pi, in its mount
     /// namespace, opening its store directly), to compare reachd's cache with.
-    pub fn ssh_copy_from_pi(
-        &self,
-        path: &str,
-        to: &std::path::Path,
-    ) -> Result<super::NixRun, String> {
+    pub fn ssh_copy_from_pi(&self, path: &str, to: &std::path::Path) -> Result<NixRun, String> {
         let nix = pi_nix_dir();
         let ssh = dir().join("home/.ssh");
         let remote = format!("local%3Froot%3D{}", pi_store_root().display());
-        let spawn = nix_spawn("nix", &super::laptop::laptop_etc(), &nix.join("home"))
+        let spawn = nix_spawn("nix", &laptop_etc(), &nix.join("home"))
             .args([
                 "--extra-experimental-features",
                 "nix-command",
@@ -202,6 +187,6 @@ impl Lab {
                 ),
             )
             .netns(Lab::netns_path("laptop"));
-        super::NixRun::of(spawn, BUILD_TIMEOUT)
+        NixRun::of(spawn, BUILD_TIMEOUT)
     }
 }

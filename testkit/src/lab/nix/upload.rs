@@ -25,23 +25,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::laptop::laptop_etc;
-use super::{nix_spawn, pi::pi_nix_dir, pi_socket};
+use super::places::{hook_path, laptop_etc, pi_nix_dir, pi_socket, spool_dir, SPOOL_VAR};
+use super::tools::nix_spawn;
 
-/// The variable that points the hook at a spool other than /var/spool/reachd.
-pub const SPOOL_VAR: &str = "REACHD_SPOOL";
 use crate::lab::user::TestUser;
 use crate::lab::{dir, io_err, Lab, T};
-
-/// The lab's spool (reachd's `[nix] spool`, the hook's `REACHD_SPOOL`).
-pub fn spool_dir() -> PathBuf {
-    dir().join("spool")
-}
-
-/// The hook as the laptop's nix-daemon runs it: a root-owned copy of the built binary.
-pub fn hook_path() -> PathBuf {
-    dir().join("bin/reachd-nix-upload")
-}
 
 /// Copies the built hook where the daemon runs it (the build tree may be under /root).
 pub(super) fn install_hook(built: &Path) -> Result<(), String> {

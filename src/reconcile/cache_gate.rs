@@ -1,4 +1,4 @@
-//! Nix: whether Nix may be pointed at a host's cache now. Only while the host is reachable, its
+//! The cache gate: whether Nix may be pointed at a host's cache now. Only while the host is reachable, its
 //! target is active (so the tunnel unit runs) and the cache answered its last check; the check
 //! is repeated while that holds, so a cache that stops answering (a half-dead tunnel) is dropped
 //! within [`NIX_CHECK_INTERVAL`] + the check's deadline. Away from home Nix never hears of the

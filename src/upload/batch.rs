@@ -1,5 +1,5 @@
-//! The drain: uploads a host's queued builds to its store with `nix copy`, one bounded batch per
-//! call, so that the agent decides when (while the host is reachable) and how often (the report
+//! One upload batch: a host's queued builds uploaded to its store with `nix copy`, one bounded
+//! batch per call, so that the agent decides when (while the host is reachable) and how often (the report
 //! says when calling again can do anything) and can stop at any moment by dropping the future.
 //!
 //! A batch: the oldest due entries; derivation-only entries (Nix 2.8) resolved to their outputs;
@@ -21,37 +21,15 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::time::{timeout_at, Instant};
 
-use crate::nix::spool::{one_line, EntryId, Queued, Retry, Spool, SpoolError, StorePath};
-
-/// Backoff of a queue whose store cannot be reached: 15 s, doubling, at most 15 min.
-pub const QUEUE_BACKOFF: Backoff = Backoff {
-    first: Duration::from_secs(15),
-    max: Duration::from_secs(15 * 60),
+use crate::error::chain;
+use crate::reconcile::upload_timing::{
+    after_failure, is_due, BatchEnd, ENTRY_BACKOFF, QUEUE_BACKOFF,
 };
-
-/// Backoff of an entry the store refused: 1 min, doubling, at most 6 h. It is never dropped.
-pub const ENTRY_BACKOFF: Backoff = Backoff {
-    first: Duration::from_secs(60),
-    max: Duration::from_secs(6 * 3600),
-};
+use crate::store_path::StorePath;
+use crate::upload::spool::{one_line, EntryId, Queued, Retry, Spool, SpoolError};
 
 /// The longest a ping of the store (after a failed copy) may take, within the batch's deadline.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Exponential backoff: `first` after one failure, doubling, at most `max`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    pub first: Duration,
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// The wait after `attempts` consecutive failures (at least 1).
-    pub fn after(&self, attempts: u32) -> Duration {
-        let doublings = attempts.saturating_sub(1).min(31);
-        self.first.saturating_mul(1 << doublings).min(self.max)
-    }
-}
 
 /// How to run Nix: where its programs are and what to add to their environment. The default
 /// runs `nix` and `nix-store` from `PATH` with the agent's environment, i.e. the user's Nix and
@@ -111,7 +89,7 @@ impl Nix {
 pub enum UploadError {
     #[error(transparent)]
     Spool(#[from] SpoolError),
-    #[error("cannot run `{command}`: {source}")]
+    #[error("cannot run `{command}`")]
     Spawn {
         command: String,
         #[source]
@@ -127,7 +105,7 @@ pub enum UploadError {
     Timeout { command: String },
     #[error("`{command}` printed {line:?}, not a store path")]
     Output { command: String, line: String },
-    #[error("the spool task failed: {0}")]
+    #[error("the spool task failed")]
     Task(#[from] tokio::task::JoinError),
 }
 
@@ -233,16 +211,16 @@ pub async fn upload_batch(
         }
         Err((Scope::Entries, error)) => {
             done.clone_from(&report.done);
-            let message = error.to_string();
+            let message = chain(&error);
             let mut retries = Vec::new();
             let mut most = 0;
             for queued in &selection.batch {
                 if done.contains(&queued.id) {
                     continue;
                 }
-                let attempts = queued.retry.as_ref().map_or(0, |r| r.attempts) + 1;
+                let previous = queued.retry.as_ref().map_or(0, |r| r.attempts);
+                let (attempts, next_try) = after_failure(ENTRY_BACKOFF, previous, now);
                 most = most.max(attempts);
-                let next_try = now + ENTRY_BACKOFF.after(attempts);
                 next.push(next_try);
                 retries.push((
                     queued.id,
@@ -291,14 +269,15 @@ pub async fn upload_batch(
         }
     }
     report.pending -= report.done.len().min(report.pending);
-    if report.pending > 0 {
-        let wait = match (selection.more, report.failure.as_ref().map(|f| f.scope)) {
-            (_, Some(Scope::Queue)) => next.into_iter().min(),
-            (true, _) => Some(now),
-            (false, _) => next.into_iter().chain(selection.wait_until).min(),
-        };
-        report.next_try = Some(wait.unwrap_or(now));
+    let queue_failed = report.failure.as_ref().map(|f| f.scope) == Some(Scope::Queue);
+    report.next_try = BatchEnd {
+        pending: report.pending,
+        more: selection.more,
+        queue_failed,
+        backoffs: next,
+        waiting_until: selection.wait_until,
     }
+    .next_batch(now);
     report
 }
 
@@ -348,7 +327,7 @@ fn select(
             Err(err) => return Err(err),
         };
         match &queued.retry {
-            Some(retry) if retry.next_try > now => {
+            Some(retry) if !is_due(retry.next_try, now) => {
                 let earliest = selection
                     .wait_until
                     .map_or(retry.next_try, |t| t.min(retry.next_try));
@@ -688,12 +667,12 @@ async fn queue_failure(
 ) -> (Failure, SystemTime) {
     // An unreadable state file counts as none: it only paces retries.
     let previous = queue_retry(spool, host).await.ok().flatten();
-    let attempts = previous.map_or(0, |r| r.attempts) + 1;
-    let next_try = now + QUEUE_BACKOFF.after(attempts);
+    let (attempts, next_try) =
+        after_failure(QUEUE_BACKOFF, previous.map_or(0, |r| r.attempts), now);
     let retry = Retry {
         attempts,
         next_try,
-        error: error.to_string(),
+        error: chain(&error),
     };
     let error = match blocking(spool, host, move |s, h| s.set_queue_retry(h, Some(&retry))).await {
         Ok(()) => error,
@@ -710,15 +689,6 @@ async fn queue_failure(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_its_maximum() {
-        assert_eq!(QUEUE_BACKOFF.after(0), Duration::from_secs(15));
-        assert_eq!(QUEUE_BACKOFF.after(1), Duration::from_secs(15));
-        assert_eq!(QUEUE_BACKOFF.after(3), Duration::from_secs(60));
-        assert_eq!(QUEUE_BACKOFF.after(40), Duration::from_secs(900));
-        assert_eq!(ENTRY_BACKOFF.after(u32::MAX), Duration::from_secs(6 * 3600));
-    }
 
     #[test]
     fn copy_log_counts_transfers_and_keeps_the_error() {

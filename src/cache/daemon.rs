@@ -25,8 +25,9 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::net::UnixStream;
 use tracing::debug;
 
-use super::hash::{hash_part_of, BadHash, Sha256};
+use super::hash::{BadHash, Sha256};
 use super::nar::{NarError, NarFramer};
+use crate::store_path::hash_part_of;
 
 pub(super) const WORKER_MAGIC_1: u64 = 0x6e69_7863;
 pub(super) const WORKER_MAGIC_2: u64 = 0x6478_696f;
@@ -109,7 +110,7 @@ pub struct PathInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot connect to the Nix daemon at {}: {source}", path.display())]
+    #[error("cannot connect to the Nix daemon at {}", path.display())]
     Connect {
         path: PathBuf,
         #[source]
@@ -119,9 +120,9 @@ pub enum DaemonError {
     Timeout(Duration),
     #[error("the Nix daemon closed the connection")]
     Closed,
-    #[error("talking to the Nix daemon: {0}")]
+    #[error("talking to the Nix daemon")]
     Io(#[source] io::Error),
-    #[error("the Nix daemon broke the protocol: {0}")]
+    #[error("the Nix daemon broke the protocol")]
     Protocol(#[from] ProtocolError),
     #[error("the Nix daemon reported: {0}")]
     Remote(String),

@@ -37,9 +37,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
+use crate::error::Chain;
+
 use super::daemon::{within, Daemon, DaemonError, NarStream, PathInfo, ProtocolError};
-use super::hash::{hash_part_of, is_hash_part, Sha256};
+use super::hash::Sha256;
 use super::pool::{Pool, MAX_IDLE_TIME};
+use crate::store_path::{hash_part_of, is_hash_part};
 
 /// The store directory the cache serves, the Pi's and the laptop's.
 const STORE_DIR: &str = "/nix/store";
@@ -283,9 +286,9 @@ fn nar_body(stream: NarStream<UnixStream>, size: u64, hash: String) -> Body {
     let frames = futures_util::stream::try_unfold(stream, move |mut stream| {
         let hash = hash.clone();
         async move {
-            let chunk = next_chunk(&mut stream, size)
-                .await
-                .inspect_err(|err| warn!("binary cache: NAR of {hash} broken off: {err}"))?;
+            let chunk = next_chunk(&mut stream, size).await.inspect_err(|err| {
+                warn!("binary cache: NAR of {hash} broken off: {}", Chain(err))
+            })?;
             Ok(chunk.map(|chunk| (Frame::data(chunk), stream)))
         }
     });
@@ -358,7 +361,7 @@ fn render_narinfo(hash: &str, info: &PathInfo) -> Result<String, ProtocolError> 
 /// 503 when the daemon cannot be reached in time (Nix retries, then fails, caching nothing);
 /// 502 when it answered something wrong.
 fn upstream_failed(hash: &str, err: DaemonError) -> Response<Body> {
-    warn!("binary cache: {hash}: {err}");
+    warn!("binary cache: {hash}: {}", Chain(&err));
     let status = match err {
         DaemonError::Protocol(_) | DaemonError::Remote(_) => StatusCode::BAD_GATEWAY,
         DaemonError::Connect { .. }
@@ -367,7 +370,7 @@ fn upstream_failed(hash: &str, err: DaemonError) -> Response<Body> {
         | DaemonError::Io(_)
         | DaemonError::Desynchronized => StatusCode::SERVICE_UNAVAILABLE,
     };
-    text(status, format!("{err}\n"))
+    text(status, format!("{}\n", Chain(&err)))
 }
 
 fn typed(content_type: &'static str, body: String) -> Response<Body> {

@@ -22,16 +22,14 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::fs::{self, File, OpenOptions, Permissions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File, Permissions};
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Where the spool lives unless told otherwise (created by systemd/tmpfiles.d/reachd.conf).
-pub const DEFAULT_DIR: &str = "/var/spool/reachd";
+use crate::atomic_file::{self, Mode, WriteError, TEMP_PREFIX};
+use crate::store_path::{Shown, StorePath, StorePathError};
 
 /// The most entries `incoming/` or one host's queue holds. Beyond it the hook refuses new entries
 /// (and says so in the build log) instead of dropping old ones: see docs/nix-upload.md.
@@ -48,108 +46,12 @@ pub const TEMP_MAX_AGE: Duration = Duration::from_secs(3600);
 /// The most characters of an error message kept in an entry or a queue's state.
 pub const MAX_ERROR_CHARS: usize = 1000;
 
-const NIX_STORE: &str = "/nix/store/";
-const HASH_LEN: usize = 32;
-const MAX_NAME_LEN: usize = 211;
-const NIX_BASE32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
 const ENTRY_HEADER: &str = "reachd-upload 1";
 const QUEUE_HEADER: &str = "reachd-queue 1";
 const ENTRY_SUFFIX: &str = ".entry";
-const TEMP_PREFIX: &str = ".tmp-";
 const QUEUE_STATE: &str = "state";
 const DIR_MODE: u32 = 0o2770;
 const FILE_MODE: u32 = 0o660;
-
-/// A string shown in a message: escaped, and cut after 100 characters, so that a hostile value
-/// (newlines, escape sequences, megabytes) cannot forge or flood a log line.
-pub struct Shown<'a>(pub &'a str);
-
-impl fmt::Display for Shown<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const MAX: usize = 100;
-        f.write_str("\"")?;
-        for c in self.0.chars().take(MAX) {
-            write!(f, "{}", c.escape_debug())?;
-        }
-        if self.0.chars().nth(MAX).is_some() {
-            write!(f, "\"… ({} bytes)", self.0.len())
-        } else {
-            f.write_str("\"")
-        }
-    }
-}
-
-/// Why a string is not a store path.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{shown} is not a store path: {reason}")]
-pub struct StorePathError {
-    shown: String,
-    pub reason: &'static str,
-}
-
-/// A path in `/nix/store`, checked as Nix checks it: `/nix/store/` + 32 characters of Nix's
-/// base-32 + `-` + a name of at most 211 characters of `[A-Za-z0-9+._?=-]`, not `.` or `..` nor
-/// starting with `.-` or `..-` (Nix's current rule). Nothing else is ever written to the spool
-/// or handed to a Nix command.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct StorePath(String);
-
-impl StorePath {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The part after the hash and its dash.
-    pub fn name(&self) -> &str {
-        &self.0[NIX_STORE.len() + HASH_LEN + 1..]
-    }
-
-    /// Whether this is a derivation (`.drv`).
-    pub fn is_derivation(&self) -> bool {
-        self.0.ends_with(".drv")
-    }
-}
-
-impl FromStr for StorePath {
-    type Err = StorePathError;
-
-    fn from_str(s: &str) -> Result<StorePath, StorePathError> {
-        let refuse = |reason| {
-            Err(StorePathError {
-                shown: Shown(s).to_string(),
-                reason,
-            })
-        };
-        let Some(base) = s.strip_prefix(NIX_STORE) else {
-            return refuse("it does not start with /nix/store/");
-        };
-        if base.len() > HASH_LEN + 1 + MAX_NAME_LEN {
-            return refuse("its name is longer than 211 characters");
-        }
-        let bytes = base.as_bytes();
-        if bytes.len() < HASH_LEN + 2 || bytes[HASH_LEN] != b'-' {
-            return refuse("it lacks a 32-character hash, a dash and a name");
-        }
-        if !bytes[..HASH_LEN].iter().all(|b| NIX_BASE32.contains(b)) {
-            return refuse("its hash is not Nix base-32");
-        }
-        let name = &base[HASH_LEN + 1..];
-        let allowed = |c: char| c.is_ascii_alphanumeric() || "+-._?=".contains(c);
-        if !name.chars().all(allowed) {
-            return refuse("its name has a character outside [A-Za-z0-9+._?=-]");
-        }
-        if name == "." || name == ".." || name.starts_with(".-") || name.starts_with("..-") {
-            return refuse("its name is `.` or `..`");
-        }
-        Ok(StorePath(s.to_string()))
-    }
-}
-
-impl fmt::Display for StorePath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// What one build asks to upload: the derivation and the outputs Nix named. With Nix 2.8
 /// (`OUT_PATHS` empty) only the derivation is known and its outputs are looked up when the entry
@@ -458,7 +360,7 @@ pub struct Queued {
 pub enum SpoolError {
     #[error("the spool {} does not exist or is not a directory: install systemd/tmpfiles.d/reachd.conf and run `systemd-tmpfiles --create` (docs/nix-upload.md)", .0.display())]
     Missing(PathBuf),
-    #[error("cannot {action} {}: {source}", path.display())]
+    #[error("cannot {action} {}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -469,12 +371,22 @@ pub enum SpoolError {
     Full { dir: PathBuf, count: usize },
     #[error("{} is not a host name: [a-z0-9-], 1 to 32 characters", Shown(.0))]
     BadHost(String),
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     BadEntry {
         path: PathBuf,
         #[source]
         source: EntryError,
     },
+}
+
+impl From<WriteError> for SpoolError {
+    fn from(err: WriteError) -> SpoolError {
+        SpoolError::Io {
+            action: err.action,
+            path: err.path,
+            source: err.source,
+        }
+    }
 }
 
 fn io_err<'p>(action: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> SpoolError + 'p {
@@ -874,57 +786,14 @@ fn read_entry(path: &Path, id: &EntryId) -> Result<Option<(Entry, Option<Retry>)
     Ok(Some((entry, retry)))
 }
 
-/// Writes `name` in `dir` whole or not at all: a new temporary file in the same directory,
-/// written and fsynced, then renamed over `name`. The caller fsyncs `dir` to make the rename
-/// durable (once for several files).
+/// Writes `name` in `dir` whole or not at all, with the spool's file mode; the caller fsyncs
+/// `dir` ([`sync_dir`]).
 fn write_atomically(dir: &Path, name: &str, content: &[u8]) -> Result<(), SpoolError> {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let mut attempt = 0;
-    let (temp, mut file) = loop {
-        let temp = dir.join(format!(
-            "{TEMP_PREFIX}{}-{}-{}",
-            std::process::id(),
-            nanos(SystemTime::now()),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        // create_new: O_EXCL, so a name planted in the group-writable directory (even a
-        // symlink) is never opened, only skipped.
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(&temp)
-        {
-            Ok(file) => break (temp, file),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 16 => attempt += 1,
-            Err(e) => return Err(io_err("create", &temp)(e)),
-        }
-    };
-    let written = fill_and_rename(&mut file, &temp, &dir.join(name), content);
-    if written.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    written
-}
-
-fn fill_and_rename(
-    file: &mut File,
-    temp: &Path,
-    target: &Path,
-    content: &[u8],
-) -> Result<(), SpoolError> {
-    // The umask may have cleared the group's write bit, which the agent needs to link it.
-    file.set_permissions(Permissions::from_mode(FILE_MODE))
-        .map_err(io_err("set the mode of", temp))?;
-    file.write_all(content).map_err(io_err("write", temp))?;
-    file.sync_data().map_err(io_err("fsync", temp))?;
-    fs::rename(temp, target).map_err(io_err("rename into place", target))
+    atomic_file::write(dir, name, content, Mode::Exact(FILE_MODE)).map_err(SpoolError::from)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync", dir))
+    atomic_file::sync_dir(dir).map_err(SpoolError::from)
 }
 
 fn remove_file(path: &Path) -> Result<(), SpoolError> {
@@ -978,7 +847,6 @@ mod tests {
     const DRV: &str = "/nix/store/p5fh7jg51y4pqpnm7afc44i54c8i9x0d-x0.drv";
     const OUT: &str = "/nix/store/ljhxzj5aiqjdfm6yj1jks9p0dn8syznj-x0";
     const DEV: &str = "/nix/store/x8xpv4jfa69jx19l530d7yzl7pjb1y6i-x0-dev";
-    const HASH: &str = "ljhxzj5aiqjdfm6yj1jks9p0dn8syznj";
 
     fn path(s: &str) -> StorePath {
         s.parse().expect("a valid store path")
@@ -1001,61 +869,6 @@ mod tests {
             .collect();
         names.sort();
         names
-    }
-
-    #[test]
-    fn store_paths_are_checked_as_nix_checks_them() {
-        let name211 = "a".repeat(211);
-        for good in [
-            OUT.to_string(),
-            DRV.to_string(),
-            format!("/nix/store/{HASH}-a+b_c?d=e.f-1.0"),
-            format!("/nix/store/{HASH}-{name211}"),
-            format!("/nix/store/{HASH}-.zshrc"),
-            format!("/nix/store/{HASH}-..."),
-        ] {
-            assert!(good.parse::<StorePath>().is_ok(), "{good:?} refused");
-        }
-        let name212 = "a".repeat(212);
-        let hostile = [
-            String::new(),
-            "x".into(),
-            "/nix/store/".into(),
-            format!("nix/store/{HASH}-x"),
-            format!("/nix/store//{HASH}-x"),
-            format!("/nix/store/{HASH}-x/bin/sh"),
-            format!("/nix/store/{HASH}-x/"),
-            format!("/nix/store/{HASH}x"),
-            format!("/nix/store/{HASH}-"),
-            format!("/nix/store/{}-x", &HASH[1..]),
-            format!("/nix/store/{HASH}a-x"),
-            format!("/nix/store/{}e-x", &HASH[1..]),
-            format!("/nix/store/{}-x", HASH.to_uppercase()),
-            format!("/nix/store/{HASH}-{name212}"),
-            format!("/nix/store/{HASH}-."),
-            format!("/nix/store/{HASH}-.."),
-            format!("/nix/store/{HASH}-.-x"),
-            format!("/nix/store/{HASH}-..-x"),
-            format!("/nix/store/{HASH}-x y"),
-            format!("/nix/store/{HASH}-x\"y"),
-            format!("/nix/store/{HASH}-x'y"),
-            format!("/nix/store/{HASH}-$(reboot)"),
-            format!("/nix/store/{HASH}-x;id"),
-            format!("/nix/store/{HASH}-x`id`"),
-            format!("/nix/store/{HASH}-x\nout /etc/shadow"),
-            format!("/nix/store/{HASH}-x\0"),
-            format!("/nix/store/{HASH}-x\r"),
-            format!("/nix/store/{HASH}-é"),
-            format!("/nix/store/../../etc/{HASH}-x"),
-            format!(" /nix/store/{HASH}-x"),
-            format!("/nix/store/{HASH}-{}", "x".repeat(10 << 20)),
-        ];
-        for bad in &hostile {
-            let err = bad.parse::<StorePath>().expect_err(bad);
-            let message = err.to_string();
-            assert!(message.len() < 400, "message of {} bytes", message.len());
-            assert!(!message.contains('\n'), "{message:?}");
-        }
     }
 
     #[test]
@@ -1323,7 +1136,11 @@ mod tests {
         fs::write(incoming.join("README"), "not an entry").expect("write");
         let report = spool.claim(&["rpi"]).expect("claim");
         assert_eq!(report.claimed, 1);
-        let errors: Vec<String> = report.rejected.iter().map(|e| e.to_string()).collect();
+        let errors: Vec<String> = report
+            .rejected
+            .iter()
+            .map(|e| crate::error::chain(e))
+            .collect();
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].contains("not a store path"), "{errors:?}");
         assert!(errors[1].contains("digest"), "{errors:?}");

@@ -1,7 +1,7 @@
 //! One run over the upload spool for the agent: claim the builds the post-build hook recorded
 //! (each uploading host gets every one), then either only count a host's queue (while it is
 //! away) or upload one batch of it ([`upload_batch`]). The agent decides which and when
-//! ([`reconcile::upload`](crate::reconcile::upload)); dropping a run's future stops it, `nix
+//! ([`reconcile::upload_timing`](crate::reconcile::upload_timing)); dropping a run's future stops it, `nix
 //! copy` included, and the queue stays as it was before the step under way.
 
 use std::path::PathBuf;
@@ -12,10 +12,11 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tracing::warn;
 
+use crate::error::{chain, Chain};
 use crate::reconcile::{BatchOutcome, Run};
 
+use super::batch::{upload_batch, Limits, Nix};
 use super::spool::{Spool, SpoolError};
-use super::upload::{upload_batch, Limits, Nix};
 
 /// Paths per batch: enough to amortise a `nix copy`, few enough to report progress often.
 const BATCH_PATHS: usize = 200;
@@ -74,14 +75,14 @@ impl Drain {
                 };
                 let report = upload_batch(&spool, host, &self.nix, store, limits).await;
                 for rejected in &report.rejected {
-                    warn!(host, "upload spool: {rejected}");
+                    warn!(host, "upload spool: {}", Chain(rejected));
                 }
                 BatchOutcome {
                     pending: u32::try_from(report.pending).unwrap_or(u32::MAX),
                     copied: report.copied,
                     lost: report.lost.len(),
                     done: report.done.len(),
-                    error: report.failure.map(|f| f.error.to_string()),
+                    error: report.failure.map(|f| chain(&f.error)),
                     next_try: report.next_try.map(instant_of),
                 }
             }
@@ -96,13 +97,13 @@ impl Drain {
             let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
             let report = spool.claim(&hosts)?;
             for rejected in &report.rejected {
-                warn!("upload spool: {rejected}");
+                warn!("upload spool: {}", Chain(rejected));
             }
             Ok(spool)
         })
         .await;
         match claimed {
-            Ok(result) => result.map_err(|err| err.to_string()),
+            Ok(result) => result.map_err(|err| chain(&err)),
             Err(err) => Err(format!("claiming new builds: {err}")),
         }
     }
@@ -117,7 +118,7 @@ async fn count(spool: &Spool, host: &str) -> BatchOutcome {
             ..BatchOutcome::default()
         },
         Ok(Err(err)) => BatchOutcome {
-            error: Some(err.to_string()),
+            error: Some(chain(&err)),
             ..BatchOutcome::default()
         },
         Err(err) => BatchOutcome {

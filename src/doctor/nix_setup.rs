@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use super::files::{root_program_problem, Facts};
 use super::nix_conf::NixConf;
 use super::{Finding, Paths};
+use crate::cache::fragment::Fragment;
 use crate::config::{Config, NixCache};
-use crate::nix::fragment::Fragment;
 
 /// The post-build hook's program name.
 const HOOK_NAME: &str = "reachd-nix-upload";

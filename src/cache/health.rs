@@ -13,8 +13,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::config::{expand_runtime_dir, http_authority, NixCache};
+use crate::error::Chain;
 
-use super::cache::daemon_answers;
+use super::server::daemon_answers;
 
 /// Checks `cache` within `deadline`; `runtime_dir` expands `%t/` in a daemon socket path.
 pub async fn check(cache: &NixCache, runtime_dir: &Path, deadline: Duration) -> Result<(), String> {
@@ -23,7 +24,7 @@ pub async fn check(cache: &NixCache, runtime_dir: &Path, deadline: Duration) -> 
             let socket = expand_runtime_dir(daemon_socket, runtime_dir);
             daemon_answers(&socket, deadline)
                 .await
-                .map_err(|err| format!("{}: {err}", socket.display()))
+                .map_err(|err| format!("{}: {}", socket.display(), Chain(&err)))
         }
         NixCache::Http { url } => match tokio::time::timeout(deadline, cache_info(url)).await {
             Ok(result) => result.map_err(|err| format!("{url}/nix-cache-info: {err}")),

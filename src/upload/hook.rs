@@ -8,9 +8,13 @@
 
 use std::ffi::OsStr;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::nix::spool::{self, Entry, EntryId, Shown, Spool, StorePath, MAX_ENTRY_BYTES};
+use crate::config::DEFAULT_SPOOL;
+use crate::error::Chain;
+use crate::store_path::{Shown, StorePath};
+use crate::upload::spool::{Entry, EntryId, Spool, MAX_ENTRY_BYTES};
 
 /// Overrides the spool directory. For tests: Nix runs the hook with the daemon's environment,
 /// which an installation has no reason to change.
@@ -49,11 +53,10 @@ pub fn request(drv_path: Option<&OsStr>, out_paths: Option<&OsStr>) -> Request {
         .and_then(|v| parse("DRV_PATH", v));
     let outs: Vec<StorePath> = out_paths
         .map(|v| {
-            v.as_encoded_bytes()
+            v.as_bytes()
                 .split(|&b| b == b' ')
                 .filter(|token| !token.is_empty())
-                // SAFETY: split on an ASCII byte of a valid OsStr encoding.
-                .map(|token| unsafe { OsStr::from_encoded_bytes_unchecked(token) })
+                .map(OsStr::from_bytes)
                 .filter_map(|token| parse("OUT_PATHS", token))
                 .collect()
         })
@@ -72,10 +75,10 @@ pub fn request(drv_path: Option<&OsStr>, out_paths: Option<&OsStr>) -> Request {
     Request { entry, refused }
 }
 
-/// The spool the hook writes to: `$REACHD_SPOOL`, else [`spool::DEFAULT_DIR`].
+/// The spool the hook writes to: `$REACHD_SPOOL`, else [`DEFAULT_SPOOL`].
 pub fn spool_dir(var: Option<&OsStr>) -> PathBuf {
     var.filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from(spool::DEFAULT_DIR), PathBuf::from)
+        .map_or_else(|| PathBuf::from(DEFAULT_SPOOL), PathBuf::from)
 }
 
 /// The whole hook: validates, records in the spool at `dir`, and explains any problem on `log`.
@@ -115,7 +118,11 @@ pub fn run(
     match Spool::open(dir).and_then(|spool| spool.record(&entry)) {
         Ok(id) => Some(id),
         Err(err) => {
-            let _ = writeln!(log, "{PREFIX}: {what} will not be uploaded: {err}");
+            let _ = writeln!(
+                log,
+                "{PREFIX}: {what} will not be uploaded: {}",
+                Chain(&err)
+            );
             None
         }
     }

@@ -1,16 +1,94 @@
-//! Uploads: when to drain a host's upload queue. Batches run only while the host's cache answers
-//! (reachable, target active, and the daemon seen through the tunnel), one at a time; the next starts at once while due entries
-//! remain, after the drain's backoff when it failed, and every [`SPOOL_POLL`] otherwise, to pick
-//! up new builds. A host lost mid-batch has the batch stopped at once (its entries stay queued).
-//! While the host is away the queue is still counted every [`SPOOL_POLL`], so that "12 paths
-//! waiting for rpi" shows at a glance. The clock is passed in.
+//! Upload timing: when to drain a host's upload queue. Batches run only while the host's cache
+//! answers (reachable, target active, and the daemon seen through the tunnel), one at a time; the
+//! next starts at once while due entries remain, after the backoff when it failed, and every
+//! [`SPOOL_POLL`] otherwise, to pick up new builds. A host lost mid-batch has the batch stopped
+//! at once (its entries stay queued). While the host is away the queue is still counted every
+//! [`SPOOL_POLL`], so that "12 paths waiting for rpi" shows at a glance.
+//!
+//! The spool's backoff rules are here too: a queue whose store cannot be reached waits
+//! [`QUEUE_BACKOFF`], an entry the store refused [`ENTRY_BACKOFF`] (never dropped), and
+//! [`BatchEnd::next_batch`] says when a queue can next do something. They are on `SystemTime`,
+//! the spool's clock on disk; the upload wing applies them. The clock is passed in.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
 /// How often the spool is looked at when nothing else is due (new builds, the count away).
 pub const SPOOL_POLL: Duration = Duration::from_secs(5);
+
+/// Backoff of a queue whose store cannot be reached: 15 s, doubling, at most 15 min.
+pub const QUEUE_BACKOFF: Backoff = Backoff {
+    first: Duration::from_secs(15),
+    max: Duration::from_secs(15 * 60),
+};
+
+/// Backoff of an entry the store refused: 1 min, doubling, at most 6 h. It is never dropped.
+pub const ENTRY_BACKOFF: Backoff = Backoff {
+    first: Duration::from_secs(60),
+    max: Duration::from_secs(6 * 3600),
+};
+
+/// Exponential backoff: `first` after one failure, doubling, at most `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub first: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The wait after `attempts` consecutive failures (at least 1).
+    pub fn after(&self, attempts: u32) -> Duration {
+        let doublings = attempts.saturating_sub(1).min(31);
+        self.first.saturating_mul(1 << doublings).min(self.max)
+    }
+}
+
+/// One more failure after `previous` consecutive ones: the attempts it makes, and when the next
+/// may start (the end of `backoff`).
+pub fn after_failure(backoff: Backoff, previous: u32, now: SystemTime) -> (u32, SystemTime) {
+    let attempts = previous.saturating_add(1);
+    (attempts, now + backoff.after(attempts))
+}
+
+/// Whether an entry or queue that must wait until `next_try` may be tried at `now`.
+pub fn is_due(next_try: SystemTime, now: SystemTime) -> bool {
+    next_try <= now
+}
+
+/// How a batch over a queue ended, as far as the time of the next one goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BatchEnd {
+    /// Entries still queued.
+    pub pending: usize,
+    /// Whether due entries may remain beyond the batch.
+    pub more: bool,
+    /// Whether the whole queue failed (its backoff is among `backoffs`).
+    pub queue_failed: bool,
+    /// The ends of the backoffs that the batch's failures started.
+    pub backoffs: Vec<SystemTime>,
+    /// The earliest end of a backoff among the entries that were waiting already.
+    pub waiting_until: Option<SystemTime>,
+}
+
+impl BatchEnd {
+    /// When another batch can do something, after this one ended at `now`: `None` when nothing
+    /// is pending; after the queue's backoff when the whole queue failed; at once while due
+    /// entries remain; else at the first end of a backoff, new or older, and at once if there
+    /// is none.
+    pub fn next_batch(&self, now: SystemTime) -> Option<SystemTime> {
+        if self.pending == 0 {
+            return None;
+        }
+        let backoffs = self.backoffs.iter().copied();
+        let wait = match (self.more, self.queue_failed) {
+            (_, true) => backoffs.min(),
+            (true, false) => Some(now),
+            (false, false) => backoffs.chain(self.waiting_until).min(),
+        };
+        Some(wait.unwrap_or(now))
+    }
+}
 
 /// What one run over the spool found and did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -149,6 +227,92 @@ impl UploadGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_maximum() {
+        assert_eq!(QUEUE_BACKOFF.after(0), Duration::from_secs(15));
+        assert_eq!(QUEUE_BACKOFF.after(1), Duration::from_secs(15));
+        assert_eq!(QUEUE_BACKOFF.after(3), Duration::from_secs(60));
+        assert_eq!(QUEUE_BACKOFF.after(40), Duration::from_secs(900));
+        assert_eq!(ENTRY_BACKOFF.after(u32::MAX), Duration::from_secs(6 * 3600));
+    }
+
+    const T0: SystemTime = SystemTime::UNIX_EPOCH;
+
+    fn at(secs: u64) -> SystemTime {
+        T0 + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn a_failure_counts_one_more_attempt_and_waits_its_backoff() {
+        assert_eq!(after_failure(QUEUE_BACKOFF, 0, at(100)), (1, at(115)));
+        assert_eq!(after_failure(QUEUE_BACKOFF, 2, at(100)), (3, at(160)));
+        assert_eq!(after_failure(ENTRY_BACKOFF, 0, at(100)), (1, at(160)));
+        assert_eq!(
+            after_failure(ENTRY_BACKOFF, u32::MAX, at(0)),
+            (u32::MAX, at(6 * 3600)),
+            "attempts saturate, the wait stays at its maximum"
+        );
+    }
+
+    #[test]
+    fn due_at_the_end_of_its_backoff_not_before() {
+        assert!(!is_due(at(10), at(9)));
+        assert!(is_due(at(10), at(10)));
+        assert!(is_due(at(10), at(11)));
+    }
+
+    fn end(
+        pending: usize,
+        more: bool,
+        queue_failed: bool,
+        backoffs: &[SystemTime],
+        waiting_until: Option<SystemTime>,
+    ) -> BatchEnd {
+        BatchEnd {
+            pending,
+            more,
+            queue_failed,
+            backoffs: backoffs.to_vec(),
+            waiting_until,
+        }
+    }
+
+    #[test]
+    fn next_batch_follows_the_queue_then_due_entries_then_backoffs() {
+        let now = at(100);
+        // An empty queue: nothing to do.
+        assert_eq!(
+            end(0, true, true, &[at(200)], Some(at(150))).next_batch(now),
+            None
+        );
+        // The whole queue failed: its backoff, even with due entries left.
+        assert_eq!(
+            end(3, true, true, &[at(115)], Some(at(105))).next_batch(now),
+            Some(at(115))
+        );
+        // Due entries remain beyond the batch: at once.
+        assert_eq!(
+            end(3, true, false, &[at(160)], Some(at(150))).next_batch(now),
+            Some(now)
+        );
+        // Otherwise the first end of a backoff, new or older.
+        assert_eq!(
+            end(3, false, false, &[at(160)], Some(at(150))).next_batch(now),
+            Some(at(150))
+        );
+        assert_eq!(
+            end(3, false, false, &[at(140)], Some(at(150))).next_batch(now),
+            Some(at(140))
+        );
+        assert_eq!(
+            end(3, false, false, &[], Some(at(150))).next_batch(now),
+            Some(at(150))
+        );
+        // Pending but no backoff known: at once.
+        assert_eq!(end(3, false, false, &[], None).next_batch(now), Some(now));
+        assert_eq!(end(3, false, true, &[], None).next_batch(now), Some(now));
+    }
 
     fn outcome(pending: u32, next_try: Option<Instant>) -> BatchOutcome {
         BatchOutcome {

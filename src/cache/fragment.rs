@@ -6,9 +6,11 @@
 //! syntax error in an included file would break every Nix command). It lives in the runtime
 //! directory so that a reboot or a logout never leaves a stale cache behind.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
+
+use crate::atomic_file::{self, Mode};
 
 /// The fragment and what was last written to it.
 #[derive(Debug)]
@@ -66,18 +68,9 @@ fn replace(path: &Path, text: &str) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let temporary = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let written = (|| {
-        let mut file = File::create(&temporary)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        fs::rename(&temporary, path)
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&temporary);
-    }
-    written?;
-    File::open(dir)?.sync_all()
+    // The caller names the fragment; the step's own error is enough.
+    atomic_file::write(dir, &name, text.as_bytes(), Mode::Umask).map_err(|e| e.source)?;
+    atomic_file::sync_dir(dir).map_err(|e| e.source)
 }
 
 #[cfg(test)]
