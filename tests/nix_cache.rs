@@ -15,6 +15,8 @@ use std::fs;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reachd::cache::daemon::{self as nix_daemon, DaemonError};
@@ -23,9 +25,9 @@ use reachd_testkit::nix::require_root_and_nix;
 use reachd_testkit::process::{Daemon, Output, Spawn};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 /// The longest one test may take.
 const LIMIT: Duration = Duration::from_secs(180);
@@ -590,9 +592,10 @@ fn missing_paths_are_404_and_nix_says_not_valid() {
 }
 
 /// (d) No daemon behind the socket, or one that accepts and never answers (a half-dead
-/// tunnel): 503 within the deadline, never 404 and never a hang.
+/// tunnel, a Pi that lost power): 404 ("not here"), at once or after the cache's silence
+/// rule, never an error status (Nix retries those, then fails the build) and never a hang.
 #[test]
-fn an_unreachable_daemon_is_503_within_the_deadline() {
+fn an_unreachable_daemon_is_not_here() {
     run_test(async {
         let dir = TempDir::new().expect("temp dir");
         let hash = "d6xhxnk87bzm95j6nka4wmvynsm61imz";
@@ -604,14 +607,10 @@ fn an_unreachable_daemon_is_503_within_the_deadline() {
 
         let absent = serve(dir.path().join("absent.sock"), DEADLINE).await;
         for path in &paths {
-            let start = Instant::now();
             let reply = http(absent.addr, "GET", path).await;
-            assert_eq!(reply.status, 503, "{path}");
-            assert!(
-                start.elapsed() < MARGIN,
-                "{path}: 503 took {:?}",
-                start.elapsed()
-            );
+            assert_eq!(reply.status, 404, "{path}");
+            let text = String::from_utf8_lossy(&reply.body);
+            assert!(text.contains("cannot connect"), "{path}: {text}");
         }
         let err = cache::daemon_answers(&dir.path().join("absent.sock"), DEADLINE)
             .await
@@ -619,7 +618,8 @@ fn an_unreachable_daemon_is_503_within_the_deadline() {
         assert!(matches!(err, DaemonError::Connect { .. }), "{err:?}");
         absent.stop().await;
 
-        // Accepts every connection and holds it without a word.
+        // Accepts every connection and holds it without a word. The deadline is far away:
+        // the silence must end the wait, well before it.
         let silent_path = dir.path().join("silent.sock");
         let listener = UnixListener::bind(&silent_path).expect("bind");
         let holder = tokio::spawn(async move {
@@ -628,17 +628,19 @@ fn an_unreachable_daemon_is_503_within_the_deadline() {
                 held.push(stream);
             }
         });
-        let silent = serve(silent_path.clone(), DEADLINE).await;
+        let far = Duration::from_secs(60);
+        let silent = serve(silent_path.clone(), far).await;
         let requests = paths.iter().map(|path| async move {
             let start = Instant::now();
             let reply = http(silent.addr, "GET", path).await;
-            (path, reply.status, start.elapsed())
+            (path, reply, start.elapsed())
         });
-        for (path, status, took) in futures_util::future::join_all(requests).await {
-            assert_eq!(status, 503, "{path}");
+        for (path, reply, took) in futures_util::future::join_all(requests).await {
+            assert_eq!(reply.status, 404, "{path}");
+            let text = String::from_utf8_lossy(&reply.body);
             assert!(
-                took >= DEADLINE && took < DEADLINE + MARGIN,
-                "{path}: 503 after {took:?}"
+                took < far / 4 && text.contains("nix-daemon"),
+                "{path}: 404 after {took:?}: {text}"
             );
         }
         let start = Instant::now();
@@ -647,9 +649,10 @@ fn an_unreachable_daemon_is_503_within_the_deadline() {
             .unwrap_err();
         assert!(matches!(err, DaemonError::Timeout(_)), "{err:?}");
         assert!(start.elapsed() < DEADLINE + MARGIN);
+        silent.stop().await;
 
         // Shutdown does not wait for a request stuck on the daemon.
-        let slow = serve(silent_path, Duration::from_secs(60)).await;
+        let slow = serve(silent_path, far).await;
         let addr = slow.addr;
         let stuck = tokio::spawn(async move {
             let mut stream = TcpStream::connect(addr).await.expect("connect");
@@ -669,11 +672,12 @@ fn an_unreachable_daemon_is_503_within_the_deadline() {
     });
 }
 
-/// Why an unreachable daemon is 503 and never 404: Nix fails the command on a 503 (after its
-/// retries) but remembers nothing, so the path is found as soon as the tunnel is back; a 404 it
-/// remembers (`narinfo-cache-negative-ttl`, an hour), even once the path is there.
+/// The price of "not here": Nix remembers a 404 (`narinfo-cache-negative-ttl`, an hour), so a
+/// path asked for while the tunnel was down, or added to the Pi after Nix asked, stays missing
+/// for that Nix user for a while, even once the cache has it. The build goes on (built, or
+/// from another cache) instead of failing, as it would on an error status.
 #[test]
-fn nix_remembers_a_404_but_not_a_503() {
+fn nix_remembers_a_404() {
     run_test(async {
         let lab = lab().await;
         let tunnel = lab.t().join("tunnel.sock");
@@ -685,13 +689,21 @@ fn nix_remembers_a_404_but_not_a_503() {
         let path = &lab.paths.small;
         let start = Instant::now();
         let out = run(path_info(path)).await;
-        assert!(!out.success(), "{}", out.stdout);
-        assert!(out.stderr.contains("503"), "{}", out.stderr);
-        println!("nix path-info failed on 503 after {:?}", start.elapsed());
-        // The tunnel comes up: the same Nix user (same narinfo cache) finds the path at once.
+        assert!(out.stderr.contains("is not valid"), "{}", out.stderr);
+        println!(
+            "no tunnel: nix path-info said not valid after {:?}",
+            start.elapsed()
+        );
+        // The tunnel comes up: the cache has the path, this Nix user still does not ask.
         std::os::unix::fs::symlink(lab.socket(), &tunnel).expect("symlink");
-        let out = ok(path_info(path)).await;
-        assert_eq!(out.stdout.trim(), path.as_str());
+        let narinfo = format!("/{}.narinfo", hash_part(path));
+        assert_eq!(http(server.addr, "GET", &narinfo).await.status, 200);
+        let out = run(path_info(path)).await;
+        assert!(
+            out.stderr.contains("is not valid"),
+            "Nix did not remember the 404: {}",
+            out.stderr
+        );
 
         // A path that is missing (404) and then added stays missing for this Nix user.
         fs::write(lab.t().join("src/late.txt"), "added late\n").expect("write");
@@ -722,8 +734,135 @@ fn nix_remembers_a_404_but_not_a_503() {
     });
 }
 
+/// A unix-socket relay in front of the pi's daemon, like the ssh tunnel: once it has passed
+/// `freeze_after` bytes from the daemon, it passes nothing more either way on any connection,
+/// old or new, and still accepts (a Pi that lost power, an sshd stopped).
+struct Relay {
+    passed: AtomicU64,
+    freeze_after: u64,
+}
+
+impl Relay {
+    fn start(from: PathBuf, to: PathBuf, freeze_after: u64) -> (Arc<Relay>, JoinHandle<()>) {
+        let relay = Arc::new(Relay {
+            passed: AtomicU64::new(0),
+            freeze_after,
+        });
+        let listener = UnixListener::bind(&from).expect("bind the relay");
+        let task = tokio::spawn({
+            let relay = relay.clone();
+            async move {
+                let mut held = JoinSet::new();
+                while let Ok((client, _)) = listener.accept().await {
+                    held.spawn(relay.clone().carry(client, to.clone()));
+                }
+            }
+        });
+        (relay, task)
+    }
+
+    fn frozen(&self) -> bool {
+        self.passed.load(Ordering::SeqCst) >= self.freeze_after
+    }
+
+    async fn carry(self: Arc<Self>, client: UnixStream, to: PathBuf) {
+        let Ok(daemon) = UnixStream::connect(&to).await else {
+            return;
+        };
+        let (mut client_in, mut client_out) = client.into_split();
+        let (mut daemon_in, mut daemon_out) = daemon.into_split();
+        let up = async {
+            let mut buf = vec![0; 64 * 1024];
+            loop {
+                let n = client_in.read(&mut buf).await.unwrap_or(0);
+                if n == 0 || self.frozen() {
+                    break;
+                }
+                if daemon_out.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let down = async {
+            let mut buf = vec![0; 64 * 1024];
+            loop {
+                let n = daemon_in.read(&mut buf).await.unwrap_or(0);
+                if n == 0 || self.frozen() {
+                    break;
+                }
+                self.passed.fetch_add(n as u64, Ordering::SeqCst);
+                if client_out.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::join!(up, down);
+        // Frozen: hold the client's end open and silent, as a tunnel to a dead Pi does.
+        std::future::pending::<()>().await;
+    }
+}
+
+/// A NAR download cut off because the Pi went silent: the cache cuts the body after its
+/// silence rule, Nix resumes (the cache sent `Accept-Ranges`), the resume is answered "not
+/// here", and Nix builds the derivation itself, without `--fallback`. Then a new derivation
+/// builds at once: the cache is in doubt and answers "not here" without asking.
+#[test]
+fn a_download_cut_off_by_silence_is_built_instead() {
+    run_test(async {
+        let lab = lab().await;
+        let relay_path = lab.t().join("relay.sock");
+        let (relay, relay_task) = Relay::start(relay_path.clone(), lab.socket(), 1 << 20);
+        let server = serve(relay_path, Duration::from_secs(60)).await;
+        let lap = lab.store("lap");
+        let build = |attr: &str, file: &Path| {
+            lab.nix("nix-build")
+                .args(["--store", &lap, "--no-out-link", "-A", attr])
+                .arg(file)
+                .args(["--option", "substituters", &server.url()])
+                .args(["--option", "trusted-public-keys", &lab.pi_key])
+        };
+        let start = Instant::now();
+        let out = run(build("big", &lab.t().join("src/paths.nix"))).await;
+        let took = start.elapsed();
+        assert!(out.success(), "nix-build: {}", out.stderr);
+        assert!(relay.frozen(), "the download never started: {}", out.stderr);
+        assert_eq!(out.stdout.trim(), lab.paths.big);
+        let sigs =
+            ok(lab
+                .nix("nix")
+                .args(["path-info", "--sigs", "--store", &lap, &lab.paths.big]))
+            .await;
+        assert!(
+            !sigs.stdout.contains("pi-1:"),
+            "not built here: {}",
+            sigs.stdout
+        );
+        println!(
+            "download cut off after 1 MiB: built locally in {took:?}: {}",
+            out.stderr
+        );
+
+        let fresh = lab.t().join("src/fresh.nix");
+        fs::write(
+            &fresh,
+            "{ x = derivation { name = \"fresh\"; system = builtins.currentSystem; \
+             builder = \"/bin/sh\"; args = [ \"-c\" \"echo fresh > $out\" ]; }; }\n",
+        )
+        .expect("write");
+        let start = Instant::now();
+        let out = run(build("x", &fresh)).await;
+        assert!(out.success(), "nix-build: {}", out.stderr);
+        println!(
+            "then a new derivation, the Pi still silent: built in {:?}",
+            start.elapsed()
+        );
+        server.stop().await;
+        relay_task.abort();
+    });
+}
+
 /// (e) Anything but the cache's own files is 4xx, decided before the daemon is asked (here
-/// there is none, which would be 503).
+/// there is none).
 #[test]
 fn malformed_requests_are_4xx() {
     run_test(async {
@@ -751,9 +890,10 @@ fn malformed_requests_are_4xx() {
         ];
         for (method, path) in cases {
             let reply = http(server.addr, method, &path).await;
-            // The query string is not part of the path: that one is a real (503) lookup.
+            // The query string is not part of the path: that one is a real lookup, which finds
+            // no daemon.
             if path.contains('?') {
-                assert_eq!(reply.status, 503, "{method} {path}");
+                assert_eq!(reply.status, 404, "{method} {path}");
                 continue;
             }
             assert!(

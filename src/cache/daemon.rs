@@ -229,6 +229,17 @@ impl Daemon<UnixStream> {
     /// Connects to the daemon socket at `socket` and completes the handshake, all within
     /// `deadline`.
     pub async fn connect(socket: &Path, deadline: Duration) -> Result<Self, DaemonError> {
+        Self::connect_through(socket, deadline, |stream| stream).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Daemon<S> {
+    /// Like [`Daemon::connect`], talking through what `wrap` makes of the socket's stream.
+    pub async fn connect_through(
+        socket: &Path,
+        deadline: Duration,
+        wrap: impl FnOnce(UnixStream) -> S,
+    ) -> Result<Self, DaemonError> {
         let start = Instant::now();
         let stream = within(deadline, async {
             UnixStream::connect(socket)
@@ -239,7 +250,7 @@ impl Daemon<UnixStream> {
                 })
         })
         .await?;
-        Self::handshake(stream, deadline.saturating_sub(start.elapsed())).await
+        Self::handshake(wrap(stream), deadline.saturating_sub(start.elapsed())).await
     }
 }
 

@@ -1,5 +1,6 @@
 //! The Nix binary cache reachd serves while a host is there: the host's nix-daemon, reached
-//! through the tunnelled socket ([`daemon`], [`nar`], [`pool`]), served to the laptop's Nix as an
+//! through the tunnelled socket ([`daemon`], [`nar`], [`pool`]; [`hearing`] tells a slow host from a
+//! gone one), served to the laptop's Nix as an
 //! `http://` substituter on loopback ([`server`]); the check that says whether a cache answers
 //! ([`health`]); and the nix.conf fragment that names the caches Nix may use now ([`fragment`]).
 //! *Whether* Nix may use a cache is decided in [`reconcile`](crate::reconcile); this is the I/O.
@@ -9,6 +10,7 @@ pub mod daemon;
 pub mod fragment;
 pub mod hash;
 pub mod health;
+pub mod hearing;
 pub mod nar;
 pub mod pool;
 pub mod server;

@@ -7,15 +7,20 @@
 //! A connection goes back to the pool only after a complete exchange, and is dropped after
 //! [`MAX_IDLE_TIME`] unused (each one is a process on the Pi). When a pooled connection turns
 //! out to be closed (the tunnel or the daemon restarted), every idle one is from before that
-//! too: the pool is emptied and the query runs once more on a new connection.
+//! too: the pool is emptied and the query runs once more on a new connection. Every connection
+//! reports what it receives to the cache's [`Hearing`].
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::UnixStream;
 
 use super::daemon::{Daemon, DaemonError, PathInfo};
+use super::hearing::{Heard, Hearing};
+
+/// A connection of the pool: to the daemon's socket, heard.
+pub type Upstream = Daemon<Heard<UnixStream>>;
 
 /// The most idle connections kept.
 pub const MAX_IDLE: usize = 8;
@@ -26,15 +31,28 @@ pub const MAX_IDLE_TIME: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Pool {
     socket: PathBuf,
-    idle: Mutex<Vec<(Instant, Daemon<UnixStream>)>>,
+    hearing: Arc<Hearing>,
+    idle: Mutex<Vec<(Instant, Upstream)>>,
 }
 
 impl Pool {
-    pub fn new(socket: PathBuf) -> Self {
+    pub fn new(socket: PathBuf, hearing: Arc<Hearing>) -> Self {
         Pool {
             socket,
+            hearing,
             idle: Mutex::new(Vec::new()),
         }
+    }
+
+    /// What the pool's connections have heard.
+    pub fn hearing(&self) -> &Arc<Hearing> {
+        &self.hearing
+    }
+
+    /// A new connection to the daemon, its handshake done within `deadline`.
+    pub async fn connect(&self, deadline: Duration) -> Result<Upstream, DaemonError> {
+        let hearing = self.hearing.clone();
+        Daemon::connect_through(&self.socket, deadline, |s| Heard::new(s, hearing)).await
     }
 
     /// The path info of the store path whose hash part is `hash` (`None` if the daemon has no
@@ -45,7 +63,7 @@ impl Pool {
         &self,
         hash: &str,
         deadline: Duration,
-    ) -> Result<(Option<PathInfo>, Daemon<UnixStream>), DaemonError> {
+    ) -> Result<(Option<PathInfo>, Upstream), DaemonError> {
         if let Some(mut daemon) = self.take() {
             match path_info(&mut daemon, hash, deadline).await {
                 Ok(info) => return Ok((info, daemon)),
@@ -53,13 +71,13 @@ impl Pool {
                 Err(err) => return Err(err),
             }
         }
-        let mut daemon = Daemon::connect(&self.socket, deadline).await?;
+        let mut daemon = self.connect(deadline).await?;
         let info = path_info(&mut daemon, hash, deadline).await?;
         Ok((info, daemon))
     }
 
     /// Keeps `daemon` for the next request, if it finished its last exchange and there is room.
-    pub fn put_back(&self, daemon: Daemon<UnixStream>) {
+    pub fn put_back(&self, daemon: Upstream) {
         if !daemon.is_ready() {
             return;
         }
@@ -76,7 +94,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is not too old.
-    fn take(&self) -> Option<Daemon<UnixStream>> {
+    fn take(&self) -> Option<Upstream> {
         let mut idle = self.lock();
         idle.retain(|(since, _)| since.elapsed() < MAX_IDLE_TIME);
         idle.pop().map(|(_, daemon)| daemon)
@@ -86,7 +104,7 @@ impl Pool {
         self.lock().clear();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Instant, Daemon<UnixStream>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Instant, Upstream)>> {
         // Nothing panics while holding the lock, but a poisoned list is still a valid one.
         self.idle
             .lock()
@@ -95,7 +113,7 @@ impl Pool {
 }
 
 async fn path_info(
-    daemon: &mut Daemon<UnixStream>,
+    daemon: &mut Upstream,
     hash: &str,
     deadline: Duration,
 ) -> Result<Option<PathInfo>, DaemonError> {
@@ -142,7 +160,7 @@ mod tests {
             let _ = second.read_to_end(&mut Vec::new()).await;
         });
 
-        let pool = Pool::new(socket);
+        let pool = Pool::new(socket, Arc::default());
         for _ in 0..2 {
             let (info, daemon) = pool.path_info(HASH, DEADLINE).await.expect("lookup");
             assert_eq!(info.expect("found").path, PATH);

@@ -6,15 +6,20 @@
 //!
 //! - `GET|HEAD /nix-cache-info`: the store directory, mass queries wanted, the priority.
 //! - `GET|HEAD /<hash>.narinfo`: the path's info, 404 if the Pi does not have it.
-//! - `GET|HEAD /nar/<hash>-<nar hash>.nar`: the NAR itself, uncompressed, streamed. The URL
-//!   names the path and its NAR hash, so no state is kept between the two requests, and a path
-//!   that changed on the Pi since its `.narinfo` was served (rebuilt after garbage collection)
-//!   gives a 404 rather than a download that fails its hash check.
+//! - `GET|HEAD /nar/<hash>-<nar hash>.nar`: the NAR itself, uncompressed, streamed; a resumed
+//!   download (`Range: bytes=N-`) gets the rest as 206. The URL names the path and its NAR
+//!   hash, so no state is kept between requests, and a path that changed on the Pi since its
+//!   `.narinfo` was served (rebuilt after garbage collection) gives a 404 rather than a download
+//!   that fails its hash check.
 //!
-//! Not found is 404; the Pi's daemon unreachable or too slow is 503 within the deadline, never
-//! 404: Nix remembers a missing `.narinfo` for `narinfo-cache-negative-ttl` (an hour), but
-//! retries a 5xx and then fails the command without remembering anything. A daemon answering
-//! nonsense is 502. Requests reuse idle daemon connections ([`super::pool`]): a new one costs
+//! The only answers are 200/206 and 404, never an error status: Nix retries a 5xx or a refused
+//! connection for seconds and then fails the build (every version when the cache is its only
+//! substituter, Nix before 2.32 always), while a 404 only means "build it, or ask the next
+//! cache" (docs/nix-vanish-window.md has the reasons from Nix's source). So whatever keeps the
+//! Pi from answering (its daemon unreachable, silent for [`SILENCE`] while the laptop hears
+//! nothing else from it ([`super::hearing`]), slower than the deadline, or talking nonsense)
+//! is a 404, logged; a NAR under way is cut off, and Nix's resume of it gets the 404 while the
+//! Pi is still gone. Requests reuse idle daemon connections ([`super::pool`]): a new one costs
 //! the daemon a fork and a store opening, and the tunnel two round trips.
 
 use std::convert::Infallible;
@@ -27,20 +32,24 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{
+    HeaderValue, ACCEPT_RANGES, ALLOW, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
 use tracing::{debug, warn};
 
 use crate::error::Chain;
 
 use super::daemon::{within, Daemon, DaemonError, NarStream, PathInfo, ProtocolError};
 use super::hash::Sha256;
+use super::hearing::{Heard, Hearing, PROBE_DEADLINE, PROBE_EVERY, SILENCE};
 use super::pool::{Pool, MAX_IDLE_TIME};
 use crate::store_path::{hash_part_of, is_hash_part};
 
@@ -60,7 +69,8 @@ pub struct CacheSettings {
     /// `Priority:` in `nix-cache-info`; Nix prefers lower (cache.nixos.org says 40).
     pub priority: u32,
     /// The longest a request waits for the daemon (connect, handshake, queries) before it
-    /// answers 503; while a NAR streams, the longest the daemon may send nothing.
+    /// answers 404, even while the daemon is heard; while a NAR streams, the longest the
+    /// daemon may send nothing on it.
     pub deadline: Duration,
 }
 
@@ -91,10 +101,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let state = Arc::new(State {
-        upstream: Pool::new(upstream),
+        upstream: Pool::new(upstream, Arc::default()),
         settings,
     });
     let mut prune = tokio::time::interval(MAX_IDLE_TIME);
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut probes = JoinSet::new();
     let (stop, stopped) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut errors = 0;
@@ -119,9 +132,20 @@ pub async fn serve(
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             _ = prune.tick() => state.upstream.prune(),
+            // While in doubt, one probe at a time: its handshake, once heard, ends the doubt.
+            _ = probe.tick(), if probes.is_empty() && state.upstream.hearing().in_doubt() => {
+                let state = state.clone();
+                probes.spawn(async move {
+                    if let Ok(daemon) = state.upstream.connect(PROBE_DEADLINE).await {
+                        state.upstream.put_back(daemon);
+                    }
+                });
+            }
+            Some(_) = probes.join_next(), if !probes.is_empty() => {}
         }
     };
     drop(listener);
+    probes.shutdown().await;
     // Every connection task holds a receiver; this tells them all.
     let _ = stop.send(true);
     while connections.join_next().await.is_some() {}
@@ -212,7 +236,13 @@ async fn respond(state: &State, request: Request<Incoming>) -> Response<Body> {
             ),
         ),
         Some(Route::NarInfo(hash)) => narinfo(state, hash).await,
-        Some(Route::Nar { hash, nar_hash }) => nar(state, hash, nar_hash, head).await,
+        Some(Route::Nar { hash, nar_hash }) => {
+            let from = match head {
+                true => 0,
+                false => resumed_from(request.headers().get(RANGE)),
+            };
+            nar(state, hash, nar_hash, head, from).await
+        }
         None => text(StatusCode::NOT_FOUND, "not found\n"),
     };
     debug!(
@@ -229,6 +259,32 @@ async fn respond(state: &State, request: Request<Incoming>) -> Response<Body> {
     response
 }
 
+/// Why the daemon gave no answer.
+enum Unanswered {
+    /// The host is in doubt: not even asked.
+    InDoubt,
+    /// Nothing heard from the daemon for [`SILENCE`] while asking.
+    Silent,
+    /// The daemon could not be reached, was slower than the deadline, or answered wrong.
+    Failed(DaemonError),
+}
+
+/// Runs `lookup` against the daemon, within the deadline and while the daemon is heard.
+async fn ask<T>(
+    state: &State,
+    lookup: impl Future<Output = Result<T, DaemonError>>,
+) -> Result<T, Unanswered> {
+    let hearing = state.upstream.hearing();
+    if hearing.in_doubt() {
+        return Err(Unanswered::InDoubt);
+    }
+    tokio::select! {
+        biased;
+        answer = within(state.settings.deadline, lookup) => answer.map_err(Unanswered::Failed),
+        () = hearing.silence(tokio::time::Instant::now()) => Err(Unanswered::Silent),
+    }
+}
+
 async fn narinfo(state: &State, hash: &str) -> Response<Body> {
     let deadline = state.settings.deadline;
     let lookup = async {
@@ -236,17 +292,17 @@ async fn narinfo(state: &State, hash: &str) -> Response<Body> {
         state.upstream.put_back(daemon);
         Ok(info)
     };
-    match within(deadline, lookup).await {
+    match ask(state, lookup).await {
         Ok(Some(info)) => match render_narinfo(hash, &info) {
             Ok(narinfo) => typed("text/x-nix-narinfo", narinfo),
-            Err(err) => upstream_failed(hash, err.into()),
+            Err(err) => not_answered(hash, Unanswered::Failed(err.into())),
         },
         Ok(None) => text(StatusCode::NOT_FOUND, "no such path\n"),
-        Err(err) => upstream_failed(hash, err),
+        Err(why) => not_answered(hash, why),
     }
 }
 
-async fn nar(state: &State, hash: &str, nar_hash: Sha256, head: bool) -> Response<Body> {
+async fn nar(state: &State, hash: &str, nar_hash: Sha256, head: bool, from: u64) -> Response<Body> {
     let deadline = state.settings.deadline;
     let lookup = async {
         let (info, daemon) = state.upstream.path_info(hash, deadline).await?;
@@ -254,20 +310,28 @@ async fn nar(state: &State, hash: &str, nar_hash: Sha256, head: bool) -> Respons
             state.upstream.put_back(daemon);
             return Ok(None);
         };
-        if head {
+        if head || from >= info.nar_size {
             state.upstream.put_back(daemon);
             return Ok(Some((info.nar_size, None)));
         }
         let stream = daemon.nar_from_path(&info.path, deadline).await?;
         Ok(Some((info.nar_size, Some(stream))))
     };
-    let (size, stream) = match within(deadline, lookup).await {
+    let (size, stream) = match ask(state, lookup).await {
         Ok(Some(found)) => found,
         Ok(None) => return text(StatusCode::NOT_FOUND, "no such NAR\n"),
-        Err(err) => return upstream_failed(hash, err),
+        Err(why) => return not_answered(hash, why),
     };
+    if from > 0 && from >= size {
+        let mut response = text(StatusCode::RANGE_NOT_SATISFIABLE, "past the NAR's end\n");
+        let range = HeaderValue::from_str(&format!("bytes */{size}"));
+        response
+            .headers_mut()
+            .extend(range.map(|r| (CONTENT_RANGE, r)));
+        return response;
+    }
     let body = match stream {
-        Some(stream) => nar_body(stream, size, hash.to_string()),
+        Some(stream) => nar_body(stream, state.upstream.hearing().clone(), size, from, hash),
         None => empty(),
     };
     let mut response = Response::new(body);
@@ -276,19 +340,64 @@ async fn nar(state: &State, hash: &str, nar_hash: Sha256, head: bool) -> Respons
         CONTENT_TYPE,
         HeaderValue::from_static("application/x-nix-nar"),
     );
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(size));
+    // Nix resumes a download cut short only from a server that says it can.
+    headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(size - from));
+    if from > 0 {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        let range = format!("bytes {from}-{}/{size}", size - 1);
+        response.headers_mut().extend(
+            HeaderValue::from_str(&range)
+                .ok()
+                .map(|r| (CONTENT_RANGE, r)),
+        );
+    }
     response
 }
 
-/// The NAR as a response body that fails (so hyper cuts the connection short, and Nix retries)
-/// if the daemon stalls, breaks off, or sends a NAR of another size than it said.
-fn nar_body(stream: NarStream<UnixStream>, size: u64, hash: String) -> Body {
+/// Where a resumed download starts: N of `Range: bytes=N-`, the only form Nix (curl's resume)
+/// sends; 0 (the whole NAR) for anything else.
+fn resumed_from(range: Option<&HeaderValue>) -> u64 {
+    range
+        .and_then(|r| r.to_str().ok())
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The NAR from byte `from` on, as a response body that fails (so hyper cuts the connection
+/// short, and Nix resumes or gives up) if the daemon stalls or goes silent, breaks off, or
+/// sends a NAR of another size than it said.
+fn nar_body(
+    stream: NarStream<Heard<tokio::net::UnixStream>>,
+    hearing: Arc<Hearing>,
+    size: u64,
+    from: u64,
+    hash: &str,
+) -> Body {
+    let hash = hash.to_string();
     let frames = futures_util::stream::try_unfold(stream, move |mut stream| {
-        let hash = hash.clone();
+        let (hash, hearing) = (hash.clone(), hearing.clone());
         async move {
-            let chunk = next_chunk(&mut stream, size).await.inspect_err(|err| {
-                warn!("binary cache: NAR of {hash} broken off: {}", Chain(err))
-            })?;
+            let chunk = loop {
+                let chunk = tokio::select! {
+                    biased;
+                    chunk = next_chunk(&mut stream, size) => chunk,
+                    () = hearing.silence(tokio::time::Instant::now()) => {
+                        Err(DaemonError::Timeout(SILENCE))
+                    }
+                }
+                .inspect_err(|err| {
+                    warn!("binary cache: NAR of {hash} broken off: {}", Chain(err))
+                })?;
+                // Before `from`: what the client already has.
+                let Some(chunk) = chunk else { break None };
+                let skip = from.saturating_sub(stream.consumed() - chunk.len() as u64);
+                if skip < chunk.len() as u64 {
+                    break Some(chunk.slice(skip as usize..));
+                }
+            };
             Ok(chunk.map(|chunk| (Frame::data(chunk), stream)))
         }
     });
@@ -296,7 +405,7 @@ fn nar_body(stream: NarStream<UnixStream>, size: u64, hash: String) -> Body {
 }
 
 async fn next_chunk(
-    stream: &mut NarStream<UnixStream>,
+    stream: &mut NarStream<Heard<tokio::net::UnixStream>>,
     size: u64,
 ) -> Result<Option<Bytes>, DaemonError> {
     let chunk = stream.next_chunk().await?;
@@ -358,19 +467,25 @@ fn render_narinfo(hash: &str, info: &PathInfo) -> Result<String, ProtocolError> 
     Ok(out)
 }
 
-/// 503 when the daemon cannot be reached in time (Nix retries, then fails, caching nothing);
-/// 502 when it answered something wrong.
-fn upstream_failed(hash: &str, err: DaemonError) -> Response<Body> {
-    warn!("binary cache: {hash}: {}", Chain(&err));
-    let status = match err {
-        DaemonError::Protocol(_) | DaemonError::Remote(_) => StatusCode::BAD_GATEWAY,
-        DaemonError::Connect { .. }
-        | DaemonError::Timeout(_)
-        | DaemonError::Closed
-        | DaemonError::Io(_)
-        | DaemonError::Desynchronized => StatusCode::SERVICE_UNAVAILABLE,
+/// 404 for a request the daemon did not answer: the one answer after which every Nix builds
+/// or asks its next cache, instead of retrying and failing (see the module's docs). A failure
+/// is logged; the silence is logged once by [`Hearing`], and nothing while in doubt.
+fn not_answered(hash: &str, why: Unanswered) -> Response<Body> {
+    let reason = match why {
+        Unanswered::InDoubt => "the host's nix-daemon is silent".to_string(),
+        Unanswered::Silent => {
+            format!(
+                "nothing from the host's nix-daemon for {} ms",
+                SILENCE.as_millis()
+            )
+        }
+        Unanswered::Failed(err) => {
+            let reason = Chain(&err).to_string();
+            warn!("binary cache: {hash}: {reason}: answering \"not here\"");
+            reason
+        }
     };
-    text(status, format!("{}\n", Chain(&err)))
+    text(StatusCode::NOT_FOUND, format!("not here: {reason}\n"))
 }
 
 fn typed(content_type: &'static str, body: String) -> Response<Body> {
@@ -413,6 +528,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const HASH: &str = "39swg37h91gk143pfmv87gqplp0xj96l";
+    const LONG: Duration = Duration::from_secs(30);
     const NAR_HASH: &str = "1pf6yfd4kxnprqxmm5ipgx2q39vz1xfr6wrkwrmjmv2i4b57vycn";
 
     fn info() -> PathInfo {
@@ -531,8 +647,10 @@ mod tests {
         fake_daemon::serve(&socket, scripts);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
+        // Far longer than SILENCE: an answer well before it shows that the silence ended
+        // the wait, not the deadline.
         let settings = CacheSettings {
-            deadline: Duration::from_secs(2),
+            deadline: LONG,
             ..CacheSettings::default()
         };
         tokio::spawn(serve(listener, socket, settings, std::future::pending()));
@@ -542,14 +660,22 @@ mod tests {
     /// GET `path`; the status, the Content-Length and the body as far as it came (status 0 if
     /// the connection closed before a whole header).
     async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Option<u64>, Vec<u8>) {
+        get_with(addr, path, "").await
+    }
+
+    /// GET `path` with `headers` (each line ending in CRLF), as [`get`].
+    async fn get_with(
+        addr: std::net::SocketAddr,
+        path: &str,
+        headers: &str,
+    ) -> (u16, Option<u64>, Vec<u8>) {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.expect("send");
         let mut raw = Vec::new();
         let read = stream.read_to_end(&mut raw);
-        let _ = tokio::time::timeout(Duration::from_secs(10), read)
-            .await
-            .expect("reply");
+        let _ = tokio::time::timeout(LONG, read).await.expect("reply");
         let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
             // Closed before the headers were complete.
             return (0, None, raw);
@@ -604,7 +730,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_daemon_error_or_wrong_answer_is_502() {
+    async fn a_daemon_error_or_wrong_answer_is_not_here() {
         let error = Wire::hello_2_8()
             .num(STDERR_ERROR)
             .str("Error")
@@ -615,7 +741,7 @@ mod tests {
             .num(0);
         let (addr, _dir) = cache_before(vec![error]).await;
         let (status, _, body) = get(addr, &format!("/{HASH_PART}.narinfo")).await;
-        assert_eq!(status, 502);
+        assert_eq!(status, 404);
         assert!(String::from_utf8_lossy(&body).contains("database is locked"));
 
         // Asked for one hash part, answers a path with another.
@@ -623,6 +749,91 @@ mod tests {
         let (addr, _dir) = cache_before(vec![wrong]).await;
         let other = "00000000000000000000000000000000";
         let (status, _, _) = get(addr, &format!("/{other}.narinfo")).await;
-        assert_eq!(status, 502);
+        assert_eq!(status, 404);
+    }
+
+    #[tokio::test]
+    async fn no_daemon_is_not_here_at_once() {
+        let (addr, _dir) = cache_before(vec![]).await;
+        let start = Instant::now();
+        let (status, _, body) = get(addr, &format!("/{HASH_PART}.narinfo")).await;
+        assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+        assert!(start.elapsed() < LONG / 3, "took {:?}", start.elapsed());
+        let (status, _, _) = get(addr, &nar_url()).await;
+        assert_eq!(status, 404);
+    }
+
+    /// GETs `path` until it is answered with something else than 404.
+    async fn until_answered(
+        addr: std::net::SocketAddr,
+        path: &str,
+        headers: &str,
+    ) -> (u16, Option<u64>, Vec<u8>) {
+        let start = Instant::now();
+        loop {
+            let got = get_with(addr, path, headers).await;
+            if got.0 != 404 || start.elapsed() > LONG / 3 {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_daemon_is_not_here_until_it_is_heard_again() {
+        // Greets, then never answers the lookup (a Pi that lost power behind a tunnel that
+        // still accepts); a probe's connection later greets, and then answers a lookup.
+        let silent = Wire::hello_2_8();
+        let back = Wire::hello_2_8()
+            .raw(&Wire::found().0)
+            .raw(&Wire::path_info(160).0);
+        let (addr, _dir) = cache_before(vec![silent, back]).await;
+        let narinfo = format!("/{HASH_PART}.narinfo");
+        let start = Instant::now();
+        let (status, _, body) = get(addr, &narinfo).await;
+        let waited = start.elapsed();
+        assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+        assert!(
+            waited >= SILENCE && waited < LONG / 3,
+            "the silence, not the deadline, ended the wait: {waited:?}"
+        );
+        let (status, _, body) = until_answered(addr, &narinfo, "").await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+
+    #[tokio::test]
+    async fn a_nar_cut_off_by_silence_resumes_where_it_stopped() {
+        let tree = include_bytes!("testdata/tree.nar");
+        let size = tree.len() as u64;
+        let half = tree.len() / 2;
+        let nar_from = |bytes: &[u8]| {
+            Wire::hello_2_8()
+                .raw(&Wire::found().0)
+                .raw(&Wire::path_info(size).0)
+                .num(STDERR_LAST)
+                .raw(bytes)
+        };
+        let (addr, _dir) = cache_before(vec![nar_from(&tree[..half]), nar_from(tree)]).await;
+        let (status, length, body) = get(addr, &nar_url()).await;
+        assert_eq!((status, length), (200, Some(size)));
+        assert!(
+            body.len() < tree.len() && tree.starts_with(&body),
+            "{} bytes",
+            body.len()
+        );
+        let resume = format!("Range: bytes={}-\r\n", body.len());
+        let (status, length, rest) = until_answered(addr, &nar_url(), &resume).await;
+        assert_eq!((status, length), (206, Some(size - body.len() as u64)));
+        assert_eq!(rest, tree[body.len()..]);
+    }
+
+    #[test]
+    fn only_an_open_ended_byte_range_resumes() {
+        let value = |v: &'static str| Some(HeaderValue::from_static(v));
+        assert_eq!(resumed_from(value("bytes=1234-").as_ref()), 1234);
+        for whole in ["bytes=0-", "bytes=1-2", "bytes=-5", "items=3-", "bytes=x-"] {
+            assert_eq!(resumed_from(value(whole).as_ref()), 0, "{whole}");
+        }
+        assert_eq!(resumed_from(None), 0);
     }
 }
