@@ -316,6 +316,19 @@ impl MdnsPair {
         let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
         let client = Netns::create(&format!("{prefix}client"))?;
         let server = Netns::create(&format!("{prefix}server"))?;
+        if !ipv6 {
+            // IPv4 only: otherwise a link-local address appears on each side a second or two
+            // after the link, and avahi, which publishes AAAA records over IPv4 by default,
+            // announces it while a test waits for something else.
+            for ns in [&client, &server] {
+                for key in ["all", "default"] {
+                    let key = format!("net.ipv6.conf.{key}.disable_ipv6=1");
+                    Spawn::new("ip")
+                        .args(["netns", "exec", ns.name(), "sysctl", "-q", "-w", &key])
+                        .ok(CMD_TIMEOUT)?;
+                }
+            }
+        }
         veth(&client, "mc0", &server, "ms0")?;
         client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "mc0"])?;
         server.ip(&["addr", "add", &format!("{SERVER_ADDR}/24"), "dev", "ms0"])?;
