@@ -54,6 +54,9 @@ pub enum Event {
         epoch: u64,
         result: Result<(), String>,
     },
+    /// The host's served cache heard nothing from the host's nix-daemon for a while: it answers
+    /// "not here" until it hears from it again.
+    CacheSilent(HostId),
     /// A run over the host's upload queue ended (a count, or a batch uploaded).
     UploadDone {
         host: HostId,
@@ -77,6 +80,7 @@ impl Event {
             Event::AddressesFound(host, _)
             | Event::AddressesRemoved(host, _)
             | Event::UnitState(host, _)
+            | Event::CacheSilent(host)
             | Event::CheckDone { host, .. }
             | Event::JobDone { host, .. }
             | Event::AddressSet { host, .. }

@@ -297,9 +297,16 @@ async fn serve(upstream: PathBuf, deadline: Duration) -> Server {
         deadline,
         ..CacheSettings::default()
     };
-    let task = tokio::spawn(cache::serve(listener, upstream, settings, async {
+    let stopped = async {
         let _ = stopped.await;
-    }));
+    };
+    let task = tokio::spawn(cache::serve(
+        listener,
+        upstream,
+        Arc::default(),
+        settings,
+        stopped,
+    ));
     Server { addr, stop, task }
 }
 

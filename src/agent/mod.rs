@@ -363,6 +363,11 @@ impl Agent {
                     gate.on_check(epoch, result, now);
                 }
             }
+            Event::CacheSilent(host) => {
+                if let Some(gate) = &mut self.host(host).nix {
+                    gate.on_silence(now);
+                }
+            }
             Event::UploadDone {
                 host,
                 epoch,

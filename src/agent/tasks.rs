@@ -18,6 +18,7 @@ use zbus::connection;
 
 use crate::address::HostAddress;
 use crate::cache::health;
+use crate::cache::hearing::Hearing;
 use crate::cache::server::{self as cache, CacheSettings};
 use crate::config::{expand_runtime_dir, expand_store_uri, HostConfig, NixCache, ProbeSettings};
 use crate::event::{Event, Events, HostId};
@@ -250,15 +251,30 @@ impl Tasks {
         };
         let upstream = expand_runtime_dir(daemon_socket, &self.runtime_dir);
         let name = host.name.clone();
+        let hearing = Arc::new(Hearing::default());
+        let mut doubts = hearing.doubts();
         let serving = cache::serve(
             listener,
             upstream,
+            hearing,
             CacheSettings::default(),
             std::future::pending(),
         );
         self.of_host(id).spawn(async move {
             if let Err(err) = serving.await {
                 warn!(host = %name, "the binary cache stopped: {err}");
+            }
+        });
+        // The cache notices a silent host in under a second, its checks only within seconds.
+        let events = self.events.clone();
+        self.of_host(id).spawn(async move {
+            while doubts.wait_for(|doubt| *doubt).await.is_ok() {
+                if events.send(Event::CacheSilent(id)).await.is_err() {
+                    return;
+                }
+                if doubts.wait_for(|doubt| !*doubt).await.is_err() {
+                    return;
+                }
             }
         });
     }

@@ -59,6 +59,11 @@ impl Hearing {
         *self.in_doubt.borrow()
     }
 
+    /// Follows [`in_doubt`](Self::in_doubt) as it changes.
+    pub fn doubts(&self) -> watch::Receiver<bool> {
+        self.in_doubt.subscribe()
+    }
+
     /// Completes when the daemon has been silent for [`SILENCE`] since `since` and since it
     /// was last heard, or at once when the host is (or becomes) in doubt; the host is in doubt
     /// from then on.

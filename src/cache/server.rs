@@ -91,17 +91,19 @@ struct State {
 }
 
 /// Serves the cache on `listener` (bind it to loopback), asking the daemon at the socket
-/// `upstream` for each request, until `shutdown` completes. Then it stops accepting, lets
+/// `upstream` for each request and telling `hearing` what its connections receive, until
+/// `shutdown` completes. Then it stops accepting, lets
 /// responses under way finish for a moment ([`SHUTDOWN_GRACE`]), drops the connections and
 /// returns once every connection task has ended. An error only if accepting keeps failing.
 pub async fn serve(
     listener: TcpListener,
     upstream: PathBuf,
+    hearing: Arc<Hearing>,
     settings: CacheSettings,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let state = Arc::new(State {
-        upstream: Pool::new(upstream, Arc::default()),
+        upstream: Pool::new(upstream, hearing),
         settings,
     });
     let mut prune = tokio::time::interval(MAX_IDLE_TIME);
@@ -653,7 +655,14 @@ mod tests {
             deadline: LONG,
             ..CacheSettings::default()
         };
-        tokio::spawn(serve(listener, socket, settings, std::future::pending()));
+        let serving = serve(
+            listener,
+            socket,
+            Arc::default(),
+            settings,
+            std::future::pending(),
+        );
+        tokio::spawn(serving);
         (addr, dir)
     }
 

@@ -1,8 +1,9 @@
 //! The cache gate: whether Nix may be pointed at a host's cache now. Only while the host is reachable, its
 //! target is active (so the tunnel unit runs) and the cache answered its last check; the check
 //! is repeated while that holds, so a cache that stops answering (a half-dead tunnel) is dropped
-//! within [`NIX_CHECK_INTERVAL`] + the check's deadline. Away from home Nix never hears of the
-//! host. The clock is passed in.
+//! within [`NIX_CHECK_INTERVAL`] + the check's deadline, or at once when the cache reachd
+//! serves heard nothing from the host for a moment ([`NixGate::on_silence`]). Away from home
+//! Nix never hears of the host. The clock is passed in.
 
 use std::time::Duration;
 
@@ -118,6 +119,21 @@ impl NixGate {
             }
             wake => NixPlan { check: false, wake },
         }
+    }
+
+    /// The cache reachd serves heard nothing from the host's daemon for a moment (and answers
+    /// "not here" until it does): out of use at once, and checked again at once, so that a host
+    /// that was only slow comes back as soon as a check sees it answer. A check under way
+    /// started before the silence: its result is dropped.
+    pub fn on_silence(&mut self, now: Instant) -> Option<bool> {
+        if !self.eligible {
+            return None;
+        }
+        self.epoch += 1;
+        self.check_started = None;
+        self.check_due = Some(now);
+        self.reason = "cache not answering: the host's nix-daemon went silent".into();
+        std::mem::take(&mut self.in_use).then_some(false)
     }
 
     /// A check ended. Results of checks started before the host last stopped being eligible are
@@ -242,6 +258,24 @@ mod tests {
         // Eligible again: checked afresh before use.
         assert!(gate.plan(Ok(()), t1).check);
         assert!(!gate.in_use());
+    }
+
+    #[test]
+    fn silence_takes_the_cache_out_of_use_until_a_new_check_answers() {
+        let t0 = Instant::now();
+        let mut gate = NixGate::new();
+        assert_eq!(gate.on_silence(t0), None, "not eligible: nothing to do");
+        eligible_checked(&mut gate, Ok(()), t0);
+        let t1 = t0 + NIX_CHECK_INTERVAL;
+        assert!(gate.plan(Ok(()), t1).check);
+        let running = gate.epoch();
+        assert_eq!(gate.on_silence(t1), Some(false));
+        assert!(!gate.in_use());
+        assert_eq!(gate.on_silence(t1), None, "already out of use");
+        assert_eq!(gate.on_check(running, Ok(()), t1), None, "started before");
+        assert!(!gate.in_use());
+        assert!(gate.plan(Ok(()), t1).check, "checked again at once");
+        assert_eq!(gate.on_check(gate.epoch(), Ok(()), t1), Some(true));
     }
 
     #[test]
