@@ -20,8 +20,12 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 /// A request gives up on the daemon when nothing arrived from it for this long (since the
-/// request started or the daemon was last heard, whichever is later).
-pub const SILENCE: Duration = Duration::from_millis(750);
+/// request started or the daemon was last heard, whichever is later). The first build after
+/// the Pi went waits this long, plus its own time: it must stay well under a second. A Pi
+/// that is there answers a lookup in milliseconds (a new connection: a fork on the Pi and two
+/// round trips); one that stalls longer only costs that one path a 404 (Nix builds it, or
+/// takes it from its next cache) and the cache a check before Nix is pointed at it again.
+pub const SILENCE: Duration = Duration::from_millis(500);
 /// While the host is in doubt, a probe (a new connection and its handshake) is started this
 /// often...
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);

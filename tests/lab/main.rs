@@ -8,7 +8,8 @@
 //! without any), printing one line each and then `N passed, M failed`; exit status 1 on any
 //! failure. It cleans up after itself even when a scenario fails or panics, and at start after
 //! an earlier run that died. A watchdog ends a run that exceeds its time budget.
-//! `REACHD_LAB_LOGS=DIR` keeps the daemons' logs and reachd's (copied to DIR before cleanup).
+//! `REACHD_LAB_LOGS=DIR` keeps the daemons' logs and reachd's (copied to DIR before cleanup);
+//! `REACHD_LAB_RUST_LOG=FILTER` is reachd's `RUST_LOG` (e.g. `reachd=debug`).
 //!
 //! Never run two labs at once on one machine: each starts by removing the other's leftovers.
 
@@ -21,6 +22,7 @@ mod scenarios;
 mod status_bar;
 mod stress;
 mod upload;
+mod vanish;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;

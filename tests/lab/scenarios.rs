@@ -18,7 +18,7 @@ use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
 use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
 use reachd_testkit::process::{wait_until, Spawn};
 
-use crate::{doctor, hostile_lan, nix, reliability, reload, status_bar, stress, upload};
+use crate::{doctor, hostile_lan, nix, reliability, reload, status_bar, stress, upload, vanish};
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;
 
@@ -56,6 +56,7 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ),
     ("26-dual-stack", false, hostile_lan::dual_stack),
     ("27-home-impostor", false, hostile_lan::home_impostor),
+    ("28-nix-vanish-window", false, vanish::nix_vanish_window),
     ("30-sleep", false, stress::sleep),
     ("31-mdns-flood", false, stress::mdns_flood),
     ("32-malformed-answers", false, stress::malformed_answers),

@@ -211,7 +211,11 @@ impl TestUser {
     /// The drop-in that runs the lab's binary as `reachd RUN_ARGS` (the repo's unit runs
     /// ~/.cargo/bin/reachd), its output appended to [`TestUser::reachd_log_path`] (no journald).
     /// Takes effect at the next `daemon-reload`.
+    /// `REACHD_LAB_RUST_LOG`, if set, becomes reachd's `RUST_LOG` (e.g. `reachd=debug`).
     pub fn write_reachd_dropin(&self, run_args: &str) -> Result<(), String> {
+        let log_filter = std::env::var("REACHD_LAB_RUST_LOG")
+            .map(|filter| format!("Environment=RUST_LOG={filter}\n"))
+            .unwrap_or_default();
         let path = self
             .home
             .join(".config/systemd/user/reachd.service.d/lab.conf");
@@ -222,7 +226,7 @@ impl TestUser {
             format!(
                 "# The lab's binary instead of ~/.cargo/bin/reachd; output to a file (no journald).\n\
                  [Service]\nExecStart=\nExecStart={} {run_args}\n\
-                 StandardOutput=append:{}\nStandardError=inherit\n",
+                 StandardOutput=append:{}\nStandardError=inherit\n{log_filter}",
                 dir().join("bin/reachd").display(),
                 self.reachd_log_path().display()
             ),

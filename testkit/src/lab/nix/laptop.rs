@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::places::{
-    hook_path, laptop_dir, laptop_etc, laptop_socket, laptop_store_root, spool_dir,
-    user_conf_without_include, CACHE_URL, SPOOL_VAR, TUNNEL_STORE,
+    hook_path, laptop_dir, laptop_etc, laptop_socket, laptop_store_root, spool_dir, stand_in_dir,
+    stand_in_url, user_conf_without_include, CACHE_URL, SPOOL_VAR, TUNNEL_STORE,
 };
 use super::tools::{daemon_handshake, nix_spawn, write};
 use super::upload::laptop_key;
@@ -83,20 +83,27 @@ impl Lab {
     /// upload hook after each build, into the lab's spool.
     pub(super) fn start_laptop_nix(&mut self, pi_key: &str) -> Result<String, String> {
         let (etc, home) = (laptop_etc(), laptop_dir().join("home"));
-        for d in [&etc, &home, &laptop_store_root()] {
+        for d in [&etc, &home, &laptop_store_root(), &stand_in_dir()] {
             fs::create_dir_all(d).map_err(|e| io_err(d.display(), e))?;
         }
+        write(
+            &stand_in_dir().join("nix-cache-info"),
+            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
+        )?;
         let (laptop_sec, _) = laptop_key()?;
         write(
             &etc.join("nix.conf"),
             &format!(
                 "# The lab laptop's /etc/nix/nix.conf: no cache but the one reachd serves for the Pi\n\
-                 # (and, for the bench, the tunnel's socket as the old recipe had it).\n\
-                 trusted-substituters = {CACHE_URL} {TUNNEL_STORE}\ntrusted-public-keys = {pi_key}\n\
+                 # (and, for the bench, the tunnel's socket as the old recipe had it; for the\n\
+                 # vanish window, an empty second cache).\n\
+                 trusted-substituters = {CACHE_URL} {TUNNEL_STORE} {}\n\
+                 trusted-public-keys = {pi_key}\n\
                  require-sigs = true\nsubstituters =\nsandbox = false\nbuild-users-group =\n\
                  experimental-features = nix-command\nextra-sandbox-paths = /bin /usr /lib /lib64\n\
                  # Uploads: builds signed by laptop-1, recorded by reachd's hook.\n\
                  secret-key-files = {}\npost-build-hook = {}\n",
+                stand_in_url(),
                 laptop_sec.display(),
                 hook_path().display()
             ),

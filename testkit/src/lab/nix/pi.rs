@@ -16,7 +16,7 @@ use crate::process::wait_until;
 pub const SMALL_TEXT: &str = "small, from the pi\n";
 const BUILD_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// What the Pi builds. `big` only on demand, a new 100 MiB path for each nonce.
+/// What the Pi builds. `big` and `shared` only on demand, new paths for each nonce.
 const PI_PATHS_NIX: &str = r#"# The lab Pi's store, built by its nix-daemon (which signs with pi-1).
 { nonce ? "" }:
 let
@@ -32,6 +32,8 @@ in rec {
   ref = mk "p-ref" "echo 'refers to ${dep}' > $out";
   other = mk "p-other" "echo 'another, from the pi' > $out";
   big = mk "p-big-${nonce}" "/usr/bin/head -c 104857600 /dev/urandom > $out";
+  # The laptop can build this one too (builds.rs `derivation_expr`, same attributes).
+  shared = mk "p-shared-${nonce}" "echo p-shared-${nonce} > $out";
 }
 "#;
 

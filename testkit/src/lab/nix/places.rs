@@ -28,6 +28,16 @@ pub fn user_conf_without_include() -> PathBuf {
     laptop_dir().join("user-without-include.conf")
 }
 
+/// A second substituter for the user's commands, after the Pi's: a `file://` binary cache with
+/// `Priority: 40` (cache.nixos.org's) and nothing in it, standing in for cache.nixos.org.
+pub fn stand_in_dir() -> PathBuf {
+    laptop_dir().join("stand-in")
+}
+
+pub fn stand_in_url() -> String {
+    format!("file://{}", stand_in_dir().display())
+}
+
 /// The tunnel's socket as a store: what the old recipe named in `extra-substituters`.
 pub const TUNNEL_STORE: &str = "unix:///run/user/1500/rpi-nix-daemon.sock";
 
