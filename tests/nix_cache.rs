@@ -772,37 +772,37 @@ impl Relay {
         self.passed.load(Ordering::SeqCst) >= self.freeze_after
     }
 
+    /// Copies `from` to `to` until either ends or the relay is frozen; counts what it passes
+    /// if `counted` (the daemon's side).
+    async fn pump(
+        &self,
+        mut from: impl AsyncReadExt + Unpin,
+        mut to: impl AsyncWriteExt + Unpin,
+        counted: bool,
+    ) {
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            let n = from.read(&mut buf).await.unwrap_or(0);
+            if n == 0 || self.frozen() {
+                break;
+            }
+            if counted {
+                self.passed.fetch_add(n as u64, Ordering::SeqCst);
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    }
+
     async fn carry(self: Arc<Self>, client: UnixStream, to: PathBuf) {
         let Ok(daemon) = UnixStream::connect(&to).await else {
             return;
         };
-        let (mut client_in, mut client_out) = client.into_split();
-        let (mut daemon_in, mut daemon_out) = daemon.into_split();
-        let up = async {
-            let mut buf = vec![0; 64 * 1024];
-            loop {
-                let n = client_in.read(&mut buf).await.unwrap_or(0);
-                if n == 0 || self.frozen() {
-                    break;
-                }
-                if daemon_out.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-            }
-        };
-        let down = async {
-            let mut buf = vec![0; 64 * 1024];
-            loop {
-                let n = daemon_in.read(&mut buf).await.unwrap_or(0);
-                if n == 0 || self.frozen() {
-                    break;
-                }
-                self.passed.fetch_add(n as u64, Ordering::SeqCst);
-                if client_out.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-            }
-        };
+        let (client_in, client_out) = client.into_split();
+        let (daemon_in, daemon_out) = daemon.into_split();
+        let up = self.pump(client_in, daemon_out, false);
+        let down = self.pump(daemon_in, client_out, true);
         tokio::join!(up, down);
         // Frozen: hold the client's end open and silent, as a tunnel to a dead Pi does.
         std::future::pending::<()>().await;
