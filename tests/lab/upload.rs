@@ -6,10 +6,10 @@
 
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use reachd_testkit::lab::expect::REACHD;
-use reachd_testkit::lab::nix::{spool_dir, NixRun};
+use reachd_testkit::lab::nix::{nonce, spool_dir, NixRun};
 use reachd_testkit::lab::{dir, Lab, HOME_UUID, T};
 use reachd_testkit::process::{descendants, kill_pid, wait_until};
 
@@ -45,14 +45,6 @@ const VANISH_RATE: &str = "64mbit";
 /// Hook runs timed in the first scenario.
 const HOOK_RUNS: usize = 20;
 
-fn nonce() -> Result<String, String> {
-    Ok(SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_err(|e| e.to_string())?
-        .as_nanos()
-        .to_string())
-}
-
 /// A derivation that needs no nixpkgs: `script` writes `$out` (or each output).
 fn derivation(name: &str, outputs: &[String], script: &str) -> String {
     let outputs: Vec<String> = outputs.iter().map(|o| format!("\"{o}\"")).collect();
@@ -81,7 +73,7 @@ fn build(lab: &Lab, name: &str, expr: &str) -> Result<(NixRun, Vec<String>), Str
 
 /// A small path of its own, built by the user: the build, its path and the derivation's name.
 fn build_small(lab: &Lab, tag: &str) -> Result<(NixRun, String, String), String> {
-    let name = format!("u-{tag}-{}", nonce()?);
+    let name = format!("u-{tag}-{}", nonce());
     let expr = derivation(&name, &["out".into()], &format!("echo {name} > $out"));
     let (run, mut outs) = build(lab, &name, &expr)?;
     Ok((run, outs.remove(0), name))
@@ -327,7 +319,7 @@ pub fn nix_upload_crash(lab: &mut Lab) -> Result<String, String> {
     lab.nmcli_con("down", HOME_UUID)?;
     lab.expect_down(T, "home down (upload crash)")?;
     let before = lab.user().upload_status()?.pending;
-    let name = format!("u-many-{}", nonce()?);
+    let name = format!("u-many-{}", nonce());
     let outputs: Vec<String> = (1..=CRASH_PATHS).map(|i| format!("o{i}")).collect();
     let script = "for o in $outputs; do eval \\\"echo $o > \\\\$$o\\\"; done";
     let (run, first) = build(lab, &name, &derivation(&name, &outputs, script))?;
@@ -422,7 +414,7 @@ pub fn nix_upload_vanish(lab: &mut Lab) -> Result<String, String> {
     baseline(lab)?;
     settle(lab)?;
     lab.expect_tunnel()?;
-    let name = format!("u-big-{}", nonce()?);
+    let name = format!("u-big-{}", nonce());
     let expr = derivation(
         &name,
         &["out".into()],

@@ -8,11 +8,11 @@
 
 use std::time::{Duration, Instant};
 
-use reachd_testkit::lab::nix::{derivation_expr, extra_wait, Caches, Spread, Timed};
+use reachd_testkit::lab::nix::{derivation_expr, extra_wait, nonce, Caches, Spread, Timed};
 use reachd_testkit::lab::{Lab, T};
 use reachd_testkit::process::Frozen;
 
-use crate::scenarios::baseline;
+use crate::scenarios::{baseline, secs};
 
 /// How often a build starts in the window (alternately with the Pi and without), and for how
 /// long. A build of a trivial derivation costs the lab machine about 0.1 CPU-second (the client's
@@ -64,10 +64,6 @@ impl Fault {
             }
         }
     }
-}
-
-fn secs(d: Duration) -> String {
-    format!("{:.2} s", d.as_secs_f64())
 }
 
 pub fn nix_vanish_window(lab: &mut Lab) -> Result<String, String> {
@@ -138,7 +134,7 @@ fn window(lab: &Lab, fault: Fault, caches: Caches) -> Result<String, String> {
         }
     );
     back_in_use(lab).map_err(|e| format!("{what}: before: {e}"))?;
-    let nonce = now_ms().to_string();
+    let nonce = nonce();
     let shared = lab
         .pi_nix_build(&["shared"], &nonce)?
         .pop()
@@ -218,11 +214,4 @@ fn outcome(lab: &Lab, path: &str, build: &Timed) -> &'static str {
         Ok(info) if info.code == 0 => "built here",
         _ => "not valid here",
     }
-}
-
-fn now_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default()
 }

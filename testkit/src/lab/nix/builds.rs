@@ -41,11 +41,13 @@ pub fn derivation_expr(name: &str, text: &str) -> String {
     )
 }
 
-fn now_nanos() -> u128 {
+/// A string no earlier call gave: the time in nanoseconds, for names of new derivations.
+pub fn nonce() -> String {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or_default()
+        .to_string()
 }
 
 impl Lab {
@@ -76,7 +78,7 @@ impl Lab {
 
     /// A build of a new derivation (tagged `tag`), timed.
     pub fn build_new(&self, tag: &str, caches: Caches) -> Timed {
-        let name = format!("w-{tag}-{}", now_nanos());
+        let name = format!("w-{tag}-{}", nonce());
         self.build_expr(&derivation_expr(&name, &name), caches)
     }
 

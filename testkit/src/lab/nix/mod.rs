@@ -45,7 +45,7 @@ pub(crate) mod places;
 mod tools;
 mod upload;
 
-pub use self::builds::{derivation_expr, extra_wait, Caches, Spread, Timed, BUILD_TIMEOUT};
+pub use self::builds::{derivation_expr, extra_wait, nonce, Caches, Spread, Timed, BUILD_TIMEOUT};
 pub use self::fragment::Fragment;
 pub use self::laptop::{old_recipe_conf, NixRun};
 pub use self::pi::SMALL_TEXT;
