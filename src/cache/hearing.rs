@@ -49,11 +49,11 @@ impl Default for Hearing {
 }
 
 impl Hearing {
-    /// Bytes arrived from the daemon: it is there.
+    /// Bytes arrived from the daemon: it is there. Called for every read (a NAR's too): the
+    /// doubt is only written when there is one.
     pub fn heard(&self) {
         *self.lock() = Instant::now();
-        let cleared = self.in_doubt.send_if_modified(std::mem::take);
-        if cleared {
+        if self.in_doubt() && self.in_doubt.send_if_modified(std::mem::take) {
             info!("binary cache: the host's nix-daemon answers again");
         }
     }

@@ -39,7 +39,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
@@ -84,6 +84,8 @@ impl Default for CacheSettings {
 }
 
 type Body = UnsyncBoxBody<Bytes, DaemonError>;
+/// A NAR coming from a pooled connection.
+type Nar = NarStream<Heard<UnixStream>>;
 
 struct State {
     upstream: Pool,
@@ -326,10 +328,9 @@ async fn nar(state: &State, hash: &str, nar_hash: Sha256, head: bool, from: u64)
     };
     if from > 0 && from >= size {
         let mut response = text(StatusCode::RANGE_NOT_SATISFIABLE, "past the NAR's end\n");
-        let range = HeaderValue::from_str(&format!("bytes */{size}"));
         response
             .headers_mut()
-            .extend(range.map(|r| (CONTENT_RANGE, r)));
+            .insert(CONTENT_RANGE, content_range(format!("bytes */{size}")));
         return response;
     }
     let body = match stream {
@@ -346,15 +347,16 @@ async fn nar(state: &State, hash: &str, nar_hash: Sha256, head: bool, from: u64)
     headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     headers.insert(CONTENT_LENGTH, HeaderValue::from(size - from));
     if from > 0 {
+        let range = content_range(format!("bytes {from}-{}/{size}", size - 1));
+        response.headers_mut().insert(CONTENT_RANGE, range);
         *response.status_mut() = StatusCode::PARTIAL_CONTENT;
-        let range = format!("bytes {from}-{}/{size}", size - 1);
-        response.headers_mut().extend(
-            HeaderValue::from_str(&range)
-                .ok()
-                .map(|r| (CONTENT_RANGE, r)),
-        );
     }
     response
+}
+
+/// A `Content-Range` value: "bytes" and numbers only, always a valid header.
+fn content_range(value: String) -> HeaderValue {
+    HeaderValue::try_from(value).expect("digits, spaces, '-', '/' and '*' are header text")
 }
 
 /// Where a resumed download starts: N of `Range: bytes=N-`, the only form Nix (curl's resume)
@@ -371,13 +373,7 @@ fn resumed_from(range: Option<&HeaderValue>) -> u64 {
 /// The NAR from byte `from` on, as a response body that fails (so hyper cuts the connection
 /// short, and Nix resumes or gives up) if the daemon stalls or goes silent, breaks off, or
 /// sends a NAR of another size than it said.
-fn nar_body(
-    stream: NarStream<Heard<tokio::net::UnixStream>>,
-    hearing: Arc<Hearing>,
-    size: u64,
-    from: u64,
-    hash: &str,
-) -> Body {
+fn nar_body(stream: Nar, hearing: Arc<Hearing>, size: u64, from: u64, hash: &str) -> Body {
     let hash = hash.to_string();
     let frames = futures_util::stream::try_unfold(stream, move |mut stream| {
         let (hash, hearing) = (hash.clone(), hearing.clone());
@@ -406,10 +402,7 @@ fn nar_body(
     StreamBody::new(frames).boxed_unsync()
 }
 
-async fn next_chunk(
-    stream: &mut NarStream<Heard<tokio::net::UnixStream>>,
-    size: u64,
-) -> Result<Option<Bytes>, DaemonError> {
+async fn next_chunk(stream: &mut Nar, size: u64) -> Result<Option<Bytes>, DaemonError> {
     let chunk = stream.next_chunk().await?;
     let got = stream.consumed();
     if got > size || (chunk.is_none() && got != size) {
