@@ -62,14 +62,15 @@ pub fn request(drv_path: Option<&OsStr>, out_paths: Option<&OsStr>) -> Request {
         })
         .unwrap_or_default();
     let mut entry = Entry::new(drv, outs);
-    if let Some(e) = &entry {
-        if e.encode(None).len() > MAX_ENTRY_BYTES {
-            // Thousands of outputs: keep the derivation, whose outputs are found when uploading.
+    if let Some(e) = entry.take_if(|e| e.encode(None).len() > MAX_ENTRY_BYTES) {
+        // Thousands of outputs (Nix >= 2.9 names them all): the derivation alone records them
+        // as well, its outputs are found when uploading, as for Nix 2.8's empty OUT_PATHS.
+        entry = Entry::new(e.drv.clone(), []);
+        if entry.is_none() {
             refused.push(format!(
-                "OUT_PATHS: {} outputs are too many for one entry",
+                "OUT_PATHS: {} outputs are too many for one entry, and DRV_PATH is not set",
                 e.outs.len()
             ));
-            entry = Entry::new(e.drv.clone(), []);
         }
     }
     Request { entry, refused }
@@ -155,6 +156,30 @@ mod tests {
         let outs: Vec<_> = r.entry.expect("an entry").outs.into_iter().collect();
         assert_eq!(outs.len(), 2);
         assert!(r.refused.is_empty());
+    }
+
+    /// `count` output paths of distinct hashes, space-separated, as Nix sets OUT_PATHS.
+    fn many_outputs(count: usize) -> String {
+        (0..count)
+            .map(|i| format!("/nix/store/{i:032}-x0-o{i}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn thousands_of_outputs_are_recorded_by_their_derivation_without_a_word() {
+        let r = request(os(DRV), os(&many_outputs(2000)));
+        let entry = r.entry.expect("an entry");
+        assert_eq!(entry.drv.as_ref().map(StorePath::as_str), Some(DRV));
+        assert!(entry.outs.is_empty());
+        assert!(r.refused.is_empty(), "{:?}", r.refused);
+        let r = request(None, os(&many_outputs(2000)));
+        assert!(r.entry.is_none());
+        assert!(
+            r.refused[0].contains("DRV_PATH is not set"),
+            "{:?}",
+            r.refused
+        );
     }
 
     #[test]
