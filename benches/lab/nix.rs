@@ -98,7 +98,7 @@ fn away(lab: &mut Lab, report: &mut NixReport) -> Result<(), String> {
     for (label, conf) in setups {
         let (mut times, mut codes) = (Vec::new(), Vec::new());
         for _ in 0..RUNS {
-            let mut spawn = lab.user().nix(&["nix-store", "-r", &local]);
+            let mut spawn = lab.user_nix(&["nix-store", "-r", &local]);
             if let Some(conf) = &conf {
                 spawn = spawn.env("NIX_USER_CONF_FILES", conf);
             }

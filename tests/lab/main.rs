@@ -6,7 +6,11 @@
 //! `cargo test --test lab [-- SUBSTRING...]` as root. It builds the lab once, runs the lab's
 //! self-check and coldplug, then the scenarios whose names contain one of the substrings (all
 //! without any), printing one line each and then `N passed, M failed`; exit status 1 on any
-//! failure. It cleans up after itself even when a scenario fails or panics, and at start after
+//! failure. The laptop runs the machine's Nix (Debian 12's 2.8) at first; then the Nix scenarios
+//! (`-nix-` in their names) run again with a current Nix on the laptop, named
+//! `12-nix-home (Nix 2.34.8)` and so on: Debian sid's, from the chroot tests/current-nix makes
+//! (`REACHD_LAB_CURRENT_NIX`, default /var/lib/reachd-tests/nix-sid; the lab fails at once,
+//! saying so, without it). It cleans up after itself even when a scenario fails or panics, and at start after
 //! an earlier run that died. A watchdog ends a run that exceeds its time budget.
 //! `REACHD_LAB_LOGS=DIR` keeps the daemons' logs and reachd's (copied to DIR before cleanup);
 //! `REACHD_LAB_RUST_LOG=FILTER` is reachd's `RUST_LOG` (e.g. `reachd=debug`).
@@ -29,8 +33,9 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use reachd_testkit::lab::nix::LaptopNix;
 use reachd_testkit::lab::{self, cleanup, preflight, Binaries, Lab};
-use scenarios::{tail, SCENARIOS};
+use scenarios::{tail, Scenario, SCENARIOS};
 
 /// The whole run, lab included, must end before this. A normal run takes about four minutes;
 /// the scenarios' own deadlines (a fetch may take a minute before it counts as hung, a drain
@@ -41,7 +46,8 @@ const BUDGET: Duration = Duration::from_secs(15 * 60);
 fn main() -> ExitCode {
     preflight::fix_path();
     let filters = filters(std::env::args().skip(1));
-    let problems = preflight::problems();
+    let mut problems = preflight::problems();
+    let current_nix = LaptopNix::current().map_err(|e| problems.push(e)).ok();
     if !problems.is_empty() {
         for p in &problems {
             eprintln!("lab: cannot run: {p}");
@@ -59,6 +65,7 @@ fn main() -> ExitCode {
         println!("0 passed, 1 failed");
         return ExitCode::FAILURE;
     };
+    let current_nix = current_nix.expect("a missing current Nix is among the problems");
     let bins = Binaries {
         reachd: Path::new(reachd),
         upload_hook: Path::new(upload_hook),
@@ -76,35 +83,40 @@ fn main() -> ExitCode {
         Err(p) => return setup_failed(&panic_message(p.as_ref())),
     };
     eprintln!("lab: built in {:.1} s", started.elapsed().as_secs_f64());
-    let (mut passed, mut failed) = (0, 0);
-    let mut blocked: Option<String> = None;
+    let mut tally = Tally::default();
     for (name, always, scenario) in SCENARIOS {
-        if !always && !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let t = Instant::now();
-        let outcome = match &blocked {
-            Some(why) => Err(why.clone()),
-            None => match panic::catch_unwind(AssertUnwindSafe(|| scenario(&mut lab))) {
-                Ok(r) => r,
-                Err(p) => Err(format!("panicked: {}", panic_message(p.as_ref()))),
-            },
-        };
-        match outcome {
-            Ok(detail) => {
-                passed += 1;
-                println!("{name}: ok ({detail}) [{:.1} s]", t.elapsed().as_secs_f64());
-            }
-            Err(why) => {
-                failed += 1;
-                println!("{name}: FAILED: {why} [{:.1} s]", t.elapsed().as_secs_f64());
-                if *always {
-                    // Without the lab or a running agent the rest would only repeat this.
-                    blocked.get_or_insert(format!("not run: {name} failed"));
-                }
-            }
+        if *always || selected(&filters, name) {
+            tally.run(&mut lab, name, *always, *scenario);
         }
     }
+    // The Nix scenarios again, with the current Nix on the laptop.
+    let again: Vec<(String, Scenario)> = SCENARIOS
+        .iter()
+        .filter(|(name, ..)| name.contains("-nix-"))
+        .map(|(name, _, s)| (format!("{name} ({})", current_nix.label()), *s))
+        .filter(|(name, _)| selected(&filters, name))
+        .collect();
+    if !again.is_empty() {
+        eprintln!(
+            "lab: the laptop's Nix is now {} ({})",
+            current_nix.label(),
+            current_nix
+                .root
+                .as_deref()
+                .unwrap_or(Path::new("/"))
+                .display()
+        );
+        if let Err(e) = lab.use_laptop_nix(current_nix.clone()) {
+            tally.blocked = Some(format!(
+                "not run: the laptop's {} did not start: {e}",
+                current_nix.label()
+            ));
+        }
+        for (name, scenario) in &again {
+            tally.run(&mut lab, name, false, *scenario);
+        }
+    }
+    let Tally { passed, failed, .. } = tally;
     if failed > 0 {
         if let Some(u) = &lab.user {
             eprintln!(
@@ -122,6 +134,49 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// The scenarios' outcomes so far, and why the rest cannot run (a scenario that sets the stage
+/// failed).
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    blocked: Option<String>,
+}
+
+impl Tally {
+    /// Runs `scenario` (unless blocked) and prints its line.
+    fn run(&mut self, lab: &mut Lab, name: &str, always: bool, scenario: Scenario) {
+        let t = Instant::now();
+        let outcome = match &self.blocked {
+            Some(why) => Err(why.clone()),
+            None => match panic::catch_unwind(AssertUnwindSafe(|| scenario(lab))) {
+                Ok(r) => r,
+                Err(p) => Err(format!("panicked: {}", panic_message(p.as_ref()))),
+            },
+        };
+        match outcome {
+            Ok(detail) => {
+                self.passed += 1;
+                println!("{name}: ok ({detail}) [{:.1} s]", t.elapsed().as_secs_f64());
+            }
+            Err(why) => {
+                self.failed += 1;
+                println!("{name}: FAILED: {why} [{:.1} s]", t.elapsed().as_secs_f64());
+                if always {
+                    // Without the lab or a running agent the rest would only repeat this.
+                    self.blocked
+                        .get_or_insert(format!("not run: {name} failed"));
+                }
+            }
+        }
+    }
+}
+
+/// Whether the scenario `name` runs: every one without filters, else those naming one.
+fn selected(filters: &[String], name: &str) -> bool {
+    filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
 }
 
 /// The scenario filters among the arguments: libtest's own options (and their values, for those

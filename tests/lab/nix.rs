@@ -170,7 +170,7 @@ fn away(lab: &Lab, place: &str) -> Result<String, String> {
         let run = lab.nix_as_user(&args, T).map_err(fail)?;
         quiet(&run).map_err(fail)?;
         with_include.push(run.elapsed);
-        let spawn = lab.user().nix(&args).env("NIX_USER_CONF_FILES", &without);
+        let spawn = lab.user_nix(&args).env("NIX_USER_CONF_FILES", &without);
         let run = NixRun::of(spawn, T).map_err(fail)?;
         quiet(&run).map_err(|e| fail(format!("without the include: {e}")))?;
         without_include.push(run.elapsed);

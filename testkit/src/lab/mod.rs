@@ -41,7 +41,7 @@ use crate::process::{Daemon, Spawn, Tracker};
 
 use self::cleanup::{marked, recover};
 use self::network::install_hook;
-use self::nix::NixPaths;
+use self::nix::{LaptopNix, NixPaths};
 use self::on_disk::state;
 use self::user::TestUser;
 
@@ -92,6 +92,8 @@ pub struct Lab {
     /// The Pi's nix-daemon; its mount namespace is the Pi's (sshd's too).
     pub pi_nix: Option<Daemon>,
     pub laptop_nix: Option<Daemon>,
+    /// Which Nix the laptop runs (the machine's at first).
+    pub laptop_nix_install: LaptopNix,
     pub nix_paths: Option<NixPaths>,
     pub user: Option<TestUser>,
     /// `reachd status` & co. mismatches seen by any scenario (scenario 10 reports them).
@@ -127,6 +129,7 @@ impl Lab {
             sshd: None,
             pi_nix: None,
             laptop_nix: None,
+            laptop_nix_install: LaptopNix::machine()?,
             nix_paths: None,
             user: None,
             disagreements: Vec::new(),

@@ -93,7 +93,15 @@ impl TestUser {
 
     /// A command run as the user, with a login-like environment, in the laptop namespace.
     pub fn cmd(&self, program: &str) -> Spawn {
-        Spawn::new(program)
+        self.login_env(Spawn::new(program))
+            .current_dir(&self.home)
+            .netns(Lab::netns_path("laptop"))
+            .user(self.uid, self.gid)
+    }
+
+    /// `spawn` with the user's login-like environment and nothing else of the caller's.
+    pub(crate) fn login_env(&self, spawn: Spawn) -> Spawn {
+        spawn
             .env_clear()
             .env("HOME", &self.home)
             .env("USER", USER)
@@ -103,9 +111,6 @@ impl TestUser {
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("XDG_RUNTIME_DIR", self.runtime_dir())
             .env("DBUS_SESSION_BUS_ADDRESS", self.bus())
-            .current_dir(&self.home)
-            .netns(Lab::netns_path("laptop"))
-            .user(self.uid, self.gid)
     }
 
     fn install_files(&self, reachd: &Path) -> Result<(), String> {

@@ -58,7 +58,7 @@ impl Lab {
         if caches.stand_in {
             args.extend(["--option", "extra-substituters", &stand_in]);
         }
-        let mut spawn = self.user().nix(&args);
+        let mut spawn = self.user_nix(&args);
         if !caches.pi {
             spawn = spawn.env("NIX_USER_CONF_FILES", user_conf_without_include());
         }

@@ -6,6 +6,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use super::install::LaptopNix;
 use super::places::{
     hook_path, laptop_dir, laptop_etc, laptop_socket, laptop_store_root, spool_dir, stand_in_dir,
     stand_in_url, user_conf_without_include, CACHE_URL, SPOOL_VAR, TUNNEL_STORE,
@@ -62,8 +63,9 @@ impl NixRun {
 }
 
 impl TestUser {
-    /// `args[0]` (nix-store, nix-build, nix...) with `args[1..]` as the user, in the laptop's
-    /// namespace, with the laptop's system nix.conf and the user's own.
+    /// `args[0]` (nix-store, nix-build, nix..., or reachd) with `args[1..]` as the user, in the
+    /// laptop's namespace, with the laptop's system nix.conf and the user's own: the machine's
+    /// programs (for the laptop's Nix, which may be another, [`Lab::user_nix`]).
     pub fn nix(&self, args: &[&str]) -> Spawn {
         self.cmd(args[0])
             .args(&args[1..])
@@ -72,18 +74,19 @@ impl TestUser {
 }
 
 impl Lab {
-    /// A nix command as the lab user (see [`TestUser::nix`]), killed after `timeout`.
+    /// A nix command as the lab user with the laptop's Nix (see [`Lab::user_nix`]), killed
+    /// after `timeout`.
     pub fn nix_as_user(&self, args: &[&str], timeout: Duration) -> Result<NixRun, String> {
-        NixRun::of(self.user().nix(args), timeout)
+        NixRun::of(self.user_nix(args), timeout)
     }
 
-    /// Starts the laptop's nix-daemon in the laptop's network namespace (where reachd's cache
-    /// listens) and gives its store one path of its own. Trusts the Pi's key, the one cache URL
-    /// reachd serves, and no user but root; signs what it builds with laptop-1 and runs the
-    /// upload hook after each build, into the lab's spool.
+    /// Writes the laptop's Nix configuration, then starts its nix-daemon
+    /// ([`Lab::run_laptop_nix`]). Trusts the Pi's key, the one cache URL reachd serves, and no
+    /// user but root; signs what it builds with laptop-1 and runs the upload hook after each
+    /// build, into the lab's spool.
     pub(super) fn start_laptop_nix(&mut self, pi_key: &str) -> Result<String, String> {
-        let (etc, home) = (laptop_etc(), laptop_dir().join("home"));
-        for d in [&etc, &home, &laptop_store_root(), &stand_in_dir()] {
+        let etc = laptop_etc();
+        for d in [&etc, &stand_in_dir()] {
             fs::create_dir_all(d).map_err(|e| io_err(d.display(), e))?;
         }
         write(
@@ -109,9 +112,25 @@ impl Lab {
             ),
         )?;
         write(&user_conf_without_include(), &user_nix_conf(false))?;
-        let daemon = nix_spawn("nix-daemon", &etc, &home)
-            .args(["--option", "store"])
-            .arg(format!("local?root={}", laptop_store_root().display()))
+        self.run_laptop_nix()
+    }
+
+    /// Starts the laptop's nix-daemon ([`Lab::laptop_nix_install`]'s) in the laptop's network
+    /// namespace (where reachd's cache listens) on an empty store, and gives the store one path
+    /// of its own, which it returns.
+    fn run_laptop_nix(&mut self) -> Result<String, String> {
+        let (etc, home) = (laptop_etc(), laptop_dir().join("home"));
+        let store = laptop_store_root();
+        // An earlier Nix's store, files read-only: only root's override removes them.
+        if store.exists() {
+            fs::remove_dir_all(&store).map_err(|e| io_err(store.display(), e))?;
+        }
+        for d in [&home, &store.join("nix")] {
+            fs::create_dir_all(d).map_err(|e| io_err(d.display(), e))?;
+        }
+        let daemon = self
+            .laptop_nix_install
+            .daemon(&etc, &home, &store)
             .env("NIX_DAEMON_SOCKET_PATH", laptop_socket())
             .env(SPOOL_VAR, spool_dir())
             .netns(Lab::netns_path("laptop"));
@@ -129,5 +148,30 @@ impl Lab {
             .ok(T)
             .map_err(|e| io_err("adding the laptop's own path", e))?;
         Ok(out.stdout.trim().to_string())
+    }
+
+    /// From now on the laptop runs `install`'s Nix: its daemon replaces the running one, on an
+    /// empty store that gets its own path again ([`crate::lab::nix::NixPaths::local`]). The
+    /// Pi, reachd and the spool stay as they are.
+    pub fn use_laptop_nix(&mut self, install: LaptopNix) -> Result<(), String> {
+        if let Some(mut old) = self.laptop_nix.take() {
+            old.stop();
+        }
+        self.laptop_nix_install = install;
+        let local = self.run_laptop_nix()?;
+        // The user's commands are that Nix's too.
+        let version = self.nix_as_user(&["nix", "--version"], T)?;
+        let wanted = &self.laptop_nix_install.version;
+        if version.code != 0 || !version.stdout.trim().ends_with(wanted.as_str()) {
+            return Err(format!(
+                "the user's `nix --version` is not {wanted}: {:?}, {}",
+                version.stdout.trim(),
+                version.summary()
+            ));
+        }
+        if let Some(paths) = self.nix_paths.as_mut() {
+            paths.local = local;
+        }
+        Ok(())
     }
 }
