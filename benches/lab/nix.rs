@@ -2,14 +2,18 @@
 //! and the tunnel enabled again: Nix away from home with reachd's fragment, without any Pi and
 //! with the old `extra-substituters` recipe; fetching 100 MiB from the Pi through reachd's cache
 //! against plain `nix copy --from ssh://`; the post-build hook's own time; and draining the
-//! upload spool against a bare `nix copy --to` through the same tunnel.
+//! upload spool against a bare `nix copy --to` through the same tunnel; then the vanish window
+//! (builds started in the 10 s after the Pi vanished, against the same builds without the Pi)
+//! and the home cost of asking the Pi first, with the machine's Nix and then with the current
+//! one (tests/current-nix) on the laptop.
 
 use std::fs;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reachd_testkit::lab::bench::TARGET;
+use reachd_testkit::lab::nix::vanish::{Fault, HomeCost, Window, ALONE, WITH_STAND_IN};
 use reachd_testkit::lab::nix::{
-    old_recipe_conf, spool_dir, user_conf_without_include, NixRun, TUNNEL_STORE,
+    old_recipe_conf, spool_dir, user_conf_without_include, LaptopNix, NixRun, TUNNEL_STORE,
 };
 use reachd_testkit::lab::{dir, Lab, HOME_UUID};
 use reachd_testkit::process::wait_until;
@@ -22,6 +26,8 @@ const DRAIN_RUNS: usize = 3;
 const HOOK_RUNS: usize = 200;
 /// Small paths per drain run.
 const SMALL_PATHS: usize = 100;
+/// Builds at home with the include and as many without, per Nix version.
+const HOME_BUILDS: usize = 20;
 const BIG_MIB: f64 = 100.0;
 const NIX_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -40,6 +46,17 @@ pub struct NixReport {
     pub hook: Vec<Duration>,
     /// (what, reachd's drain from target active, bare nix copy).
     pub drain: Vec<(String, Times, Times)>,
+    pub vanish: Vec<Vanish>,
+}
+
+/// The vanish window and the home cost with one Nix on the laptop.
+pub struct Vanish {
+    /// "Nix 2.34.8".
+    pub nix: String,
+    pub home: HomeCost,
+    /// One narinfo that the Pi does not have, asked of reachd's cache alone (no Nix): times.
+    pub miss: Vec<Duration>,
+    pub windows: Vec<Window>,
 }
 
 /// Restores the Pi's avahi, the lab's reachd configuration and the tunnel, then measures.
@@ -69,7 +86,69 @@ pub fn run(lab: &mut Lab) -> Result<NixReport, String> {
         let (reachd, bare) = drain(lab, small)?;
         report.drain.push((what, reachd, bare));
     }
+    for nix in [lab.laptop_nix_install.clone(), LaptopNix::current()?] {
+        if nix.root != lab.laptop_nix_install.root {
+            lab.use_laptop_nix(nix.clone())?;
+        }
+        eprintln!(
+            "bench: the vanish window and the home cost with {} on the laptop",
+            nix.label()
+        );
+        report.vanish.push(vanish(lab, nix.label())?);
+    }
     Ok(report)
+}
+
+/// Home, then each fault with the Pi's cache alone and with a second cache.
+fn vanish(lab: &Lab, nix: String) -> Result<Vanish, String> {
+    lab.nmcli_con("up", HOME_UUID)?;
+    wait_target(lab, "active")?;
+    lab.pi_cache_back_in_use()?;
+    let home = lab.home_cost(HOME_BUILDS)?;
+    let miss = narinfo_misses()?;
+    let mut windows = Vec::new();
+    for fault in Fault::ALL {
+        for caches in [ALONE, WITH_STAND_IN] {
+            let window = lab.vanish_window(fault, caches)?;
+            eprintln!("bench: {nix}: {}", window.line());
+            window.back.clone()?;
+            windows.push(window);
+        }
+    }
+    Ok(Vanish {
+        nix,
+        home,
+        miss,
+        windows,
+    })
+}
+
+/// Asks reachd's cache for narinfos the Pi does not have, each on a new connection as Nix's
+/// first request of a build is, from the laptop's namespace: how long each answer took.
+fn narinfo_misses() -> Result<Vec<Duration>, String> {
+    const ASK: &str = "import http.client, sys, time
+for i in range(int(sys.argv[1])):
+    t = time.monotonic()
+    c = http.client.HTTPConnection('127.0.0.1', 37515)
+    c.request('GET', '/%032d.narinfo' % i)
+    r = c.getresponse(); r.read(); c.close()
+    if r.status != 404:
+        sys.exit('answered %d' % r.status)
+    print(time.monotonic() - t)";
+    let out = reachd_testkit::process::Spawn::new("python3")
+        .args(["-c", ASK, &HOME_BUILDS.to_string()])
+        .netns(Lab::netns_path("laptop"))
+        .ok(Duration::from_secs(30))
+        .map_err(|e| format!("narinfo misses: {e}"))?;
+    out.stdout
+        .lines()
+        .map(|l| {
+            l.trim()
+                .parse::<f64>()
+                .map(Duration::from_secs_f64)
+                .map_err(|e| format!("narinfo misses: {l:?}: {e}"))
+        })
+        .collect()
 }
 
 fn nonce() -> String {
@@ -348,6 +427,37 @@ impl NixReport {
             );
         }
         println!();
+        println!("The vanish window: builds of new derivations started every 100 ms for 10 s from the Pi's vanishing (link up), alternately with the Pi's cache and without it; extra wait = a build's time less the slowest build without the Pi started within 0.5 s of it (goal: none > 1 s, no failure)");
+        println!("| laptop's Nix | fault | caches | builds (failed) | extra wait: worst | median | the Pi's path right after |");
+        println!("|---|---|---|---|---|---|---|");
+        for v in &self.vanish {
+            for w in &v.windows {
+                let (fault, caches) = w.what.split_once(", ").unwrap_or((&w.what, ""));
+                println!(
+                    "| {} | {fault} | {caches} | {} ({}) | {} | {} | {} in {} (+{}) |",
+                    v.nix,
+                    w.with.count + w.without.count,
+                    w.failures().len(),
+                    ms(w.worst_extra()),
+                    ms(w.median_extra()),
+                    w.pi_has_outcome,
+                    ms(w.pi_has.took),
+                    ms(w.pi_has_extra)
+                );
+            }
+        }
+        println!();
+        println!("At home, the Pi present: a build of one new derivation (one path no cache has) with the Pi's cache asked first vs without the include; medians of {HOME_BUILDS} each, alternating (goal: within 5 %)");
+        for v in &self.vanish {
+            println!(
+                "- {}: {}; a narinfo the Pi lacks, asked of reachd's cache alone on a new connection: p50 {}, max {}",
+                v.nix,
+                v.home.line(),
+                ms(percentile(&v.miss, 0.5)),
+                ms(percentile(&v.miss, 1.0))
+            );
+        }
+        println!();
         println!("how the Nix figures were taken:");
         for l in HOW {
             println!("  - {l}");
@@ -375,4 +485,12 @@ const HOW: &[&str] = &[
      --wait` exiting (it looks every 0.1 s); then reachd stopped, another fresh set built and \
      `nix copy --to unix:///run/user/1500/rpi-nix-daemon.sock <paths>` timed as the user, \
      reachd started again (it re-uploads nothing: the Pi has them).",
+    "vanish window: the lab's scenario 28 measurement (reachd_testkit lab::nix::vanish): the \
+     fault is the Pi's switch port down (power loss) or every sshd process SIGSTOPped; builds \
+     are `nix-build -E` of trivial new derivations as the user, on their own threads, the \
+     ones without the Pi with NIX_USER_CONF_FILES naming the conf without the include; the \
+     second cache is an empty file:// cache with Priority 40; the Pi's path is one it built \
+     just before, whose derivation the laptop can build too. The current Nix runs the laptop's \
+     daemon and the user's commands from the tests/current-nix chroot; the Pi keeps the \
+     machine's Nix.",
 ];

@@ -46,8 +46,7 @@ const BUDGET: Duration = Duration::from_secs(15 * 60);
 fn main() -> ExitCode {
     preflight::fix_path();
     let filters = filters(std::env::args().skip(1));
-    let mut problems = preflight::problems();
-    let current_nix = LaptopNix::current().map_err(|e| problems.push(e)).ok();
+    let problems = preflight::problems();
     if !problems.is_empty() {
         for p in &problems {
             eprintln!("lab: cannot run: {p}");
@@ -65,7 +64,7 @@ fn main() -> ExitCode {
         println!("0 passed, 1 failed");
         return ExitCode::FAILURE;
     };
-    let current_nix = current_nix.expect("a missing current Nix is among the problems");
+    let current_nix = LaptopNix::current().expect("preflight found the current Nix");
     let bins = Binaries {
         reachd: Path::new(reachd),
         upload_hook: Path::new(upload_hook),

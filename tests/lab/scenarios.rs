@@ -72,9 +72,7 @@ pub const POWER_LOSS_BOUND: Duration = Duration::from_secs(20);
 const EVIL_UUID: &str = "3f9a7c1e-5b2d-4e8f-9a61-0c2b7d4e1a03";
 const INJECTED: &str = "/tmp/reachd-lab-injected";
 
-pub fn secs(d: Duration) -> String {
-    format!("{:.2} s", d.as_secs_f64())
-}
+pub use reachd_testkit::lab::secs;
 
 /// Home up, café down, Pi powered with avahi, NetworkManager running; waits for the target.
 pub fn baseline(lab: &mut Lab) -> Result<(), String> {

@@ -69,6 +69,11 @@ pub fn dir() -> &'static Path {
     Path::new(DIR)
 }
 
+/// "1.23 s", for reports.
+pub fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
 pub fn io_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> String {
     format!("{what}: {e}")
 }

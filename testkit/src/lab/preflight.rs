@@ -101,6 +101,9 @@ pub fn problems() -> Vec<String> {
             ));
         }
     }
+    if let Err(e) = crate::lab::nix::LaptopNix::current() {
+        out.push(e);
+    }
     if !Path::new("/dev/fuse").exists() {
         out.push("/dev/fuse missing: the sshfs mount needs FUSE (modprobe fuse)".to_string());
     }

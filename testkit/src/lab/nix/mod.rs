@@ -5,7 +5,8 @@
 //! includes reachd's fragment as the README tells users to.
 //!
 //! Modules: pi.rs (the Pi's daemon and store), laptop.rs (the laptop's daemon, running nix as
-//! the user), install.rs (which Nix the laptop runs: the machine's, or a current one in a chroot), builds.rs (timed builds of new derivations, alone or on a schedule), fragment.rs (reachd's fragment and what reachd says about Nix), upload.rs (the
+//! the user), install.rs (which Nix the laptop runs: the machine's, or a current one in a chroot), builds.rs (timed builds of new derivations, alone or on a schedule), vanish.rs (the
+//! vanish window: faults and the builds timed across them), fragment.rs (reachd's fragment and what reachd says about Nix), upload.rs (the
 //! post-build hook, the spool, the laptop's signing key); places.rs (where things are) and
 //! tools.rs (starting Nix, greeting a daemon) are the leaves they all read; the user's
 //! nix.conf is written with the user's other files (../user.rs). Where things are:
@@ -45,6 +46,7 @@ mod pi;
 pub(crate) mod places;
 mod tools;
 mod upload;
+pub mod vanish;
 
 pub use self::builds::{derivation_expr, extra_wait, nonce, Caches, Spread, Timed, BUILD_TIMEOUT};
 pub use self::fragment::Fragment;
