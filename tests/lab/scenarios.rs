@@ -1,5 +1,6 @@
-//! The scenarios, in the order they run: issue 3's here; from 12 on, reachd's Nix support
-//! (nix.rs); from 17, its uploads (upload.rs); from 21, issue 10's faults (reliability.rs); from
+//! The scenarios, in the order they run: following the network here; from 12 on, reachd's Nix
+//! support (nix.rs); from 17, its uploads (upload.rs); from 21, faults around the agent
+//! (reliability.rs); from
 //! 26, a dual-stack Pi and an impostor on the home LAN (hostile_lan.rs); 30 and 32, sleep and
 //! malformed mDNS answers (stress.rs); from 35, `reachd doctor` (doctor.rs); 38, the README's
 //! status bar example (status_bar.rs); 40, reloading the configuration (reload.rs). Each one
