@@ -1,9 +1,9 @@
 //! The scenarios, in the order they run: following the network here; from 12 on, reachd's Nix
 //! support (nix.rs); from 17, its uploads (upload.rs); from 21, faults around the agent
-//! (reliability.rs); from
-//! 26, a dual-stack Pi and an impostor on the home LAN (hostile_lan.rs); 30 and 32, sleep and
-//! malformed mDNS answers (stress.rs); from 35, `reachd doctor` (doctor.rs); 38, the README's
-//! status bar example (status_bar.rs); 40, reloading the configuration (reload.rs). Each one
+//! (reliability.rs); from 26, a dual-stack Pi and an impostor on the home LAN (hostile_lan.rs);
+//! 30 and 32, sleep and malformed mDNS answers (stress.rs); from 35, `reachd doctor`
+//! (doctor.rs); 38, the README's status bar example (status_bar.rs); 40, reloading the
+//! configuration (reload.rs); then the Nix ones again with a current Nix (main.rs). Each one
 //! starts from the baseline (home up, Pi present, target active) unless it continues the
 //! previous one, asserts the units, reachd's own view and real traffic, and returns a short
 //! report of what it measured.
