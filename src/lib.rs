@@ -50,11 +50,12 @@
 //! dispatcher/          the NetworkManager hook
 //! flake.nix, nix/      the Nix flake: package.nix, hm-module.nix, nixos-module.nix, and
 //!                      units.nix (the texts of systemd/ and dispatcher/ with store paths)
-//! packaging/           build-deb (the Debian package) and its maintainer scripts (debian/)
+//! packaging/           build-deb (the Debian package), deb-texts (its files made from
+//!                      systemd/'s) and its maintainer scripts (debian/)
 //! tests/               agent_bus/ (fakes on private buses, one file per topic), cli.rs,
-//!                      mdns.rs, lab/ (scenarios), package.rs, nix_files.rs, nix_cache.rs,
-//!                      nix_spool.rs; run (the test command) and debian-packages (what it
-//!                      installs)
+//!                      mdns.rs, lab/ (scenarios), package.rs, install.rs, nix_files.rs,
+//!                      nix_cache.rs, nix_spool.rs; run (the test command) and
+//!                      debian-packages (what it installs)
 //! testkit/             the test rigs as a crate (private buses, namespaces, processes
 //!                      stopped by PID, the end-to-end lab), shared by tests/ and benches/
 //! benches/lab/         the benchmark against the dispatcher script, and reachd's memory under

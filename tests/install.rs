@@ -1,0 +1,136 @@
+//! What each way of installing reachd ships, checked from the files that make it, without
+//! installing anything: from source (`cargo install`, and systemd/ as it is), the Debian package
+//! (what packaging/deb-texts makes of systemd/) and Nix (what nix/units.nix makes of it,
+//! evaluated with nix-instantiate alone, as in tests/nix_files.rs).
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+/// A unit's name and its text.
+type Units = BTreeMap<String, String>;
+
+/// Every `.service` file in systemd/: the user unit, the D-Bus activation file, the examples.
+fn shipped_units() -> Units {
+    let dir = reachd_testkit::repo().join("systemd");
+    let mut units = Units::new();
+    for entry in std::fs::read_dir(&dir).expect("read systemd/") {
+        let path = entry.expect("directory entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.ends_with(".service") {
+            let text = std::fs::read_to_string(&path).expect("read unit");
+            units.insert(name.to_string(), text);
+        }
+    }
+    for known in ["reachd.service", "org.reachd.Reachd1.service"] {
+        assert!(units.contains_key(known), "no systemd/{known}: {units:?}");
+    }
+    units
+}
+
+/// The Debian package's: reachd.service as packaging/deb-texts writes it, the rest as they are
+/// (the D-Bus file is copied, the examples go to /usr/share/doc/reachd/examples/).
+fn debian_units(shipped: &Units) -> Units {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = Command::new(reachd_testkit::repo().join("packaging/deb-texts"))
+        .arg(dir.path())
+        .output()
+        .expect("run packaging/deb-texts");
+    assert!(output.status.success(), "packaging/deb-texts: {output:?}");
+    let mut units = shipped.clone();
+    let unit = std::fs::read_to_string(dir.path().join("reachd.service")).expect("its unit");
+    units.insert("reachd.service".into(), unit);
+    units
+}
+
+const STORE: &str = "/nix/store/00000000000000000000000000000000";
+
+/// Nix's: reachd.service and the examples as nix/units.nix patches them (the package's unit,
+/// the Home Manager module's examples), the rest as they are (nix/package.nix copies the D-Bus
+/// file).
+fn nix_units(shipped: &Units) -> Units {
+    let programs: Vec<String> = ["ssh", "sshfs", "mkdir", "rm", "fusermount"]
+        .iter()
+        .map(|p| format!(r#"{p} = "{STORE}-{p}/bin/{p}";"#))
+        .collect();
+    let patched = reachd_testkit::nix::eval(&format!(
+        r#"let u = import ./nix/units.nix; in
+           {{ "reachd.service" = u.reachdService "{STORE}-reachd"; }}
+           // u.exampleUnits {{ {} }}"#,
+        programs.join(" ")
+    ));
+    let mut units = shipped.clone();
+    let patched = patched.as_object().expect("an attribute set");
+    for (name, text) in patched
+        .iter()
+        .filter(|(name, _)| name.ends_with(".service"))
+    {
+        let text = text.as_str().expect("a unit's text").to_string();
+        assert!(
+            units.insert(name.clone(), text).is_some(),
+            "nix/units.nix makes {name}, which is not in systemd/"
+        );
+    }
+    units
+}
+
+/// The problems of every `Exec*=` line of `units`: the program must be an absolute path
+/// (`%h/`, the home directory, is one), and in the store where `in_store`. A D-Bus activation
+/// file (`[D-BUS Service]`) is not a systemd unit: its `Exec=`, unused when systemd activates
+/// the service, need only be absolute.
+fn exec_problems(route: &str, units: &Units, in_store: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (name, text) in units {
+        let systemd_unit = !text.lines().any(|l| l.trim() == "[D-BUS Service]");
+        let mut execs = 0;
+        for line in text.lines() {
+            let Some((key, command)) = line.split_once('=') else {
+                continue;
+            };
+            if !key.starts_with("Exec") || key.contains(char::is_whitespace) {
+                continue;
+            }
+            execs += 1;
+            // systemd's prefixes: @ (argv[0]), - (failure ignored), :, +, ! and !! (privileges).
+            let program = command.trim_start_matches(['@', '-', ':', '+', '!']);
+            let absolute = program.starts_with('/') || program.starts_with("%h/");
+            if !absolute {
+                problems.push(format!("{route}: {name}: {line}: not an absolute path"));
+            } else if in_store && systemd_unit && !program.starts_with("/nix/store/") {
+                problems.push(format!("{route}: {name}: {line}: not in the Nix store"));
+            }
+        }
+        if execs == 0 {
+            problems.push(format!("{route}: {name}: no Exec*= line found"));
+        }
+    }
+    problems
+}
+
+/// systemd looks a bare program name up in its own PATH, which on NixOS holds none of them:
+/// every unit must name its programs by absolute path, on every route.
+#[test]
+fn every_program_a_unit_runs_is_an_absolute_path_on_every_route() {
+    let shipped = shipped_units();
+    let mut problems = exec_problems("from source", &shipped, false);
+    problems.extend(exec_problems(
+        "Debian package",
+        &debian_units(&shipped),
+        false,
+    ));
+    problems.extend(exec_problems("Nix", &nix_units(&shipped), true));
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_check_catches_a_program_left_to_systemd_s_path() {
+    let units = Units::from([(
+        "x.service".to_string(),
+        "[Service]\nExecStart=/usr/bin/x\nExecReload=kill -HUP $MAINPID\nExecStop=-%h/bin/x\n"
+            .to_string(),
+    )]);
+    assert_eq!(
+        exec_problems("test", &units, false),
+        ["test: x.service: ExecReload=kill -HUP $MAINPID: not an absolute path"]
+    );
+    assert_eq!(exec_problems("test", &units, true).len(), 3);
+}
