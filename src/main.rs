@@ -74,7 +74,8 @@ enum Command {
     /// `run` finds it), each host's target and the units bound to it, each host answering now
     /// (one real check, as the agent makes it), the dispatcher hook and, for hosts with
     /// [host.nix], Nix: the fragment's `!include`, `trusted-substituters`, the post-build hook,
-    /// the spool and the signing keys. Nix's files are found as Nix finds them ($NIX_CONF_DIR,
+    /// the spool, the signing keys and the `nix` uploads would run (as the agent finds it, with
+    /// the PATH the user manager gives it). Nix's files are found as Nix finds them ($NIX_CONF_DIR,
     /// $NIX_USER_CONF_FILES, $XDG_CONFIG_HOME). Exit 0 when nothing failed (a host away or an
     /// agent not running are warnings), 1 otherwise.
     Doctor {

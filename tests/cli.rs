@@ -279,9 +279,10 @@ fn doctor_names_each_broken_piece_with_its_fix_and_exits_1() {
     std::fs::write(
         &config,
         format!(
-            "[nix]\nspool = \"{}\"\n[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n\
+            "[nix]\nspool = \"{}\"\nbin_dir = \"{}\"\n[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n\
              connections = [\"3f9a7c1e-5b2d-4e8f-9a61-0c2b7d4e1a01\"]\n[host.nix]\nupload = true\n",
-            d.join("spool").display()
+            d.join("spool").display(),
+            d.join("no-nix").display()
         ),
     )
     .expect("write");
@@ -352,6 +353,16 @@ fn doctor_names_each_broken_piece_with_its_fix_and_exits_1() {
     );
     line_with(&stdout, &["FAIL upload spool", "systemd-tmpfiles --create"]);
     line_with(&stdout, &["warn no secret-key-files in"]);
+    line_with(
+        &stdout,
+        &[
+            &format!(
+                "FAIL Nix for uploads: `[nix] bin_dir` {}: does not exist",
+                d.join("no-nix").display()
+            ),
+            "command -v nix",
+        ],
+    );
     assert!(
         stdout
             .lines()
