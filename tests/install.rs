@@ -1,7 +1,8 @@
 //! What each way of installing reachd ships, checked from the files that make it, without
 //! installing anything: from source (`cargo install`, and systemd/ as it is), the Debian package
 //! (what packaging/deb-texts makes of systemd/) and Nix (what nix/units.nix makes of it,
-//! evaluated with nix-instantiate alone, as in tests/nix_files.rs).
+//! evaluated with nix-instantiate alone, as in tests/nix_files.rs); and that the Rust the
+//! README asks for builds the locked dependencies.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -133,4 +134,94 @@ fn the_check_catches_a_program_left_to_systemd_s_path() {
         ["test: x.service: ExecReload=kill -HUP $MAINPID: not an absolute path"]
     );
     assert_eq!(exec_problems("test", &units, true).len(), 3);
+}
+
+/// A `rust-version` as numbers (`1.89` and `1.89.0` alike).
+fn rust_version(text: &str) -> Vec<u64> {
+    let mut parts: Vec<u64> = text
+        .split('.')
+        .map(|p| p.parse().expect("a rust-version of numbers"))
+        .collect();
+    parts.resize(3, 0);
+    parts
+}
+
+/// `rust-version` is what `cargo install --locked` needs: no locked dependency that a build
+/// compiles on this platform asks for a newer Rust (cargo refuses to build it otherwise), and
+/// the README's install-from-source part asks for that Rust.
+#[test]
+fn rust_version_covers_every_locked_dependency_and_the_readme_says_it() {
+    let rustc = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("rustc -vV");
+    let rustc = String::from_utf8_lossy(&rustc.stdout).into_owned();
+    let host = rustc
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("rustc names its host");
+    let output = Command::new(env!("CARGO"))
+        .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+        .args(["--filter-platform", host])
+        .current_dir(reachd_testkit::repo())
+        .output()
+        .expect("cargo metadata");
+    assert!(output.status.success(), "cargo metadata: {output:?}");
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let packages: BTreeMap<&str, &serde_json::Value> = metadata["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .map(|p| (p["id"].as_str().expect("an id"), p))
+        .collect();
+    let nodes: BTreeMap<&str, &serde_json::Value> = metadata["resolve"]["nodes"]
+        .as_array()
+        .expect("the resolved graph")
+        .iter()
+        .map(|n| (n["id"].as_str().expect("an id"), n))
+        .collect();
+    let root = metadata["resolve"]["root"]
+        .as_str()
+        .expect("reachd is the root");
+    // What a build of reachd compiles: its normal and build dependencies, transitively.
+    let (mut built, mut next) = (std::collections::BTreeSet::new(), vec![root]);
+    while let Some(id) = next.pop() {
+        if !built.insert(id) {
+            continue;
+        }
+        for dep in nodes[id]["deps"].as_array().expect("deps") {
+            let kinds = dep["dep_kinds"].as_array().expect("dep_kinds");
+            if kinds.iter().any(|k| k["kind"].as_str() != Some("dev")) {
+                next.push(dep["pkg"].as_str().expect("a package id"));
+            }
+        }
+    }
+    let declared = packages[root]["rust_version"]
+        .as_str()
+        .expect("reachd's rust-version");
+    let needed = built
+        .iter()
+        .filter(|id| **id != root)
+        .filter_map(|id| {
+            let package = packages[id];
+            let version = package["rust_version"].as_str()?;
+            Some((
+                rust_version(version),
+                package["name"].as_str().unwrap_or("?"),
+            ))
+        })
+        .max()
+        .expect("dependencies that name their Rust");
+    assert!(
+        rust_version(declared) >= needed.0,
+        "rust-version {declared} in Cargo.toml, but {} needs Rust {:?}",
+        needed.1,
+        needed.0
+    );
+    let readme = std::fs::read_to_string(reachd_testkit::repo().join("README.md")).expect("README");
+    let from_source = &readme[readme.find("### From source").expect("From source")..];
+    assert!(
+        from_source.contains(&format!("needs Rust {declared} or later")),
+        "README's From source does not ask for Rust {declared}"
+    );
 }
