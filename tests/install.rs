@@ -1,8 +1,8 @@
 //! What each way of installing reachd ships, checked from the files that make it, without
 //! installing anything: from source (`cargo install`, and systemd/ as it is), the Debian package
 //! (what packaging/deb-texts makes of systemd/) and Nix (what nix/units.nix makes of it,
-//! evaluated with nix-instantiate alone, as in tests/nix_files.rs); and that the Rust the
-//! README asks for builds the locked dependencies.
+//! evaluated with nix-instantiate alone, as in tests/nix_files.rs); the licences in the Debian
+//! package; and that the Rust the README asks for builds the locked dependencies.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -28,18 +28,22 @@ fn shipped_units() -> Units {
     units
 }
 
-/// The Debian package's: reachd.service as packaging/deb-texts writes it, the rest as they are
-/// (the D-Bus file is copied, the examples go to /usr/share/doc/reachd/examples/).
-fn debian_units(shipped: &Units) -> Units {
+/// The file `name` as packaging/deb-texts writes it.
+fn debian_text(name: &str) -> String {
     let dir = tempfile::tempdir().expect("temp dir");
     let output = Command::new(reachd_testkit::repo().join("packaging/deb-texts"))
         .arg(dir.path())
         .output()
         .expect("run packaging/deb-texts");
     assert!(output.status.success(), "packaging/deb-texts: {output:?}");
+    std::fs::read_to_string(dir.path().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The Debian package's: reachd.service as packaging/deb-texts writes it, the rest as they are
+/// (the D-Bus file is copied, the examples go to /usr/share/doc/reachd/examples/).
+fn debian_units(shipped: &Units) -> Units {
     let mut units = shipped.clone();
-    let unit = std::fs::read_to_string(dir.path().join("reachd.service")).expect("its unit");
-    units.insert("reachd.service".into(), unit);
+    units.insert("reachd.service".into(), debian_text("reachd.service"));
     units
 }
 
@@ -223,5 +227,74 @@ fn rust_version_covers_every_locked_dependency_and_the_readme_says_it() {
     assert!(
         from_source.contains(&format!("needs Rust {declared} or later")),
         "README's From source does not ask for Rust {declared}"
+    );
+}
+
+fn repo_file(path: &str) -> String {
+    std::fs::read_to_string(reachd_testkit::repo().join(path)).expect("read repository file")
+}
+
+/// Debian wants the licences in /usr/share/doc/reachd/copyright, in its machine-readable format,
+/// with the full text of any licence it has no copy of: the Expat (MIT) text is LICENSE-MIT's,
+/// Apache-2.0 points at Debian's own copy; and the package ships that file, by its full path
+/// (given a directory, cargo-deb's own generated copyright would win over it).
+#[test]
+fn the_debian_package_carries_the_licences_as_debian_asks() {
+    let copyright = debian_text("copyright");
+    assert!(copyright.starts_with(
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
+    ));
+    for field in [
+        "\nFiles: *\nCopyright: the reachd developers\nLicense: Expat or Apache-2.0\n",
+        "\nLicense: Apache-2.0\n On Debian systems, the full text of the Apache License, Version 2.0 is in\n /usr/share/common-licenses/Apache-2.0",
+    ] {
+        assert!(copyright.contains(field), "no {field:?} in:\n{copyright}");
+    }
+    let mit = repo_file("LICENSE-MIT");
+    let notice = &mit[mit
+        .find("Permission is hereby granted")
+        .expect("MIT's notice")..];
+    let folded: String = notice
+        .lines()
+        .map(|l| {
+            if l.is_empty() {
+                " .\n".to_string()
+            } else {
+                format!(" {l}\n")
+            }
+        })
+        .collect();
+    assert!(
+        copyright.contains(&format!("\nLicense: Expat\n{folded}")),
+        "LICENSE-MIT's text is not the Expat paragraph:\n{copyright}"
+    );
+    assert!(repo_file("LICENSE-MIT").contains("Copyright (c) the reachd developers"));
+    assert!(repo_file("LICENSE-APACHE").contains("Version 2.0, January 2004"));
+
+    let manifest: toml::Table = toml::from_str(&repo_file("Cargo.toml")).expect("Cargo.toml");
+    assert_eq!(
+        manifest["package"]["license"].as_str(),
+        Some("MIT OR Apache-2.0")
+    );
+    let assets = manifest["package"]["metadata"]["deb"]["assets"]
+        .as_array()
+        .expect("the package's assets");
+    let shipped = assets.iter().any(|asset| {
+        let asset: Vec<&str> = asset
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .collect();
+        asset[..]
+            == [
+                "target/debian-files/copyright",
+                "usr/share/doc/reachd/copyright",
+                "644",
+            ]
+    });
+    assert!(
+        shipped,
+        "[package.metadata.deb] assets lack the copyright file"
     );
 }
