@@ -32,11 +32,13 @@ in
 {
   inherit patch;
 
-  # systemd/reachd.service with ExecStart on `reachd`'s store path instead of ~/.cargo/bin.
+  # systemd/reachd.service with ExecStart and ExecReload on `reachd`'s store path instead of
+  # ~/.cargo/bin (both run reachd; nothing is left for systemd to look up in its PATH).
   reachdService =
     reachd:
     patch "systemd/reachd.service" {
       "ExecStart=%h/.cargo/bin/reachd " = "ExecStart=${reachd}/bin/reachd ";
+      "ExecReload=%h/.cargo/bin/reachd " = "ExecReload=${reachd}/bin/reachd ";
     } (readUnit "reachd.service");
 
   # The example target, tunnel and mount (for the host named rpi), with the programs they run

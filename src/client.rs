@@ -1,6 +1,6 @@
 //! The CLI's side of the status interface: `reachd status`, `check` and `refresh` read the
-//! running agent's objects on the session bus. They never start the agent (no D-Bus
-//! activation) and never probe: they report what the agent holds.
+//! running agent's objects on the session bus, and `reload` finds its process there. They never
+//! start the agent (no D-Bus activation) and never probe: they report what the agent holds.
 
 use futures_util::StreamExt;
 use zbus::fdo::PropertiesProxy;
@@ -141,6 +141,17 @@ impl Client {
             .refresh()
             .await
             .map_err(|err| ClientError::Read(err.into()))
+    }
+
+    /// The process that holds the agent's name on the bus: the one `reachd reload` signals.
+    pub async fn agent_pid(&self) -> Result<u32, ClientError> {
+        let dbus = zbus::fdo::DBusProxy::new(&self.connection)
+            .await
+            .map_err(ClientError::Read)?;
+        let name = BusName::try_from(status::BUS_NAME).map_err(|e| ClientError::Read(e.into()))?;
+        dbus.get_connection_unix_process_id(name)
+            .await
+            .map_err(|e| ClientError::Read(e.into()))
     }
 
     /// One host's state: all its properties in one `GetAll`.

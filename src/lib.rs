@@ -34,15 +34,16 @@
 //!                      (fragment.rs)
 //! src/upload/          the Nix wing that uploads: the spool (spool.rs), the post-build hook's
 //!                      side (hook.rs, run by src/bin/reachd-nix-upload.rs), one batch of
-//!                      `nix copy` (batch.rs), the agent's run over the spool (drain.rs) and
+//!                      `nix copy` (batch.rs) with the Nix found where installers put it
+//!                      (nix_bin.rs), the agent's run over the spool (drain.rs) and
 //!                      `reachd uploads` (listing.rs)
 //! src/store_path.rs    what both Nix wings know of store paths: nix32, hash parts, StorePath
 //! src/atomic_file.rs   the one atomic write (the fragment, the spool)
 //! src/error.rs         the one error printer: each cause once
 //! src/doctor/          `reachd doctor`: one small check per piece (session.rs: the buses,
 //!                      targets; host.rs: the live check; files.rs: hooks root runs;
-//!                      nix_setup.rs and nix_conf.rs: Nix's files read as Nix reads them),
-//!                      printed in mod.rs
+//!                      nix_setup.rs and nix_conf.rs: Nix's files read as Nix reads them;
+//!                      nix_bin.rs: the `nix` uploads run), printed in mod.rs
 //! src/client.rs        the CLI's reading of the agent (one GetAll per host)
 //! src/main.rs          the CLI: one run() -> Result<ExitCode>, one printer
 //! dbus-interfaces/     NetworkManager's introspection XML and reachd's own contract
@@ -50,11 +51,12 @@
 //! dispatcher/          the NetworkManager hook
 //! flake.nix, nix/      the Nix flake: package.nix, hm-module.nix, nixos-module.nix, and
 //!                      units.nix (the texts of systemd/ and dispatcher/ with store paths)
-//! packaging/           build-deb (the Debian package) and its maintainer scripts (debian/)
+//! packaging/           build-deb (the Debian package), deb-texts (its files made from
+//!                      systemd/'s) and its maintainer scripts (debian/)
 //! tests/               agent_bus/ (fakes on private buses, one file per topic), cli.rs,
-//!                      mdns.rs, lab/ (scenarios), package.rs, nix_files.rs, nix_cache.rs,
-//!                      nix_spool.rs; run (the test command) and debian-packages (what it
-//!                      installs)
+//!                      mdns.rs, lab/ (scenarios), package.rs, install.rs, nix_files.rs,
+//!                      nix_cache.rs, nix_spool.rs; run (the test command) and
+//!                      debian-packages (what it installs)
 //! testkit/             the test rigs as a crate (private buses, namespaces, processes
 //!                      stopped by PID, the end-to-end lab), shared by tests/ and benches/
 //! benches/lab/         the benchmark against the dispatcher script, and reachd's memory under

@@ -61,13 +61,21 @@ enum Command {
     },
     /// Ask the running agent to re-evaluate every host now (what the dispatcher hook calls).
     Refresh,
+    /// Ask the running agent to read its configuration again (what `systemctl --user reload
+    /// reachd` runs).
+    ///
+    /// Sends SIGHUP to the process that holds org.reachd.Reachd1 on the session bus, and
+    /// returns: the agent applies the file just after, or refuses it whole and keeps the one in
+    /// force; its log says which. Exit 0 once the signal is sent; 2 if the agent is not running.
+    Reload,
     /// Check the whole set-up and say, per line, ok or what is wrong and how to fix it.
     ///
     /// In order: NetworkManager, the systemd user manager, the agent, the configuration (as
     /// `run` finds it), each host's target and the units bound to it, each host answering now
     /// (one real check, as the agent makes it), the dispatcher hook and, for hosts with
     /// [host.nix], Nix: the fragment's `!include`, `trusted-substituters`, the post-build hook,
-    /// the spool and the signing keys. Nix's files are found as Nix finds them ($NIX_CONF_DIR,
+    /// the spool, the signing keys and the `nix` uploads would run (as the agent finds it, with
+    /// the PATH the user manager gives it). Nix's files are found as Nix finds them ($NIX_CONF_DIR,
     /// $NIX_USER_CONF_FILES, $XDG_CONFIG_HOME). Exit 0 when nothing failed (a host away or an
     /// agent not running are warnings), 1 otherwise.
     Doctor {
@@ -185,6 +193,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 Client::connect().await?.refresh().await?;
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Reload => {
+                let pid = Client::connect().await?.agent_pid().await?;
+                ask_reload(pid)?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Completions { shell } => {
                 // Into memory first: clap_complete panics when its writer fails (a closed pipe).
                 let mut script = Vec::new();
@@ -240,6 +253,22 @@ fn reload_requests() -> std::io::Result<impl futures_util::Stream<Item = ()>> {
         hangups,
         |mut hangups| async move { hangups.recv().await.map(|()| ((), hangups)) },
     ))
+}
+
+/// `reachd reload`: SIGHUP to the agent's process, which [`reload_requests`] turns into a reload.
+fn ask_reload(pid: u32) -> anyhow::Result<()> {
+    let target = libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|pid| *pid > 0)
+        .ok_or_else(|| {
+            anyhow!("the session bus names pid {pid} as the agent's: not a process to signal")
+        })?;
+    // SAFETY: plain syscall; `target` is a single positive pid, never a process group.
+    if unsafe { libc::kill(target, libc::SIGHUP) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot send SIGHUP to the agent (pid {pid})"));
+    }
+    Ok(())
 }
 
 /// SIGTERM (how systemd stops services) or SIGINT (Ctrl-C).

@@ -1,7 +1,8 @@
 //! The `reachd` command as a user meets it: exit codes and messages for a bad configuration and
-//! for an agent that is not running (the lab covers the answers of a running agent), and
-//! `reachd uploads`, which reads the spool without the agent; `reachd doctor` without
-//! NetworkManager or a user manager, with every file it reads in a temporary directory.
+//! for an agent that is not running (the lab covers the answers of a running agent), the SIGHUP
+//! `reachd reload` sends whoever holds the agent's name, and `reachd uploads`, which reads the
+//! spool without the agent; `reachd doctor` without NetworkManager or a user manager, with
+//! every file it reads in a temporary directory.
 
 use std::process::{Command, Output};
 
@@ -80,6 +81,7 @@ fn without_a_running_agent_the_cli_cannot_tell() {
         &["status"],
         &["status", "--json"],
         &["refresh"],
+        &["reload"],
     ] {
         let output = reachd(args, Some(session.address()));
         assert_eq!(output.status.code(), Some(2), "reachd {args:?}: {output:?}");
@@ -89,6 +91,36 @@ fn without_a_running_agent_the_cli_cannot_tell() {
             stderr(&output)
         );
     }
+}
+
+/// `reachd reload` (the unit's ExecReload=) signals the process that holds the agent's name:
+/// here this test, which takes the name on a private bus and waits for the SIGHUP.
+#[test]
+fn reload_sends_sighup_to_the_owner_of_the_agent_s_name() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let session = PrivateBus::start("session");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        // Before anything can send it: SIGHUP's default action would end the test binary.
+        let mut hangups = signal(SignalKind::hangup()).expect("catch SIGHUP");
+        let _agent = zbus::connection::Builder::address(session.address())
+            .and_then(|b| b.name(reachd::status::BUS_NAME))
+            .expect("a connection with the agent's name")
+            .build()
+            .await
+            .expect("the agent's name taken");
+        let address = session.address().to_string();
+        let output = tokio::task::spawn_blocking(move || reachd(&["reload"], Some(&address)))
+            .await
+            .expect("reachd reload ran");
+        assert_eq!(output.status.code(), Some(0), "{output:?}");
+        tokio::time::timeout(std::time::Duration::from_secs(10), hangups.recv())
+            .await
+            .expect("SIGHUP within 10 s");
+    });
 }
 
 #[test]
@@ -193,6 +225,7 @@ fn completions_and_man_pages_come_from_the_command_itself() {
         "reachd-run",
         "reachd-status",
         "reachd-check",
+        "reachd-reload",
         "reachd-uploads",
         "reachd-doctor",
     ] {
@@ -246,9 +279,10 @@ fn doctor_names_each_broken_piece_with_its_fix_and_exits_1() {
     std::fs::write(
         &config,
         format!(
-            "[nix]\nspool = \"{}\"\n[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n\
+            "[nix]\nspool = \"{}\"\nbin_dir = \"{}\"\n[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n\
              connections = [\"3f9a7c1e-5b2d-4e8f-9a61-0c2b7d4e1a01\"]\n[host.nix]\nupload = true\n",
-            d.join("spool").display()
+            d.join("spool").display(),
+            d.join("no-nix").display()
         ),
     )
     .expect("write");
@@ -319,6 +353,16 @@ fn doctor_names_each_broken_piece_with_its_fix_and_exits_1() {
     );
     line_with(&stdout, &["FAIL upload spool", "systemd-tmpfiles --create"]);
     line_with(&stdout, &["warn no secret-key-files in"]);
+    line_with(
+        &stdout,
+        &[
+            &format!(
+                "FAIL Nix for uploads: `[nix] bin_dir` {}: does not exist",
+                d.join("no-nix").display()
+            ),
+            "command -v nix",
+        ],
+    );
     assert!(
         stdout
             .lines()

@@ -6,44 +6,9 @@
 //! against nixpkgs or Home Manager (README, "Nix flake, Home Manager, NixOS").
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use reachd_testkit::lab::preflight::which;
+use reachd_testkit::nix::{eval, instantiate as nix_instantiate};
 use serde_json::Value;
-
-/// Runs nix-instantiate in the repository, with no configuration of the machine's.
-fn nix_instantiate(args: &[&str]) -> Output {
-    assert!(
-        which("nix-instantiate").is_some(),
-        "`nix-instantiate` is missing: these tests need Nix: apt-get install nix-bin"
-    );
-    let config_dir = tempfile::tempdir().expect("temp dir");
-    Command::new("nix-instantiate")
-        .args(args)
-        .current_dir(reachd_testkit::repo())
-        .env("NIX_CONF_DIR", config_dir.path())
-        .env_remove("NIX_CONFIG")
-        .output()
-        .expect("run nix-instantiate")
-}
-
-/// The value of a Nix expression (evaluated in the repository: `./nix/...` are its files).
-fn eval(expression: &str) -> Value {
-    let output = nix_instantiate(&[
-        "--readonly-mode",
-        "--eval",
-        "--strict",
-        "--json",
-        "--expr",
-        expression,
-    ]);
-    assert!(
-        output.status.success(),
-        "evaluating {expression}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("nix-instantiate --json prints JSON")
-}
 
 fn nix_files(dir: &Path, found: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("read directory") {
@@ -110,18 +75,22 @@ fn string(value: &Value) -> &str {
 const REACHD: &str = "/nix/store/00000000000000000000000000000000-reachd";
 
 #[test]
-fn the_user_unit_is_systemd_s_with_exec_start_on_the_package() {
+fn the_user_unit_is_systemd_s_with_reachd_from_the_package() {
     let patched = eval(&format!(
         r#"(import ./nix/units.nix).reachdService "{REACHD}""#
     ));
     let changed = changed_lines(&repo_file("systemd/reachd.service"), string(&patched));
-    assert_eq!(changed.len(), 1, "one line must change: {changed:?}");
-    let (before, after) = &changed[0];
-    assert!(before.starts_with("ExecStart="), "{before}");
-    assert_eq!(
-        *after,
-        before.replace("%h/.cargo/bin/reachd", &format!("{REACHD}/bin/reachd"))
-    );
+    let keys: Vec<&str> = changed
+        .iter()
+        .map(|(before, _)| before.split_once('=').map_or("", |(key, _)| key))
+        .collect();
+    assert_eq!(keys, ["ExecStart", "ExecReload"], "{changed:?}");
+    for (before, after) in &changed {
+        assert_eq!(
+            *after,
+            before.replace("%h/.cargo/bin/reachd", &format!("{REACHD}/bin/reachd"))
+        );
+    }
 }
 
 /// The programs the example units run, each with the store path the test gives it.

@@ -294,14 +294,25 @@ fn check_owners_and_modes(pages: &[String]) {
     }
 }
 
-/// The unit is the repository's with ExecStart=/usr/bin/reachd, and systemd's user-unit lookup
-/// finds it and accepts it (its syntax, and that ExecStart names an executable).
+/// The unit is the repository's with /usr/bin/reachd in ExecStart and ExecReload, and systemd's
+/// user-unit lookup finds it and accepts it (its syntax, and that its commands are executables).
 fn check_unit() {
     let unit = "/usr/lib/systemd/user/reachd.service";
     let source = fs::read_to_string(repo().join("systemd/reachd.service")).expect("the unit");
-    let from = "ExecStart=%h/.cargo/bin/reachd run";
-    assert!(source.contains(from), "systemd/reachd.service runs {from}");
-    let expected = source.replace(from, "ExecStart=/usr/bin/reachd run");
+    let mut expected = source.clone();
+    for (from, to) in [
+        (
+            "ExecStart=%h/.cargo/bin/reachd run",
+            "ExecStart=/usr/bin/reachd run",
+        ),
+        (
+            "ExecReload=%h/.cargo/bin/reachd reload",
+            "ExecReload=/usr/bin/reachd reload",
+        ),
+    ] {
+        assert!(source.contains(from), "systemd/reachd.service runs {from}");
+        expected = expected.replace(from, to);
+    }
     assert_eq!(fs::read_to_string(unit).expect("the unit"), expected);
     let state =
         output(Command::new("systemctl").args(["--global", "is-enabled", "reachd.service"]));

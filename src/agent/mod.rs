@@ -36,6 +36,7 @@ use crate::probe::{Probe, Resolver};
 use crate::reconcile::{nix_eligibility, JobKind, NetworkView, NixGate, TargetAction};
 use crate::status::{self, Publisher};
 use crate::units::Units;
+use crate::upload::batch::Nix;
 use crate::upload::drain::Drain;
 
 use self::host_state::Host;
@@ -201,8 +202,8 @@ fn with_addresses(config: &Config) -> bool {
     config.hosts.iter().any(|h| !h.connections.is_empty())
 }
 
-/// The upload spool as the configuration names it, if a host uploads (`current`: the drain in
-/// use before a reload, whose claims the new one takes turns with).
+/// The upload spool and Nix as the configuration names them, if a host uploads (`current`: the
+/// drain in use before a reload, whose claims the new one takes turns with).
 fn drain_for(config: &Config, current: Option<&Drain>) -> Option<Drain> {
     let uploading: Vec<String> = config
         .hosts
@@ -213,9 +214,10 @@ fn drain_for(config: &Config, current: Option<&Drain>) -> Option<Drain> {
     if uploading.is_empty() {
         return None;
     }
+    let nix = Nix::in_dir(config.nix_bin_dir.clone());
     Some(match current {
-        Some(drain) => drain.reconfigured(config.spool.clone(), uploading),
-        None => Drain::new(config.spool.clone(), uploading),
+        Some(drain) => drain.reconfigured(config.spool.clone(), uploading, nix),
+        None => Drain::new(config.spool.clone(), uploading, nix),
     })
 }
 

@@ -15,7 +15,7 @@
 //!   signalled.
 //!
 //! Top-level settings apply from the next decision: `[probe]` to every host's next check,
-//! `[nix] spool` to the next run over the spool.
+//! `[nix] spool` to the next run over the spool, `[nix] bin_dir` to the next upload.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -32,6 +32,9 @@ pub struct Config {
     pub probe: ProbeSettings,
     /// `[nix] spool`: where Nix's post-build hook records builds for upload.
     pub spool: PathBuf,
+    /// `[nix] bin_dir`: the directory of the `nix` and `nix-store` uploads run (`None`: PATH,
+    /// then where the Nix installers put them; see `upload::nix_bin`).
+    pub nix_bin_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -41,6 +44,9 @@ impl Config {
         let mut text = format!("{source}: OK\n");
         if self.hosts.iter().any(|h| h.upload.is_some()) {
             text.push_str(&format!("upload spool: {}\n", self.spool.display()));
+            if let Some(dir) = &self.nix_bin_dir {
+                text.push_str(&format!("Nix for uploads: {}\n", dir.display()));
+            }
         }
         for host in &self.hosts {
             text.push_str(&format!(
@@ -221,6 +227,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawNixSettings {
     spool: Option<Spanned<String>>,
+    bin_dir: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -320,24 +327,32 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         Some(raw) => validate_probe(raw, at)?,
         None => ProbeSettings::default(),
     };
-    let spool = match raw.nix.and_then(|n| n.spool) {
-        Some(spool) if !spool.get_ref().starts_with('/') => {
-            return Err(at(
-                spool.span(),
-                format!(
-                    "key `spool`: {:?} must be an absolute path",
-                    spool.get_ref()
-                ),
-            ))
-        }
-        Some(spool) => PathBuf::from(spool.into_inner()),
-        None => PathBuf::from(DEFAULT_SPOOL),
-    };
+    let (spool, bin_dir) = raw.nix.map_or((None, None), |n| (n.spool, n.bin_dir));
+    let spool = absolute_path("spool", spool, at)?.unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL));
+    let nix_bin_dir = absolute_path("bin_dir", bin_dir, at)?;
     Ok(Config {
         hosts,
         probe,
         spool,
+        nix_bin_dir,
     })
+}
+
+/// The value of path key `key`, which must be absolute (whether it exists is for its user to
+/// tell: the file is also checked where that path is not, e.g. in a build sandbox).
+fn absolute_path(
+    key: &str,
+    value: Option<Spanned<String>>,
+    at: impl Fn(Range<usize>, String) -> ConfigError,
+) -> Result<Option<PathBuf>, ConfigError> {
+    match value {
+        Some(path) if !path.get_ref().starts_with('/') => Err(at(
+            path.span(),
+            format!("key `{key}`: {:?} must be an absolute path", path.get_ref()),
+        )),
+        Some(path) => Ok(Some(PathBuf::from(path.into_inner()))),
+        None => Ok(None),
+    }
 }
 
 fn validate_host(
@@ -720,10 +735,30 @@ connections = ["0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0"]
             "unix:///run/user/1000/rpi-nix-daemon.sock"
         );
         assert_eq!(config.spool, Path::new("/srv/spool"));
+        assert_eq!(config.nix_bin_dir, None);
         assert!(error(
             "[nix]\nspool = \"spool\"\n[[host]]\nname = \"a\"\nhostname = \"a.local\"\n"
         )
         .contains("key `spool`"));
+    }
+
+    #[test]
+    fn nix_bin_dir_is_an_absolute_path_shown_by_check_config() {
+        let text = "[nix]\nbin_dir = \"/nix/var/nix/profiles/default/bin\"\n[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n[host.nix]\nupload = true\n";
+        let config = parse(text, "c.toml").unwrap();
+        assert_eq!(
+            config.nix_bin_dir.as_deref(),
+            Some(Path::new("/nix/var/nix/profiles/default/bin"))
+        );
+        let summary = config.summary(&Source::File("c.toml".into()));
+        assert!(
+            summary.contains("Nix for uploads: /nix/var/nix/profiles/default/bin\n"),
+            "{summary}"
+        );
+        assert_eq!(
+            error("[nix]\nbin_dir = \"bin\"\n[[host]]\nname = \"a\"\nhostname = \"a.local\"\n"),
+            "config.toml:2:11: key `bin_dir`: \"bin\" must be an absolute path"
+        );
     }
 
     #[test]

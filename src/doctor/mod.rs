@@ -1,13 +1,15 @@
 //! `reachd doctor`: checks, in the order a user sets them up, every piece reachd depends on
 //! (NetworkManager, the user manager, the configuration, each host's target and whether the host
-//! answers now, the dispatcher hook, and Nix's side for hosts with `[host.nix]`), and says per
-//! line `ok`, or what is wrong and the exact command or line that fixes it.
+//! answers now, the dispatcher hook, and Nix's side for hosts with `[host.nix]`, down to the
+//! `nix` uploads would run), and says per line `ok`, or what is wrong and the exact command or
+//! line that fixes it.
 //!
 //! Each check is a small function that returns [`Finding`]s; [`Finding`]'s `Display` is the one
 //! place that decides how a line looks. The checks read; none changes anything.
 
 mod files;
 mod host;
+mod nix_bin;
 pub mod nix_conf;
 mod nix_setup;
 mod session;
@@ -170,6 +172,17 @@ pub async fn run(config: Option<PathBuf>, paths: &Paths, mut emit: impl FnMut(Fi
     emit(files::dispatcher_hook(&paths.dispatcher_hook));
     if let Some(config) = &loaded {
         nix_setup::check(config, paths, &mut emit);
+        if config.hosts.iter().any(|h| h.upload.is_some()) {
+            let (path, whose) = match session::agent_path(&buses).await {
+                Some((path, whose)) => (Some(path.into()), whose),
+                None => (
+                    std::env::var_os("PATH"),
+                    "this shell's PATH (the user manager's could not be read)",
+                ),
+            };
+            let places = crate::upload::nix_bin::Places::with_path(path);
+            emit(nix_bin::check(config, &places, whose).await);
+        }
     }
 }
 

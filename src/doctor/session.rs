@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use systemd_zbus::{ManagerProxy, UnitProxy};
+use systemd_zbus::{ManagerProxy, ServiceProxy, UnitProxy};
 use zbus::fdo::DBusProxy;
 use zbus::names::BusName;
 use zbus::Connection;
@@ -15,6 +15,8 @@ use crate::reconcile::NetworkView;
 use crate::status;
 
 const SYSTEMD_NAME: &str = "org.freedesktop.systemd1";
+/// The agent's unit.
+const AGENT_UNIT: &str = "reachd.service";
 
 /// The two buses, or why each could not be reached.
 pub struct Buses {
@@ -145,6 +147,30 @@ async fn user_manager_state(buses: &Buses) -> Result<Finding, String> {
     )))
 }
 
+/// The PATH the agent runs with, and whose it is: reachd.service's own `Environment=PATH=`
+/// (the NixOS module sets one), else the user manager's; `None` if the manager cannot be read.
+pub async fn agent_path(buses: &Buses) -> Option<(String, &'static str)> {
+    let session = buses.session.as_ref().ok()?;
+    let read = async {
+        let manager = ManagerProxy::new(session).await?;
+        let service: ServiceProxy = unit_object(session, &manager, AGENT_UNIT).await?;
+        if let Some(path) = path_in(&service.environment().await?) {
+            return Ok::<_, zbus::Error>(Some((path, "reachd.service's PATH")));
+        }
+        Ok(path_in(&manager.environment().await?).map(|path| (path, "the user manager's PATH")))
+    };
+    read.await.ok().flatten()
+}
+
+/// The last `PATH=` of an environment block (the one in force).
+fn path_in(environment: &[String]) -> Option<String> {
+    environment
+        .iter()
+        .rev()
+        .find_map(|v| v.strip_prefix("PATH="))
+        .map(String::from)
+}
+
 /// Whether the agent holds its name on the session bus. Not running is a warning: the set-up
 /// the doctor checks is the same whether or not the agent runs right now.
 pub async fn agent(buses: &Buses, emit: &mut impl FnMut(Finding)) {
@@ -196,14 +222,27 @@ pub struct TargetView {
     pub related: BTreeMap<String, Vec<&'static str>>,
 }
 
-async fn read_target(session: &Connection, target: &str) -> zbus::Result<TargetView> {
-    let manager = ManagerProxy::new(session).await?;
-    let path = manager.load_unit(target).await?;
-    let unit = UnitProxy::builder(session)
+/// The user manager's object of unit `name`, through proxy `P` (`UnitProxy`, `ServiceProxy`),
+/// its properties read afresh each time.
+async fn unit_object<'c, P>(
+    session: &'c Connection,
+    manager: &ManagerProxy<'_>,
+    name: &str,
+) -> zbus::Result<P>
+where
+    P: zbus::proxy::Defaults + From<zbus::Proxy<'c>>,
+{
+    let path = manager.load_unit(name).await?;
+    zbus::proxy::Builder::new(session)
         .path(path)?
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
-        .await?;
+        .await
+}
+
+async fn read_target(session: &Connection, target: &str) -> zbus::Result<TargetView> {
+    let manager = ManagerProxy::new(session).await?;
+    let unit: UnitProxy = unit_object(session, &manager, target).await?;
     let mut view = TargetView {
         load_state: unit.load_state().await?,
         load_error: unit.load_error().await?.1,

@@ -26,26 +26,42 @@ use crate::reconcile::upload_timing::{
     after_failure, is_due, BatchEnd, ENTRY_BACKOFF, QUEUE_BACKOFF,
 };
 use crate::store_path::StorePath;
+use crate::upload::nix_bin::{self, NixNotFound};
 use crate::upload::spool::{one_line, EntryId, Queued, Retry, Spool, SpoolError};
 
 /// The longest a ping of the store (after a failed copy) may take, within the batch's deadline.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to run Nix: where its programs are and what to add to their environment. The default
-/// runs `nix` and `nix-store` from `PATH` with the agent's environment, i.e. the user's Nix and
-/// its daemon. Tests point it at other stores (`NIX_REMOTE`, `NIX_CONF_DIR`...) here, never by
-/// changing the process's own environment.
+/// runs `nix` and `nix-store` from the first directory of `PATH`, or else of the places the
+/// installers use, that holds them ([`nix_bin::find`], at each batch), with the agent's
+/// environment, i.e. the user's Nix and its daemon. Tests point it at other stores
+/// (`NIX_REMOTE`, `NIX_CONF_DIR`...) here, never by changing the process's own environment.
 #[derive(Debug, Clone, Default)]
 pub struct Nix {
+    /// `[nix] bin_dir`: the one directory to run them from; `None`: found by [`nix_bin::find`].
     bin_dir: Option<PathBuf>,
     env: Vec<(OsString, OsString)>,
 }
 
 impl Nix {
-    /// Runs the programs in `dir` instead of looking them up in `PATH`.
-    pub fn bin_dir(mut self, dir: impl Into<PathBuf>) -> Nix {
-        self.bin_dir = Some(dir.into());
-        self
+    /// Runs the programs in `dir` (`[nix] bin_dir`), or, with `None`, where [`nix_bin::find`]
+    /// finds them.
+    pub fn in_dir(dir: Option<PathBuf>) -> Nix {
+        Nix {
+            bin_dir: dir,
+            ..Nix::default()
+        }
+    }
+
+    /// This Nix with its programs found: the directory it will run them from is checked or
+    /// looked for now, so that a Nix installed or moved meanwhile is found at the next batch.
+    fn found(&self) -> Result<Nix, NixNotFound> {
+        let dir = nix_bin::find(self.bin_dir.as_deref(), &nix_bin::Places::from_env())?;
+        Ok(Nix {
+            bin_dir: Some(dir),
+            env: self.env.clone(),
+        })
     }
 
     /// Sets a variable in the environment of every Nix command.
@@ -89,6 +105,8 @@ impl Nix {
 pub enum UploadError {
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    #[error(transparent)]
+    NotFound(#[from] NixNotFound),
     #[error("cannot run `{command}`")]
     Spawn {
         command: String,
@@ -366,6 +384,7 @@ async fn upload(
     report: &mut BatchReport,
 ) -> Result<(), (Scope, UploadError)> {
     let local = |e| (Scope::Queue, e);
+    let nix = &nix.found().map_err(|e| local(UploadError::from(e)))?;
     // Nix 2.8 entries name only the derivation: find their outputs, if the derivation is still
     // there.
     let drvs: Vec<&StorePath> = batch
@@ -689,6 +708,7 @@ async fn queue_failure(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upload::spool::Entry;
 
     #[test]
     fn copy_log_counts_transfers_and_keeps_the_error() {
@@ -729,5 +749,39 @@ mod tests {
             parse_paths("warning: x\n", "t"),
             Err(UploadError::Output { .. })
         ));
+    }
+
+    /// No `nix` where the batch looks: the whole queue waits, with the search's error, and the
+    /// entry is kept unmarked.
+    #[tokio::test]
+    async fn without_nix_the_queue_waits_and_says_where_to_set_it() {
+        let root = tempfile::tempdir().unwrap();
+        let spool = Spool::open(root.path()).unwrap();
+        let out = "/nix/store/ljhxzj5aiqjdfm6yj1jks9p0dn8syznj-x0"
+            .parse()
+            .unwrap();
+        spool.record(&Entry::new(None, [out]).unwrap()).unwrap();
+        spool.claim(&["rpi"]).unwrap();
+        let empty = root.path().join("bin");
+        std::fs::create_dir(&empty).unwrap();
+        let limits = Limits {
+            max_paths: 10,
+            deadline: Instant::now() + Duration::from_secs(10),
+        };
+        let nix = Nix::in_dir(Some(empty.clone()));
+        let report = upload_batch(&spool, "rpi", &nix, "unix:///nowhere", limits).await;
+        let failure = report.failure.expect("a failure");
+        assert_eq!(failure.scope, Scope::Queue);
+        assert_eq!(
+            chain(&failure.error),
+            format!("`[nix] bin_dir` {}: holds no `nix`", empty.display())
+        );
+        assert_eq!((report.pending, report.done.len()), (1, 0));
+        assert!(report.next_try.is_some(), "retried after a backoff");
+        let queued = spool.load("rpi", &spool.pending("rpi").unwrap()[0]);
+        assert!(
+            queued.unwrap().unwrap().retry.is_none(),
+            "the entry is not marked"
+        );
     }
 }

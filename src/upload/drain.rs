@@ -35,22 +35,23 @@ pub struct Drain {
 }
 
 impl Drain {
-    pub fn new(spool_dir: PathBuf, hosts: Vec<String>) -> Self {
+    /// The spool in `spool_dir` drained for `hosts` with `nix`.
+    pub fn new(spool_dir: PathBuf, hosts: Vec<String>, nix: Nix) -> Self {
         Drain {
             spool_dir,
             hosts: hosts.into(),
-            nix: Nix::default(),
+            nix,
             claiming: Arc::new(Mutex::new(())),
         }
     }
 
-    /// The same drain for another spool or other hosts (a reload): runs under way with this one
-    /// and the new one's runs still claim one at a time.
-    pub fn reconfigured(&self, spool_dir: PathBuf, hosts: Vec<String>) -> Self {
+    /// The same drain for another spool, other hosts or another Nix (a reload): runs under way
+    /// with this one and the new one's runs still claim one at a time.
+    pub fn reconfigured(&self, spool_dir: PathBuf, hosts: Vec<String>, nix: Nix) -> Self {
         Drain {
             spool_dir,
             hosts: hosts.into(),
-            nix: self.nix.clone(),
+            nix,
             claiming: self.claiming.clone(),
         }
     }

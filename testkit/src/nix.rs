@@ -1,6 +1,12 @@
-//! The precondition of the tests that run real Nix outside the lab (tests/nix_cache.rs,
-//! tests/nix_spool.rs): root (chroot stores, a nix-daemon) and Nix's programs, or a failure
-//! that says what to install. Never a silent skip.
+//! Nix for the tests outside the lab: the precondition of those that run real Nix
+//! (tests/nix_cache.rs, tests/nix_spool.rs): root (chroot stores, a nix-daemon) and Nix's
+//! programs, or a failure that says what to install, never a silent skip; and the evaluation of
+//! the repository's Nix files with `nix-instantiate` alone (tests/nix_files.rs,
+//! tests/install.rs), which needs neither root nor nixpkgs.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
 
 use crate::lab::preflight::which;
 
@@ -14,4 +20,38 @@ pub fn require_root_and_nix(why: &str) {
             "`{program}` is missing: these tests need real Nix: apt-get install nix-bin"
         );
     }
+}
+
+/// Runs nix-instantiate in the repository, with no configuration of the machine's.
+pub fn instantiate(args: &[&str]) -> Output {
+    assert!(
+        which("nix-instantiate").is_some(),
+        "`nix-instantiate` is missing: these tests need Nix: apt-get install nix-bin"
+    );
+    let config_dir = tempfile::tempdir().expect("temp dir");
+    Command::new("nix-instantiate")
+        .args(args)
+        .current_dir(crate::repo())
+        .env("NIX_CONF_DIR", config_dir.path())
+        .env_remove("NIX_CONFIG")
+        .output()
+        .expect("run nix-instantiate")
+}
+
+/// The value of a Nix expression (evaluated in the repository: `./nix/...` are its files).
+pub fn eval(expression: &str) -> Value {
+    let output = instantiate(&[
+        "--readonly-mode",
+        "--eval",
+        "--strict",
+        "--json",
+        "--expr",
+        expression,
+    ]);
+    assert!(
+        output.status.success(),
+        "evaluating {expression}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("nix-instantiate --json prints JSON")
 }
