@@ -213,8 +213,8 @@ impl TestUser {
         }
     }
 
-    /// The drop-in that runs the lab's binary as `reachd RUN_ARGS` (the repo's unit runs
-    /// ~/.cargo/bin/reachd), its output appended to [`TestUser::reachd_log_path`] (no journald).
+    /// The drop-in that runs the lab's binary as `reachd RUN_ARGS` and reloads with its
+    /// `reachd reload` (the repo's unit runs ~/.cargo/bin/reachd), its output appended to [`TestUser::reachd_log_path`] (no journald).
     /// Takes effect at the next `daemon-reload`.
     /// `REACHD_LAB_RUST_LOG`, if set, becomes reachd's `RUST_LOG` (e.g. `reachd=debug`).
     pub fn write_reachd_dropin(&self, run_args: &str) -> Result<(), String> {
@@ -230,10 +230,10 @@ impl TestUser {
             &path,
             format!(
                 "# The lab's binary instead of ~/.cargo/bin/reachd; output to a file (no journald).\n\
-                 [Service]\nExecStart=\nExecStart={} {run_args}\n\
+                 [Service]\nExecStart=\nExecStart={bin} {run_args}\nExecReload=\nExecReload={bin} reload\n\
                  StandardOutput=append:{}\nStandardError=inherit\n{log_filter}",
-                dir().join("bin/reachd").display(),
-                self.reachd_log_path().display()
+                self.reachd_log_path().display(),
+                bin = dir().join("bin/reachd").display(),
             ),
         )
         .map_err(|e| io_err(path.display(), e))
