@@ -1,5 +1,5 @@
-//! The reload scenario: `systemctl --user reload reachd` (the unit's `ExecReload=`: `reachd reload`, a SIGHUP)
-//! applies an edited config to the running agent. A host added shows in `reachd status`
+//! The reload scenario: `systemctl --user reload reachd` (the unit's `ExecReload=`, `reachd
+//! reload`: a SIGHUP) applies an edited config to the running agent. A host added shows in `reachd status`
 //! while the Pi's target is left alone (same agent, no job, not re-entered); a broken file is
 //! refused with its one-line error in reachd's log and the config in force kept; the lab's own
 //! config, restored, removes the added host again.
