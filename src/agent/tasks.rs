@@ -39,6 +39,9 @@ pub(super) struct Tasks {
     /// The agent's own tasks (NetworkManager, signals); a host's are in `hosts`.
     running: JoinSet<()>,
     hosts: HashMap<HostId, JoinSet<()>>,
+    /// What the cache served for a host has heard from its daemon; the host's checks of the
+    /// cache are heard by it too.
+    hearings: HashMap<HostId, Arc<Hearing>>,
     /// The follower of NetworkManager, to start it again when what it reads changes.
     network: Option<AbortHandle>,
     events: Events,
@@ -55,6 +58,7 @@ impl Tasks {
         Tasks {
             running: JoinSet::new(),
             hosts: HashMap::new(),
+            hearings: HashMap::new(),
             network: None,
             events,
             probe,
@@ -134,6 +138,7 @@ impl Tasks {
         if let Some(mut tasks) = self.hosts.remove(&id) {
             tasks.shutdown().await;
         }
+        self.hearings.remove(&id);
     }
 
     /// Follows the host's addresses (mDNS) and its target's state (the user manager).
@@ -252,6 +257,7 @@ impl Tasks {
         let upstream = expand_runtime_dir(daemon_socket, &self.runtime_dir);
         let name = host.name.clone();
         let hearing = Arc::new(Hearing::default());
+        self.hearings.insert(id, hearing.clone());
         let mut doubts = hearing.doubts();
         let serving = cache::serve(
             listener,
@@ -279,15 +285,17 @@ impl Tasks {
         });
     }
 
-    /// Checks the host's Nix cache within [`NIX_CHECK_DEADLINE`], tagged with `epoch`.
+    /// Checks the host's Nix cache within [`NIX_CHECK_DEADLINE`], tagged with `epoch`; heard by
+    /// the cache reachd serves for it, so that a daemon that answers ends the cache's doubt.
     pub fn nix_check(&mut self, id: HostId, host: &HostConfig, epoch: u64) {
         let Some(cache) = host.nix.clone() else {
             return;
         };
         let runtime_dir = self.runtime_dir.clone();
         let events = self.events.clone();
+        let hearing = self.hearings.get(&id).cloned();
         self.of_host(id).spawn(async move {
-            let result = health::check(&cache, &runtime_dir, NIX_CHECK_DEADLINE).await;
+            let result = health::check(&cache, &runtime_dir, NIX_CHECK_DEADLINE, hearing).await;
             let _ = events
                 .send(Event::NixChecked {
                     host: id,

@@ -1,9 +1,12 @@
 //! The cheap check that decides whether Nix may use a host's cache right now: for a cache reachd
 //! serves, a handshake with the host's nix-daemon through the tunnelled socket; for an HTTP
 //! cache served by someone else, `GET /nix-cache-info` answering 200. Each within a deadline, so
-//! that a tunnel that accepts and never answers (the far end stopped) counts as down.
+//! that a tunnel that accepts and never answers (the far end stopped) counts as down. A served
+//! cache's check is heard by the cache ([`super::hearing`]): a daemon that greets it ends the
+//! cache's doubt about the host, so the cache needs no timer of its own to notice the host back.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::Empty;
@@ -15,15 +18,24 @@ use tokio::net::TcpStream;
 use crate::config::{expand_runtime_dir, http_authority, NixCache};
 use crate::error::Chain;
 
-use super::server::daemon_answers;
+use super::hearing::Hearing;
+use super::pool::connect_heard;
 
 /// Checks `cache` within `deadline`; `runtime_dir` expands `%t/` in a daemon socket path.
-pub async fn check(cache: &NixCache, runtime_dir: &Path, deadline: Duration) -> Result<(), String> {
+/// `hearing`: what the cache reachd serves from a served cache's socket has heard, if it serves
+/// it now.
+pub async fn check(
+    cache: &NixCache,
+    runtime_dir: &Path,
+    deadline: Duration,
+    hearing: Option<Arc<Hearing>>,
+) -> Result<(), String> {
     match cache {
         NixCache::Served { daemon_socket, .. } => {
             let socket = expand_runtime_dir(daemon_socket, runtime_dir);
-            daemon_answers(&socket, deadline)
+            connect_heard(&socket, deadline, hearing.unwrap_or_default())
                 .await
+                .map(drop)
                 .map_err(|err| format!("{}: {}", socket.display(), Chain(&err)))
         }
         NixCache::Http { url } => match tokio::time::timeout(deadline, cache_info(url)).await {

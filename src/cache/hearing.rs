@@ -4,8 +4,9 @@
 //! seconds and fails (docs/nix-vanish-window.md). So the cache listens to everything its
 //! daemon connections receive: a request waits for the daemon only while the daemon was heard
 //! within [`SILENCE`]; once a request gives up for silence the host is *in doubt*, and every
-//! request is answered "not here" at once until a byte arrives again (a probe every
-//! [`PROBE_EVERY`] looks for it). Any byte counts, a NAR's too: ssh carries all channels on one
+//! request is answered "not here" at once until a byte arrives again (the agent's check of the
+//! cache, which runs before Nix is pointed at it again, connects through the same hearing:
+//! [`super::health`]). Any byte counts, a NAR's too: ssh carries all channels on one
 //! connection, so a lookup may queue behind a download on a slow link, and the download's
 //! bytes show that the host is there.
 
@@ -26,11 +27,6 @@ use tracing::{info, warn};
 /// round trips); one that stalls longer only costs that one path a 404 (Nix builds it, or
 /// takes it from its next cache) and the cache a check before Nix is pointed at it again.
 pub const SILENCE: Duration = Duration::from_millis(500);
-/// While the host is in doubt, a probe (a new connection and its handshake) is started this
-/// often...
-pub const PROBE_EVERY: Duration = Duration::from_millis(250);
-/// ...and given this long.
-pub const PROBE_DEADLINE: Duration = Duration::from_millis(500);
 
 /// What the cache has heard from its daemon, shared by every connection to it.
 #[derive(Debug)]

@@ -10,7 +10,7 @@
 //! too: the pool is emptied and the query runs once more on a new connection. Every connection
 //! reports what it receives to the cache's [`Hearing`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,16 @@ use super::hearing::{Heard, Hearing};
 
 /// A connection of the pool: to the daemon's socket, heard.
 pub type Upstream = Daemon<Heard<UnixStream>>;
+
+/// A new connection to the daemon at `socket`, heard by `hearing`, its handshake done within
+/// `deadline`: the daemon's greeting alone ends a doubt about it.
+pub async fn connect_heard(
+    socket: &Path,
+    deadline: Duration,
+    hearing: Arc<Hearing>,
+) -> Result<Upstream, DaemonError> {
+    Daemon::connect_through(socket, deadline, |s| Heard::new(s, hearing)).await
+}
 
 /// The most idle connections kept.
 pub const MAX_IDLE: usize = 8;
@@ -51,8 +61,7 @@ impl Pool {
 
     /// A new connection to the daemon, its handshake done within `deadline`.
     pub async fn connect(&self, deadline: Duration) -> Result<Upstream, DaemonError> {
-        let hearing = self.hearing.clone();
-        Daemon::connect_through(&self.socket, deadline, |s| Heard::new(s, hearing)).await
+        connect_heard(&self.socket, deadline, self.hearing.clone()).await
     }
 
     /// The path info of the store path whose hash part is `hash` (`None` if the daemon has no

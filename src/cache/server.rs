@@ -42,14 +42,13 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio::time::MissedTickBehavior;
 use tracing::{debug, warn};
 
 use crate::error::Chain;
 
 use super::daemon::{within, Daemon, DaemonError, NarStream, PathInfo, ProtocolError};
 use super::hash::Sha256;
-use super::hearing::{Heard, Hearing, PROBE_DEADLINE, PROBE_EVERY, SILENCE};
+use super::hearing::{Heard, Hearing, SILENCE};
 use super::pool::{Pool, MAX_IDLE_TIME};
 use crate::store_path::{hash_part_of, is_hash_part};
 
@@ -109,9 +108,6 @@ pub async fn serve(
         settings,
     });
     let mut prune = tokio::time::interval(MAX_IDLE_TIME);
-    let mut probe = tokio::time::interval(PROBE_EVERY);
-    probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut probes = JoinSet::new();
     let (stop, stopped) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut errors = 0;
@@ -136,20 +132,9 @@ pub async fn serve(
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             _ = prune.tick() => state.upstream.prune(),
-            // While in doubt, one probe at a time: its handshake, once heard, ends the doubt.
-            _ = probe.tick(), if probes.is_empty() && state.upstream.hearing().in_doubt() => {
-                let state = state.clone();
-                probes.spawn(async move {
-                    if let Ok(daemon) = state.upstream.connect(PROBE_DEADLINE).await {
-                        state.upstream.put_back(daemon);
-                    }
-                });
-            }
-            Some(_) = probes.join_next(), if !probes.is_empty() => {}
         }
     };
     drop(listener);
-    probes.shutdown().await;
     // Every connection task holds a receiver; this tells them all.
     let _ = stop.send(true);
     while connections.join_next().await.is_some() {}
@@ -637,6 +622,14 @@ mod tests {
     /// The cache in front of a fake daemon that gives its connections `scripts` in turn;
     /// returns its address (the server runs until the test ends).
     async fn cache_before(scripts: Vec<Wire>) -> (std::net::SocketAddr, tempfile::TempDir) {
+        let (addr, dir, _) = cache_heard(scripts).await;
+        (addr, dir)
+    }
+
+    /// [`cache_before`], with what the cache hears.
+    async fn cache_heard(
+        scripts: Vec<Wire>,
+    ) -> (std::net::SocketAddr, tempfile::TempDir, Arc<Hearing>) {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("daemon.sock");
         fake_daemon::serve(&socket, scripts);
@@ -648,15 +641,25 @@ mod tests {
             deadline: LONG,
             ..CacheSettings::default()
         };
+        let hearing = Arc::new(Hearing::default());
         let serving = serve(
             listener,
             socket,
-            Arc::default(),
+            hearing.clone(),
             settings,
             std::future::pending(),
         );
         tokio::spawn(serving);
-        (addr, dir)
+        (addr, dir, hearing)
+    }
+
+    /// The agent's check of the cache in `dir`: a handshake heard by the cache.
+    async fn check_heard(dir: &tempfile::TempDir, hearing: &Arc<Hearing>) {
+        let socket = dir.path().join("daemon.sock");
+        crate::cache::pool::connect_heard(&socket, LONG, hearing.clone())
+            .await
+            .expect("the check's handshake");
+        assert!(!hearing.in_doubt(), "the check's greeting ends the doubt");
     }
 
     /// GET `path`; the status, the Content-Length and the body as far as it came (status 0 if
@@ -765,31 +768,16 @@ mod tests {
         assert_eq!(status, 404);
     }
 
-    /// GETs `path` until it is answered with something else than 404.
-    async fn until_answered(
-        addr: std::net::SocketAddr,
-        path: &str,
-        headers: &str,
-    ) -> (u16, Option<u64>, Vec<u8>) {
-        let start = Instant::now();
-        loop {
-            let got = get_with(addr, path, headers).await;
-            if got.0 != 404 || start.elapsed() > LONG / 3 {
-                return got;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     #[tokio::test]
     async fn a_silent_daemon_is_not_here_until_it_is_heard_again() {
         // Greets, then never answers the lookup (a Pi that lost power behind a tunnel that
-        // still accepts); a probe's connection later greets, and then answers a lookup.
+        // still accepts); the agent's check later greets it through the cache's hearing, and
+        // then a new connection answers a lookup.
         let silent = Wire::hello_2_8();
         let back = Wire::hello_2_8()
             .raw(&Wire::found().0)
             .raw(&Wire::path_info(160).0);
-        let (addr, _dir) = cache_before(vec![silent, back]).await;
+        let (addr, dir, hearing) = cache_heard(vec![silent, Wire::hello_2_8(), back]).await;
         let narinfo = format!("/{HASH_PART}.narinfo");
         let start = Instant::now();
         let (status, _, body) = get(addr, &narinfo).await;
@@ -799,7 +787,14 @@ mod tests {
             waited >= SILENCE && waited < LONG / 3,
             "the silence, not the deadline, ended the wait: {waited:?}"
         );
-        let (status, _, body) = until_answered(addr, &narinfo, "").await;
+        // In doubt, and nothing of the cache's own asks again: "not here" at once.
+        tokio::time::sleep(SILENCE).await;
+        let start = Instant::now();
+        let (status, _, _) = get(addr, &narinfo).await;
+        assert_eq!(status, 404);
+        assert!(start.elapsed() < SILENCE / 2, "took {:?}", start.elapsed());
+        check_heard(&dir, &hearing).await;
+        let (status, _, body) = get(addr, &narinfo).await;
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     }
 
@@ -815,7 +810,8 @@ mod tests {
                 .num(STDERR_LAST)
                 .raw(bytes)
         };
-        let (addr, _dir) = cache_before(vec![nar_from(&tree[..half]), nar_from(tree)]).await;
+        let scripts = vec![nar_from(&tree[..half]), Wire::hello_2_8(), nar_from(tree)];
+        let (addr, dir, hearing) = cache_heard(scripts).await;
         let (status, length, body) = get(addr, &nar_url()).await;
         assert_eq!((status, length), (200, Some(size)));
         assert!(
@@ -823,8 +819,9 @@ mod tests {
             "{} bytes",
             body.len()
         );
+        check_heard(&dir, &hearing).await;
         let resume = format!("Range: bytes={}-\r\n", body.len());
-        let (status, length, rest) = until_answered(addr, &nar_url(), &resume).await;
+        let (status, length, rest) = get_with(addr, &nar_url(), &resume).await;
         assert_eq!((status, length), (206, Some(size - body.len() as u64)));
         assert_eq!(rest, tree[body.len()..]);
     }

@@ -91,7 +91,7 @@ pub struct Window {
     /// What became of the Pi's path: "fetched from the Pi", "built here", "not valid here",
     /// "FAILED".
     pub pi_has_outcome: &'static str,
-    /// The Pi back in use after healing, or why not.
+    /// The Pi back in use after healing and a new path of its fetched from it, or why not.
     pub back: Result<(), String>,
 }
 
@@ -238,7 +238,7 @@ impl Lab {
         extra.sort();
         Ok(Window {
             pi_has_extra: extra_wait(&pi_has, &without, NEAR),
-            pi_has_outcome: self.outcome(&shared, &pi_has),
+            pi_has_outcome: self.outcome(&shared, pi_has.failure.is_some()),
             pi_has_path: shared,
             pi_has,
             took,
@@ -247,15 +247,30 @@ impl Lab {
             extra,
             back: self
                 .pi_cache_back_in_use()
+                .and_then(|()| self.pi_cache_serves())
                 .map_err(|e| format!("{what}: after healing: {e}")),
             what,
         })
     }
 
+    /// A path the Pi has just built is fetched from it through the cache (which may have
+    /// doubted the Pi until the agent's check was heard).
+    fn pi_cache_serves(&self) -> Result<(), String> {
+        let path = self
+            .pi_nix_build(&["shared"], &nonce())?
+            .pop()
+            .ok_or("the Pi built nothing")?;
+        let run = self.nix_as_user(&["nix-store", "-r", &path], T)?;
+        match self.outcome(&path, run.code != 0) {
+            "fetched from the Pi" => Ok(()),
+            other => Err(format!("the Pi's new {path}: {other} ({})", run.summary())),
+        }
+    }
+
     /// What became of the Pi's path: fetched from the Pi (its signature came along) or built
     /// here.
-    fn outcome(&self, path: &str, build: &Timed) -> &'static str {
-        if build.failure.is_some() {
+    fn outcome(&self, path: &str, failed: bool) -> &'static str {
+        if failed {
             return "FAILED";
         }
         match self.nix_as_user(&["nix", "path-info", "--sigs", path], T) {
