@@ -1,6 +1,6 @@
 //! `reachd doctor`: checks, in the order a user sets them up, every piece reachd depends on
-//! (NetworkManager, the user manager, the configuration, each host's target and whether the host
-//! answers now, the dispatcher hook, and Nix's side for hosts with `[host.nix]`, down to the
+//! (NetworkManager, the user manager, the configuration, each host's target, its ssh units and
+//! whether the host answers now, the dispatcher hook, and Nix's side for hosts with `[host.nix]`, down to the
 //! `nix` uploads would run), and says per line `ok`, or what is wrong and the exact command or
 //! line that fixes it.
 //!
@@ -13,6 +13,7 @@ mod nix_bin;
 pub mod nix_conf;
 mod nix_setup;
 mod session;
+mod ssh;
 
 use std::ffi::OsString;
 use std::fmt;
@@ -166,12 +167,14 @@ pub async fn run(config: Option<PathBuf>, paths: &Paths, mut emit: impl FnMut(Fi
     if let Some(config) = &loaded {
         for host in &config.hosts {
             session::target(&buses, host, &mut emit).await;
+            ssh::check(&buses, host, &mut emit).await;
         }
         host::check_all(config, network.as_ref(), &mut emit).await;
     }
     emit(files::dispatcher_hook(&paths.dispatcher_hook));
     if let Some(config) = &loaded {
-        nix_setup::check(config, paths, &mut emit);
+        let agent_groups = session::agent_groups(&buses).await;
+        nix_setup::check(config, paths, agent_groups.as_deref(), &mut emit);
         if config.hosts.iter().any(|h| h.upload.is_some()) {
             let (path, whose) = match session::agent_path(&buses).await {
                 Some((path, whose)) => (Some(path.into()), whose),

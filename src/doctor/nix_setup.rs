@@ -20,7 +20,13 @@ use crate::config::{Config, NixCache};
 const HOOK_NAME: &str = "reachd-nix-upload";
 const RESTART: &str = "then restart the nix-daemon (`sudo systemctl restart nix-daemon`)";
 
-pub fn check(config: &Config, paths: &Paths, emit: &mut impl FnMut(Finding)) {
+/// `agent_groups`: the running agent's groups, when it runs (the spool must be its too).
+pub fn check(
+    config: &Config,
+    paths: &Paths,
+    agent_groups: Option<&[u32]>,
+    emit: &mut impl FnMut(Finding),
+) {
     if config.hosts.iter().all(|h| h.nix.is_none()) {
         return;
     }
@@ -63,7 +69,7 @@ pub fn check(config: &Config, paths: &Paths, emit: &mut impl FnMut(Finding)) {
     }
     if config.hosts.iter().any(|h| h.upload.is_some()) {
         emit(post_build_hook(&system, system_path));
-        emit(spool(&config.spool));
+        emit(spool(&config.spool, agent_groups));
         for finding in signing_keys(&system, system_path) {
             emit(finding);
         }
@@ -176,8 +182,11 @@ fn post_build_hook(system: &NixConf, path: &Path) -> Finding {
 }
 
 /// The user can take entries from the spool: read it, write its `incoming/` and `hosts/`.
-fn spool(dir: &Path) -> Finding {
-    let fix = "as root: `systemd-tmpfiles --create /etc/tmpfiles.d/reachd.conf` (systemd/tmpfiles.d/reachd.conf) and `usermod -aG reachd $USER`, then log out and in again";
+/// The spool, as this process may use it and, when the agent runs (`agent_groups`), as the
+/// agent may: the user manager keeps the groups it started with, so the agent may still lack
+/// the spool's group after `usermod` and a new login.
+fn spool(dir: &Path, agent_groups: Option<&[u32]>) -> Finding {
+    let fix = "as root: `systemd-tmpfiles --create /etc/tmpfiles.d/reachd.conf` (systemd/tmpfiles.d/reachd.conf) and `usermod -aG reachd $USER`, then reboot or log out of every session (the user manager keeps the groups it started with)";
     for (path, mode, what) in [
         (dir.to_path_buf(), libc::R_OK | libc::X_OK, "readable"),
         (
@@ -198,9 +207,33 @@ fn spool(dir: &Path) -> Finding {
         };
         return Finding::fail(format!("upload spool {} {problem}", path.display()), fix);
     }
+    if let Some(finding) = agent_lacks_group(dir, agent_groups) {
+        return finding;
+    }
     Finding::ok(format!(
         "upload spool {}: yours to take from",
         dir.display()
+    ))
+}
+
+/// A failure when the agent runs without the group of the spool's directory, which it needs
+/// (the directory belongs to root and the group: README "Uploads").
+fn agent_lacks_group(dir: &Path, agent_groups: Option<&[u32]>) -> Option<Finding> {
+    use std::os::unix::fs::MetadataExt;
+    let group = std::fs::metadata(dir).ok()?.gid();
+    let groups = agent_groups?;
+    if group == 0 || groups.contains(&group) {
+        return None;
+    }
+    Some(Finding::fail(
+        format!(
+            "upload spool {}: the running agent is not in its group (gid {group}): its user \
+             manager started before you joined it",
+            dir.display()
+        ),
+        "reboot, or log out of every session (the user manager keeps the groups it started \
+         with, and ends with your last session unless lingering is on), then `reachd doctor` \
+         again",
     ))
 }
 
@@ -383,13 +416,39 @@ mod tests {
 
     #[test]
     fn a_spool_that_is_not_there_is_named() {
-        let finding = spool(Path::new("/nonexistent/reachd-spool"));
+        let finding = spool(Path::new("/nonexistent/reachd-spool"), None);
         assert_eq!(finding.level, Level::Fail);
         assert_eq!(
             finding.what,
             "upload spool /nonexistent/reachd-spool does not exist"
         );
         assert!(finding.fix.unwrap().contains("systemd-tmpfiles --create"));
+    }
+
+    #[test]
+    fn an_agent_without_the_spool_group_is_told_to_wait_for_a_new_user_manager() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut group = std::fs::metadata(dir.path()).expect("stat").gid();
+        if group == 0 {
+            // As root: a group of its own, as the spool's `reachd`.
+            group = 4242;
+            std::os::unix::fs::chown(dir.path(), None, Some(group)).expect("chown");
+        }
+        assert_eq!(agent_lacks_group(dir.path(), Some(&[7, group])), None);
+        assert_eq!(
+            agent_lacks_group(dir.path(), None),
+            None,
+            "no agent running"
+        );
+        let finding = agent_lacks_group(dir.path(), Some(&[7, 8])).expect("a failure");
+        assert_eq!(finding.level, Level::Fail);
+        assert!(
+            finding.what.contains("not in its group"),
+            "{}",
+            finding.what
+        );
+        assert!(finding.fix.unwrap().contains("log out of every session"));
     }
 
     #[test]

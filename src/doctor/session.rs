@@ -21,7 +21,7 @@ const AGENT_UNIT: &str = "reachd.service";
 /// The two buses, or why each could not be reached.
 pub struct Buses {
     system: Result<Connection, String>,
-    session: Result<Connection, String>,
+    pub(super) session: Result<Connection, String>,
 }
 
 impl Buses {
@@ -162,6 +162,35 @@ pub async fn agent_path(buses: &Buses) -> Option<(String, &'static str)> {
     read.await.ok().flatten()
 }
 
+/// The groups of the running agent (reachd.service's main process: its gid, then its
+/// supplementary groups); `None` when it does not run or cannot be read.
+pub async fn agent_groups(buses: &Buses) -> Option<Vec<u32>> {
+    let session = buses.session.as_ref().ok()?;
+    let read = async {
+        let manager = ManagerProxy::new(session).await?;
+        let service: ServiceProxy = unit_object(session, &manager, AGENT_UNIT).await?;
+        service.main_pid().await
+    };
+    let pid = read.await.ok().filter(|pid| *pid != 0)?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(groups_in(&status))
+}
+
+/// The gids of a `/proc/PID/status`: the real gid, then the supplementary groups.
+fn groups_in(status: &str) -> Vec<u32> {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .unwrap_or("")
+    };
+    let gid = field("Gid:").split_whitespace().next();
+    gid.into_iter()
+        .chain(field("Groups:").split_whitespace())
+        .filter_map(|g| g.parse().ok())
+        .collect()
+}
+
 /// The last `PATH=` of an environment block (the one in force).
 fn path_in(environment: &[String]) -> Option<String> {
     environment
@@ -224,7 +253,7 @@ pub struct TargetView {
 
 /// The user manager's object of unit `name`, through proxy `P` (`UnitProxy`, `ServiceProxy`),
 /// its properties read afresh each time.
-async fn unit_object<'c, P>(
+pub(super) async fn unit_object<'c, P>(
     session: &'c Connection,
     manager: &ManagerProxy<'_>,
     name: &str,
@@ -240,7 +269,7 @@ where
         .await
 }
 
-async fn read_target(session: &Connection, target: &str) -> zbus::Result<TargetView> {
+pub(super) async fn read_target(session: &Connection, target: &str) -> zbus::Result<TargetView> {
     let manager = ManagerProxy::new(session).await?;
     let unit: UnitProxy = unit_object(session, &manager, target).await?;
     let mut view = TargetView {
@@ -382,6 +411,14 @@ mod tests {
             "ok   rpi: rpi-accessible.target is loaded; units bound to it: rpi-mount.service \
              (Wants, ConsistsOf), rpi-nix-tunnel.service (Wants, BoundBy)"
         );
+    }
+
+    #[test]
+    fn a_process_groups_are_its_gid_then_its_supplementary_groups() {
+        let status = "Name:\treachd\nUid:\t1000\t1000\t1000\t1000\n\
+                      Gid:\t1000\t1000\t1000\t1000\nGroups:\t24 27 998 \nNSpid:\t1\n";
+        assert_eq!(groups_in(status), vec![1000, 24, 27, 998]);
+        assert_eq!(groups_in("Gid:\t5\t5\t5\t5\nGroups:\t\n"), vec![5]);
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! `reachd doctor` in the lab (issue 11): on the lab's working set-up every line is ok and it
-//! exits 0; then each piece is broken on purpose, one at a time (the target's unit file, the
-//! dispatcher hook's mode, the `!include`, `trusted-substituters`, the post-build hook's mode,
-//! the signing key's mode, the spool's), and the failing line must name it and its fix; each is
-//! restored before the next, and the lab is left as it was found. A Pi away is only a warning.
+//! `reachd doctor` in the lab: on the lab's working set-up every line is ok and it exits 0; then
+//! each piece is broken on purpose, one at a time (the target's unit file, the dispatcher
+//! hook's mode, the `!include`, `trusted-substituters`, the post-build hook's mode, the signing
+//! key's mode, the spool's, the tunnel's key), and the failing line must name it and its fix;
+//! each is restored before the next, and the lab is left as it was found. A Pi away is only a
+//! warning.
 
 use std::fs;
 use std::os::unix::fs::{chown, PermissionsExt};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use reachd_testkit::lab::expect::TARGET;
 use reachd_testkit::lab::nix::{hook_path, laptop_etc, spool_dir, user_nix_conf, CACHE_URL};
 use reachd_testkit::lab::{dir, Lab, HOOK, PI_ADDR, T};
+use reachd_testkit::process::wait_until;
 
 use crate::scenarios::{baseline, secs};
 
@@ -119,6 +121,7 @@ pub fn doctor_broken(lab: &mut Lab) -> Result<String, String> {
         post_build_hook_writable(lab)?,
         secret_key_readable(lab)?,
         spool_not_writable(lab)?,
+        key_gone(lab)?,
     ];
     let report = Doctor::run(lab)?;
     if report.code != 0 {
@@ -229,6 +232,37 @@ fn spool_not_writable(lab: &Lab) -> Result<String, String> {
             "systemd-tmpfiles --create",
         ])
     })
+}
+
+/// The tunnel's key gone (as a key with a passphrase is, to ssh in a unit without an agent):
+/// the tunnel restarts every 2 s, and doctor names it and the missing agent.
+fn key_gone(lab: &Lab) -> Result<String, String> {
+    let u = lab.user();
+    let key = u.home.join(".ssh/id_lab");
+    let aside = u.home.join(".ssh/id_lab.aside");
+    fs::rename(&key, &aside).map_err(|e| format!("moving {} aside: {e}", key.display()))?;
+    let outcome = (|| {
+        u.systemctl(&["restart", "rpi-nix-tunnel.service"])?;
+        let mut last = None;
+        // The restart fails at once; the unit then waits to restart (auto-restart).
+        wait_until(T, "reachd doctor naming the failing tunnel", || {
+            let report = Doctor::run(lab)?;
+            let named = report.expect_failure(&[
+                "rpi-nix-tunnel.service",
+                "keeps failing",
+                "exit status 255",
+                "no SSH_AUTH_SOCK",
+            ]);
+            last = Some(report.stdout);
+            Ok(named.ok())
+        })
+        .map_err(|e| format!("{e}; last report:\n{}", last.unwrap_or_default()))
+    })();
+    fs::rename(&aside, &key).map_err(|e| format!("restoring {}: {e}", key.display()))?;
+    let outcome = outcome?;
+    // Its next restart, 2 s on, finds the key again.
+    lab.expect_tunnel()?;
+    Ok(outcome)
 }
 
 fn include_removed(lab: &Lab) -> Result<String, String> {
