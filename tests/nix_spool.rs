@@ -16,7 +16,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use reachd::store_path::StorePath;
-use reachd::upload::batch::{upload_batch, BatchReport, Limits, Nix, Scope};
+use reachd::upload::batch::{upload_batch, BatchReport, Failure, Limits, Nix, Scope};
 use reachd::upload::spool::{Retry, Spool};
 use reachd_testkit::nix::require_root_and_nix;
 use reachd_testkit::process::{Daemon, Spawn};
@@ -67,13 +67,25 @@ impl Stores {
         let public = fs::read_to_string(stores.path("lap.pub")).expect("public key");
         // `trusted-users =`: even root is an untrusted client, like the laptop's user, so the
         // Pi accepts only paths signed with a key it trusts.
+        stores.write_pi_conf(&public, "");
+        stores
+    }
+
+    /// The Pi's nix.conf: trusting the laptop's key `public`, and the users `trusted_users`.
+    fn write_pi_conf(&self, public: &str, trusted_users: &str) {
         let conf = format!(
             "experimental-features = nix-command\nsandbox = false\nbuild-users-group =\n\
-             substituters =\ntrusted-users =\ntrusted-public-keys = {}\n",
+             substituters =\ntrusted-users = {trusted_users}\ntrusted-public-keys = {}\n",
             public.trim()
         );
-        fs::write(stores.path("pi-etc/nix.conf"), conf).expect("pi nix.conf");
-        stores
+        fs::write(self.path("pi-etc/nix.conf"), conf).expect("pi nix.conf");
+    }
+
+    /// From the next start of the Pi's daemon, root's connections are trusted, as those of
+    /// the example tunnel (`ssh root@` the Pi) are.
+    fn trust_root_on_the_pi(&self) {
+        let public = fs::read_to_string(self.path("lap.pub")).expect("public key");
+        self.write_pi_conf(&public, "root");
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -568,6 +580,48 @@ fn an_unreachable_store_keeps_every_entry_and_the_error() {
     });
 }
 
+/// The batch's failure, which must be the Pi refusing a path for want of a signature.
+fn signature_refused(report: &BatchReport) -> &Failure {
+    let failure = report.failure.as_ref().expect("refused");
+    assert!(
+        failure
+            .error
+            .to_string()
+            .contains("lacks a valid signature"),
+        "{}",
+        failure.error
+    );
+    failure
+}
+
+/// README "Uploads": a Pi that trusts the connection (the example tunnel logs in as root@)
+/// still takes only paths signed with a key it trusts: reachd's copy checks signatures.
+#[test]
+fn a_pi_that_trusts_the_connection_still_refuses_an_unsigned_upload() {
+    run_for(Duration::from_secs(120), async || {
+        let mut stores = Stores::new();
+        stores.trust_root_on_the_pi();
+        // An input-addressed build, never signed.
+        let built = stores.build(&["unsigned"], None);
+        for (drv, out) in &built {
+            assert!(stores.hook(Some(drv), Some(out)).status.success());
+        }
+        stores.start_pi("pi");
+        let spool = stores.spool();
+        spool.claim(&["rpi"]).expect("claim");
+        let report = batch(&stores, &spool, 100).await;
+        signature_refused(&report);
+        assert!(report.done.is_empty());
+        // The Pi does trust the connection: told not to check, it takes the path.
+        let out = &built[0].1;
+        stores.ok(
+            "nix",
+            &["copy", "--no-check-sigs", "--to", &stores.pi_uri(), out],
+        );
+        stores.on_pi(std::slice::from_ref(out)).expect("on the Pi");
+    });
+}
+
 #[test]
 fn a_refused_path_backs_off_alone_and_the_others_go_on() {
     run_for(Duration::from_secs(240), async || {
@@ -583,16 +637,8 @@ fn a_refused_path_backs_off_alone_and_the_others_go_on() {
         spool.claim(&["rpi"]).expect("claim");
 
         let report = batch(&stores, &spool, 100).await;
-        let failure = report.failure.expect("refused");
+        let failure = signature_refused(&report);
         assert_eq!((failure.scope, failure.attempts), (Scope::Entries, 1));
-        assert!(
-            failure
-                .error
-                .to_string()
-                .contains("lacks a valid signature"),
-            "{}",
-            failure.error
-        );
         let ids = spool.pending("rpi").expect("pending");
         assert_eq!(ids.len(), 3);
         for id in &ids {
