@@ -126,6 +126,24 @@ fn every_program_a_unit_runs_is_an_absolute_path_on_every_route() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+/// Enabled for every user, the agent must not start for system users (a display manager's
+/// greeter), on any route.
+#[test]
+fn the_agent_starts_for_no_system_user_on_any_route() {
+    let shipped = shipped_units();
+    for (route, units) in [
+        ("from source", shipped.clone()),
+        ("Debian package", debian_units(&shipped)),
+        ("Nix", nix_units(&shipped)),
+    ] {
+        let unit = &units["reachd.service"];
+        assert!(
+            unit.lines().any(|l| l.trim() == "ConditionUser=!@system"),
+            "{route}: reachd.service lacks ConditionUser=!@system:\n{unit}"
+        );
+    }
+}
+
 #[test]
 fn the_check_catches_a_program_left_to_systemd_s_path() {
     let units = Units::from([(
