@@ -18,6 +18,7 @@
 //! Never run two labs at once on one machine: each starts by removing the other's leftovers.
 
 mod doctor;
+mod firewall;
 mod hostile_lan;
 mod nix;
 mod reliability;

@@ -1,6 +1,7 @@
 //! The scenarios, in the order they run: following the network here; from 12 on, reachd's Nix
 //! support (nix.rs); from 17, its uploads (upload.rs); from 21, faults around the agent
 //! (reliability.rs); from 26, a dual-stack Pi and an impostor on the home LAN (hostile_lan.rs);
+//! 28, the vanish window (vanish.rs); 29, a NixOS-like firewall (firewall.rs);
 //! 30 and 32, sleep and malformed mDNS answers (stress.rs); from 35, `reachd doctor`
 //! (doctor.rs); 38, the README's status bar example (status_bar.rs); 40, reloading the
 //! configuration (reload.rs); then the Nix ones again with a current Nix (main.rs). Each one
@@ -19,7 +20,9 @@ use reachd_testkit::lab::expect::{is_mounted, MOUNT, REACHD, TARGET, TUNNEL};
 use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
 use reachd_testkit::process::{wait_until, Spawn};
 
-use crate::{doctor, hostile_lan, nix, reliability, reload, status_bar, stress, upload, vanish};
+use crate::{
+    doctor, firewall, hostile_lan, nix, reliability, reload, status_bar, stress, upload, vanish,
+};
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;
 
@@ -58,6 +61,7 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ("26-dual-stack", false, hostile_lan::dual_stack),
     ("27-home-impostor", false, hostile_lan::home_impostor),
     ("28-nix-vanish-window", false, vanish::nix_vanish_window),
+    ("29-nixos-firewall", false, firewall::nixos_firewall),
     ("30-sleep", false, stress::sleep),
     ("31-mdns-flood", false, stress::mdns_flood),
     ("32-malformed-answers", false, stress::malformed_answers),

@@ -27,6 +27,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("sshfs", "sshfs"),
     ("fusermount3", "fuse3"),
     ("nsenter", "util-linux"),
+    ("nft", "nftables"),
     ("nix-daemon", "nix-bin"),
     ("nix-store", "nix-bin"),
     ("nix-build", "nix-bin"),
