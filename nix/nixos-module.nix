@@ -44,6 +44,12 @@ in
       description = "Install dispatcher/90-reachd: every running agent looks again at once on each NetworkManager event.";
     };
 
+    openFirewall = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = "Open UDP port 5353 in the firewall: hosts answer mDNS questions by multicast, which the firewall's connection tracking cannot match to the question, so without it no host is ever found (as services.avahi.openFirewall).";
+    };
+
     cache = {
       enable = lib.mkEnableOption "the Nix daemon's trust in reachd's binary cache, so that users' commands may use it when reachd's fragment names it";
       substituters = lib.mkOption {
@@ -83,6 +89,9 @@ in
           path = [ config.nix.package ];
         };
       }
+      (lib.mkIf cfg.openFirewall {
+        networking.firewall.allowedUDPPorts = [ 5353 ];
+      })
       (lib.mkIf cfg.dispatcherHook.enable {
         networking.networkmanager.dispatcherScripts = [ { source = dispatcherHook; } ];
       })

@@ -23,9 +23,11 @@ const FIND_LIMIT: Duration = Duration::from_secs(3);
 
 /// Checks every host; `network` is NetworkManager's view (`None`: it could not be read, and the
 /// agent would assume a network).
+/// `firewall`: a firewall unit active on the machine, which may drop mDNS answers.
 pub async fn check_all(
     config: &Config,
     network: Option<&NetworkView>,
+    firewall: Option<&str>,
     emit: &mut impl FnMut(Finding),
 ) {
     let view = network.cloned().unwrap_or_else(network::assumed_view);
@@ -73,7 +75,7 @@ pub async fn check_all(
             }
         })
         .await;
-        emit(answer_finding(host, outcome, started.elapsed()));
+        emit(answer_finding(host, outcome, started.elapsed(), firewall));
     }
     if let Some(resolver) = resolver {
         resolver.shutdown();
@@ -131,6 +133,7 @@ pub fn answer_finding(
     host: &HostConfig,
     outcome: Result<Answered, String>,
     took: Duration,
+    firewall: Option<&str>,
 ) -> Finding {
     match outcome {
         Ok(Answered { address, also }) => {
@@ -138,7 +141,9 @@ pub fn answer_finding(
                 "{}: {} answers at {address}{} ({} ms)",
                 host.name,
                 host.hostname,
-                host.port.map(|p| format!(", TCP port {p} open")).unwrap_or_default(),
+                host.port
+                    .map(|p| format!(", TCP port {p} open"))
+                    .unwrap_or_default(),
                 took.as_millis()
             );
             let others: Vec<String> = also
@@ -157,13 +162,22 @@ pub fn answer_finding(
                 )
             }
         }
-        Err(why) => Finding::warn(
-            format!("{}: {} does not answer now: {why}", host.name, host.hostname),
-            format!(
-                "nothing to fix if you are away from it; at home, is it on and on this network? (`avahi-resolve -n {}` asks the same question)",
-                host.hostname
-            ),
-        ),
+        Err(why) => {
+            let blocked = firewall.map(|unit| {
+                format!(
+                    "; {unit} is active: unless it lets UDP port 5353 in, mDNS answers never \
+                     arrive (README, \"Firewalls\")"
+                )
+            });
+            Finding::warn(
+                format!("{}: {} does not answer now: {why}", host.name, host.hostname),
+                format!(
+                    "nothing to fix if you are away from it; at home, is it on and on this network? (`avahi-resolve -n {}` asks the same question){}",
+                    host.hostname,
+                    blocked.unwrap_or_default()
+                ),
+            )
+        }
     }
 }
 
@@ -195,6 +209,7 @@ mod tests {
             &host(Some(22)),
             Ok(address.into()),
             Duration::from_millis(12),
+            None,
         );
         assert_eq!(
             finding.to_string(),
@@ -216,13 +231,13 @@ mod tests {
             address: v4("192.0.2.10"),
             also: vec![own_v6.clone()],
         };
-        let finding = answer_finding(&host(None), Ok(dual_stack), Duration::ZERO);
+        let finding = answer_finding(&host(None), Ok(dual_stack), Duration::ZERO, None);
         assert_eq!(finding.level, Level::Ok);
         let impostor = Answered {
             address: v4("192.0.2.10"),
             also: vec![own_v6, v4("192.0.2.66")],
         };
-        let finding = answer_finding(&host(None), Ok(impostor), Duration::ZERO);
+        let finding = answer_finding(&host(None), Ok(impostor), Duration::ZERO, None);
         assert_eq!(finding.level, Level::Warn);
         assert_eq!(
             finding.what,
@@ -236,11 +251,24 @@ mod tests {
             &host(None),
             Err("rpi.local not found by mDNS".into()),
             Duration::ZERO,
+            None,
         );
         assert_eq!(finding.level, Level::Warn);
         assert_eq!(
             finding.what,
             "rpi: rpi.local does not answer now: rpi.local not found by mDNS"
+        );
+        assert!(!finding.fix.expect("a fix").contains("5353"));
+        let behind = answer_finding(
+            &host(None),
+            Err("rpi.local not found by mDNS".into()),
+            Duration::ZERO,
+            Some("firewalld.service"),
+        );
+        let fix = behind.fix.expect("a fix");
+        assert!(
+            fix.contains("firewalld.service is active") && fix.contains("UDP port 5353"),
+            "{fix}"
         );
     }
 
@@ -328,8 +356,8 @@ mod tests {
             connected: true,
             active: Default::default(),
         };
-        check_all(&config, Some(&away), &mut |f| findings.push(f)).await;
-        check_all(&config, None, &mut |f| findings.push(f)).await;
+        check_all(&config, Some(&away), None, &mut |f| findings.push(f)).await;
+        check_all(&config, None, None, &mut |f| findings.push(f)).await;
         let said: Vec<&str> = findings.iter().map(|f| f.what.as_str()).collect();
         assert_eq!(
             said,

@@ -169,7 +169,8 @@ pub async fn run(config: Option<PathBuf>, paths: &Paths, mut emit: impl FnMut(Fi
             session::target(&buses, host, &mut emit).await;
             ssh::check(&buses, host, &mut emit).await;
         }
-        host::check_all(config, network.as_ref(), &mut emit).await;
+        let firewall = session::active_firewall(&buses).await;
+        host::check_all(config, network.as_ref(), firewall.as_deref(), &mut emit).await;
     }
     emit(files::dispatcher_hook(&paths.dispatcher_hook));
     if let Some(config) = &loaded {

@@ -20,7 +20,7 @@ const AGENT_UNIT: &str = "reachd.service";
 
 /// The two buses, or why each could not be reached.
 pub struct Buses {
-    system: Result<Connection, String>,
+    pub(super) system: Result<Connection, String>,
     pub(super) session: Result<Connection, String>,
 }
 
@@ -160,6 +160,43 @@ pub async fn agent_path(buses: &Buses) -> Option<(String, &'static str)> {
         Ok(path_in(&manager.environment().await?).map(|path| (path, "the user manager's PATH")))
     };
     read.await.ok().flatten()
+}
+
+/// The firewall units doctor knows, by the system manager's names: NixOS's, firewalld, ufw,
+/// Debian's nftables.
+const FIREWALLS: &[&str] = &[
+    "firewall.service",
+    "firewalld.service",
+    "ufw.service",
+    "nftables.service",
+];
+
+/// The first of [`FIREWALLS`] active in the system manager, if any (`None` also when the system
+/// manager cannot be asked).
+pub async fn active_firewall(buses: &Buses) -> Option<String> {
+    let system = buses.system.as_ref().ok()?;
+    let manager = ManagerProxy::new(system).await.ok()?;
+    for name in FIREWALLS {
+        // GetUnit: only a loaded unit, and nothing is loaded for asking.
+        let Ok(path) = manager.get_unit(name).await else {
+            continue;
+        };
+        let unit = zbus::proxy::Builder::<UnitProxy>::new(system)
+            .path(path)
+            .ok()?
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .ok()?;
+        if unit
+            .active_state()
+            .await
+            .is_ok_and(|s| <&str>::from(s) == "active")
+        {
+            return Some((*name).to_string());
+        }
+    }
+    None
 }
 
 /// The groups of the running agent (reachd.service's main process: its gid, then its
