@@ -181,13 +181,7 @@ pub async fn active_firewall(buses: &Buses) -> Option<String> {
         let Ok(path) = manager.get_unit(name).await else {
             continue;
         };
-        let unit = zbus::proxy::Builder::<UnitProxy>::new(system)
-            .path(path)
-            .ok()?
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-            .ok()?;
+        let unit: UnitProxy = unit_at(system, path).await.ok()?;
         if unit
             .active_state()
             .await
@@ -230,11 +224,15 @@ fn groups_in(status: &str) -> Vec<u32> {
 
 /// The last `PATH=` of an environment block (the one in force).
 fn path_in(environment: &[String]) -> Option<String> {
+    last_value(environment, "PATH").map(String::from)
+}
+
+/// The value of the last `NAME=` of an environment block (the one in force).
+pub(super) fn last_value<'e>(environment: &'e [String], name: &str) -> Option<&'e str> {
     environment
         .iter()
         .rev()
-        .find_map(|v| v.strip_prefix("PATH="))
-        .map(String::from)
+        .find_map(|v| v.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')))
 }
 
 /// Whether the agent holds its name on the session bus. Not running is a warning: the set-up
@@ -298,8 +296,19 @@ pub(super) async fn unit_object<'c, P>(
 where
     P: zbus::proxy::Defaults + From<zbus::Proxy<'c>>,
 {
-    let path = manager.load_unit(name).await?;
-    zbus::proxy::Builder::new(session)
+    unit_at(session, manager.load_unit(name).await?).await
+}
+
+/// The unit object at `path` (from `LoadUnit` or `GetUnit`), through proxy `P`, its properties
+/// read afresh each time.
+pub(super) async fn unit_at<'c, P>(
+    bus: &'c Connection,
+    path: zbus::zvariant::OwnedObjectPath,
+) -> zbus::Result<P>
+where
+    P: zbus::proxy::Defaults + From<zbus::Proxy<'c>>,
+{
+    zbus::proxy::Builder::new(bus)
         .path(path)?
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use systemd_zbus::{ManagerProxy, ServiceProxy, UnitProxy};
 
-use super::session::{read_target, unit_object, Buses};
+use super::session::{last_value, read_target, unit_at, Buses};
 use super::Finding;
 use crate::config::HostConfig;
 
@@ -81,7 +81,8 @@ pub async fn check(buses: &Buses, host: &HostConfig, emit: &mut impl FnMut(Findi
         let target = read_target(session, &host.target).await?;
         let mut units = Vec::new();
         for name in target.related.keys().filter(|n| n.ends_with(".service")) {
-            let service: ServiceProxy = unit_object(session, &manager, name).await?;
+            let path = manager.load_unit(name).await?;
+            let service: ServiceProxy = unit_at(session, path.clone()).await?;
             let runs_ssh = service.exec_start().await?.iter().any(|exec| {
                 let program = Path::new(&exec.binary_path).file_name();
                 program.is_some_and(|p| SSH_PROGRAMS.iter().any(|s| p == *s))
@@ -89,7 +90,7 @@ pub async fn check(buses: &Buses, host: &HostConfig, emit: &mut impl FnMut(Findi
             if !runs_ssh {
                 continue;
             }
-            let unit: UnitProxy = unit_object(session, &manager, name).await?;
+            let unit: UnitProxy = unit_at(session, path).await?;
             units.push(SshUnit {
                 name: name.clone(),
                 active_state: <&str>::from(unit.active_state().await?).to_string(),
@@ -102,7 +103,11 @@ pub async fn check(buses: &Buses, host: &HostConfig, emit: &mut impl FnMut(Findi
         Ok::<_, zbus::Error>(units)
     };
     match read.await {
-        Ok(units) => emit_some(emit, judge(&host.name, &host.target, &units)),
+        Ok(units) => {
+            if let Some(finding) = judge(&host.name, &host.target, &units) {
+                emit(finding);
+            }
+        }
         Err(err) => emit(Finding::warn(
             format!(
                 "{}: the units of {} cannot be read ({err})",
@@ -113,19 +118,9 @@ pub async fn check(buses: &Buses, host: &HostConfig, emit: &mut impl FnMut(Findi
     }
 }
 
-fn emit_some(emit: &mut impl FnMut(Finding), finding: Option<Finding>) {
-    if let Some(finding) = finding {
-        emit(finding);
-    }
-}
-
 /// Whether an environment block sets a non-empty `SSH_AUTH_SOCK`.
 fn has_agent(environment: &[String]) -> bool {
-    environment
-        .iter()
-        .filter_map(|e| e.strip_prefix("SSH_AUTH_SOCK="))
-        .next_back()
-        .is_some_and(|v| !v.is_empty())
+    last_value(environment, "SSH_AUTH_SOCK").is_some_and(|v| !v.is_empty())
 }
 
 #[cfg(test)]
