@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reachd::cache::daemon::{self as nix_daemon, DaemonError};
+use reachd::cache::hearing::Hearing;
+use reachd::cache::pool::connect_heard;
 use reachd::cache::server::{self as cache, CacheSettings};
 use reachd_testkit::nix::require_root_and_nix;
 use reachd_testkit::process::{Daemon, Output, Spawn};
@@ -287,6 +289,14 @@ struct Server {
     addr: SocketAddr,
     stop: oneshot::Sender<()>,
     task: JoinHandle<std::io::Result<()>>,
+}
+
+/// The agent's check of a served cache: a handshake with the daemon at `socket` within
+/// `deadline`, heard as the cache hears it.
+async fn check_daemon(socket: &Path, deadline: Duration) -> Result<(), DaemonError> {
+    connect_heard(socket, deadline, Arc::new(Hearing::default()))
+        .await
+        .map(drop)
 }
 
 async fn serve(upstream: PathBuf, deadline: Duration) -> Server {
@@ -619,7 +629,7 @@ fn an_unreachable_daemon_is_not_here() {
             let text = String::from_utf8_lossy(&reply.body);
             assert!(text.contains("cannot connect"), "{path}: {text}");
         }
-        let err = cache::daemon_answers(&dir.path().join("absent.sock"), DEADLINE)
+        let err = check_daemon(&dir.path().join("absent.sock"), DEADLINE)
             .await
             .unwrap_err();
         assert!(matches!(err, DaemonError::Connect { .. }), "{err:?}");
@@ -651,9 +661,7 @@ fn an_unreachable_daemon_is_not_here() {
             );
         }
         let start = Instant::now();
-        let err = cache::daemon_answers(&silent_path, DEADLINE)
-            .await
-            .unwrap_err();
+        let err = check_daemon(&silent_path, DEADLINE).await.unwrap_err();
         assert!(matches!(err, DaemonError::Timeout(_)), "{err:?}");
         assert!(start.elapsed() < DEADLINE + MARGIN);
         silent.stop().await;
@@ -1029,9 +1037,9 @@ fn the_daemon_client_agrees_with_nix() {
             let expected = dump(&lab, &pi, path, &format!("{name}.nar")).await;
             assert!(got == expected, "{path}: NAR differs from nix-store --dump");
         }
-        cache::daemon_answers(&lab.socket(), DEADLINE)
+        check_daemon(&lab.socket(), DEADLINE)
             .await
-            .expect("daemon_answers");
+            .expect("the check's handshake");
     });
 }
 
@@ -1167,7 +1175,7 @@ fn throughput() {
         let per_narinfo = start.elapsed() / rounds;
         let start = Instant::now();
         for _ in 0..rounds {
-            cache::daemon_answers(&lab.socket(), DEADLINE)
+            check_daemon(&lab.socket(), DEADLINE)
                 .await
                 .expect("handshake");
         }

@@ -25,7 +25,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,7 @@ use tracing::{debug, warn};
 
 use crate::error::Chain;
 
-use super::daemon::{within, Daemon, DaemonError, NarStream, PathInfo, ProtocolError};
+use super::daemon::{within, DaemonError, NarStream, PathInfo, ProtocolError};
 use super::hash::Sha256;
 use super::hearing::{Heard, Hearing, SILENCE};
 use super::pool::{Pool, MAX_IDLE_TIME};
@@ -139,12 +139,6 @@ pub async fn serve(
     let _ = stop.send(true);
     while connections.join_next().await.is_some() {}
     result
-}
-
-/// Connects to the daemon at `socket` and completes the handshake within `deadline`: the
-/// cheapest proof that the cache's upstream answers.
-pub async fn daemon_answers(socket: &Path, deadline: Duration) -> Result<(), DaemonError> {
-    Daemon::connect(socket, deadline).await.map(drop)
 }
 
 async fn connection(stream: TcpStream, state: Arc<State>, mut stop: watch::Receiver<bool>) {
