@@ -8,12 +8,12 @@
 //! one (tests/current-nix) on the laptop.
 
 use std::fs;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use reachd_testkit::lab::bench::TARGET;
 use reachd_testkit::lab::nix::vanish::{Fault, HomeCost, Window, ALONE, WITH_STAND_IN};
 use reachd_testkit::lab::nix::{
-    old_recipe_conf, spool_dir, user_conf_without_include, LaptopNix, NixRun, TUNNEL_STORE,
+    nonce, old_recipe_conf, spool_dir, user_conf_without_include, LaptopNix, NixRun, TUNNEL_STORE,
 };
 use reachd_testkit::lab::{dir, Lab, HOME_UUID};
 use reachd_testkit::process::wait_until;
@@ -151,13 +151,6 @@ for i in range(int(sys.argv[1])):
         .collect()
 }
 
-fn nonce() -> String {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
-        .to_string()
-}
-
 fn away(lab: &mut Lab, report: &mut NixReport) -> Result<(), String> {
     lab.nmcli_con("down", HOME_UUID)?;
     wait_target(lab, "inactive")?;
@@ -194,7 +187,7 @@ fn away(lab: &mut Lab, report: &mut NixReport) -> Result<(), String> {
 
 fn fetch(lab: &Lab, report: &mut NixReport) -> Result<(), String> {
     for i in 0..RUNS {
-        let big = lab.pi_add_big()?;
+        let (big, _) = lab.pi_add_new("big")?;
         let fresh = dir().join(format!("bench-fresh-{i}"));
         let ssh = lab.ssh_copy_from_pi(&big, &fresh)?;
         let _ = fs::remove_dir_all(&fresh);

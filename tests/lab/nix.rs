@@ -129,7 +129,7 @@ pub fn nix_home(lab: &mut Lab) -> Result<String, String> {
     }
     let reference = realise(lab, &p.reference)?;
     expect_valid(lab, &p.dep).map_err(|e| format!("the reference of {}: {e}", p.reference))?;
-    let big = lab.pi_add_big()?;
+    let (big, _) = lab.pi_add_new("big")?;
     let fetched = realise(lab, &big)?;
     Ok(format!(
         "fragment named the cache {} after the target was up; fetched the small path in {}, \

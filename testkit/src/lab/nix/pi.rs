@@ -3,8 +3,9 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use super::builds::nonce;
 use super::laptop::NixRun;
 use super::places::{laptop_etc, pi_nix_dir, pi_socket, pi_store_root};
 use super::tools::{daemon_handshake, nix_spawn, write};
@@ -145,15 +146,16 @@ impl Lab {
             .collect()
     }
 
-    /// Builds a new 100 MiB path on the Pi (random bytes), for measuring transfers.
-    pub fn pi_add_big(&self) -> Result<String, String> {
-        let nonce = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_err(|e| e.to_string())?
-            .as_nanos()
-            .to_string();
-        let mut paths = self.pi_nix_build(&["big"], &nonce)?;
-        Ok(paths.remove(0))
+    /// Builds a new path of the Pi's attribute `attr` (`big`: 100 MiB of random bytes, for
+    /// measuring transfers; `shared`: one the laptop can build too); its store path and its
+    /// derivation's name.
+    pub fn pi_add_new(&self, attr: &str) -> Result<(String, String), String> {
+        let nonce = nonce();
+        let path = self
+            .pi_nix_build(&[attr], &nonce)?
+            .pop()
+            .ok_or("the Pi built nothing")?;
+        Ok((path, format!("p-{attr}-{nonce}")))
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::builds::{derivation_expr, extra_wait, nonce, Caches, Spread, Timed};
+use super::builds::{derivation_expr, extra_wait, Caches, Spread, Timed};
 use crate::lab::{secs, Lab, T};
 use crate::process::Frozen;
 
@@ -206,12 +206,7 @@ impl Lab {
         );
         self.pi_cache_back_in_use()
             .map_err(|e| format!("{what}: before: {e}"))?;
-        let nonce = nonce();
-        let shared = self
-            .pi_nix_build(&["shared"], &nonce)?
-            .pop()
-            .ok_or("the Pi built nothing")?;
-        let shared_name = format!("p-shared-{nonce}");
+        let (shared, shared_name) = self.pi_add_new("shared")?;
         let started = Instant::now();
         let frozen = fault.inflict(self)?;
         let (builds, pi_has) = std::thread::scope(|s| {
@@ -256,10 +251,7 @@ impl Lab {
     /// A path the Pi has just built is fetched from it through the cache (which may have
     /// doubted the Pi until the agent's check was heard).
     fn pi_cache_serves(&self) -> Result<(), String> {
-        let path = self
-            .pi_nix_build(&["shared"], &nonce())?
-            .pop()
-            .ok_or("the Pi built nothing")?;
+        let (path, _) = self.pi_add_new("shared")?;
         let run = self.nix_as_user(&["nix-store", "-r", &path], T)?;
         match self.outcome(&path, run.code != 0) {
             "fetched from the Pi" => Ok(()),
