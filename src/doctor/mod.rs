@@ -166,8 +166,9 @@ pub async fn run(config: Option<PathBuf>, paths: &Paths, mut emit: impl FnMut(Fi
     };
     if let Some(config) = &loaded {
         for host in &config.hosts {
-            session::target(&buses, host, &mut emit).await;
-            ssh::check(&buses, host, &mut emit).await;
+            if let Some(target) = session::target(&buses, host, &mut emit).await {
+                ssh::check(&buses, host, &target, &mut emit).await;
+            }
         }
         let firewall = session::active_firewall(&buses).await;
         host::check_all(config, network.as_ref(), firewall.as_deref(), &mut emit).await;

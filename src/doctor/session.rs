@@ -261,19 +261,30 @@ pub async fn agent(buses: &Buses, emit: &mut impl FnMut(Finding)) {
     });
 }
 
-/// The host's target: loaded, and which units it starts or stops with it.
-pub async fn target(buses: &Buses, host: &HostConfig, emit: &mut impl FnMut(Finding)) {
-    let Ok(session) = &buses.session else { return };
-    emit(match read_target(session, &host.target).await {
-        Ok(target) => target_finding(&host.name, &host.target, &target),
-        Err(err) => Finding::fail(
-            format!(
-                "{}: {} cannot be read from the user manager ({err})",
-                host.name, host.target
-            ),
-            format!("`systemctl --user status {}`", host.target),
-        ),
-    });
+/// The host's target: loaded, and which units it starts or stops with it; returned when it
+/// could be read.
+pub async fn target(
+    buses: &Buses,
+    host: &HostConfig,
+    emit: &mut impl FnMut(Finding),
+) -> Option<TargetView> {
+    let session = buses.session.as_ref().ok()?;
+    match read_target(session, &host.target).await {
+        Ok(target) => {
+            emit(target_finding(&host.name, &host.target, &target));
+            Some(target)
+        }
+        Err(err) => {
+            emit(Finding::fail(
+                format!(
+                    "{}: {} cannot be read from the user manager ({err})",
+                    host.name, host.target
+                ),
+                format!("`systemctl --user status {}`", host.target),
+            ));
+            None
+        }
+    }
 }
 
 /// A target as the user manager reports it.
@@ -315,7 +326,7 @@ where
         .await
 }
 
-pub(super) async fn read_target(session: &Connection, target: &str) -> zbus::Result<TargetView> {
+async fn read_target(session: &Connection, target: &str) -> zbus::Result<TargetView> {
     let manager = ManagerProxy::new(session).await?;
     let unit: UnitProxy = unit_object(session, &manager, target).await?;
     let mut view = TargetView {

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use systemd_zbus::{ManagerProxy, ServiceProxy, UnitProxy};
 
-use super::session::{last_value, read_target, unit_at, Buses};
+use super::session::{last_value, unit_at, Buses, TargetView};
 use super::Finding;
 use crate::config::HostConfig;
 
@@ -72,13 +72,18 @@ pub fn judge(host: &str, target: &str, units: &[SshUnit]) -> Option<Finding> {
     Some(Finding::fail(what, fix))
 }
 
-/// Reads the ssh units bound to `host`'s target and judges them.
-pub async fn check(buses: &Buses, host: &HostConfig, emit: &mut impl FnMut(Finding)) {
+/// Reads the ssh units related to `host`'s target (`target`, as read for its own check) and
+/// judges them.
+pub async fn check(
+    buses: &Buses,
+    host: &HostConfig,
+    target: &TargetView,
+    emit: &mut impl FnMut(Finding),
+) {
     let Ok(session) = &buses.session else { return };
     let read = async {
         let manager = ManagerProxy::new(session).await?;
         let manager_agent = has_agent(&manager.environment().await?);
-        let target = read_target(session, &host.target).await?;
         let mut units = Vec::new();
         for name in target.related.keys().filter(|n| n.ends_with(".service")) {
             let path = manager.load_unit(name).await?;
