@@ -28,7 +28,54 @@
       });
       overlays.default = final: _prev: { reachd = final.callPackage ./nix/package.nix { }; };
       # Both modules build the package with the system's own nixpkgs (option `package`).
-      homeManagerModules.default = ./nix/hm-module.nix;
+      # `homeModules` is the name Home Manager's own flake module gives modules for it; many
+      # flakes still read `homeManagerModules`, so it names the same module.
+      homeModules.default = ./nix/hm-module.nix;
+      homeManagerModules.default = self.homeModules.default;
       nixosModules.default = ./nix/nixos-module.nix;
+
+      # `nix flake check`: the package builds (its unit tests run in the build), and a NixOS
+      # system with the module enabled, every part of it on, evaluates and builds.
+      checks = forAllSystems (system: {
+        package = self.packages.${system}.default;
+        nixos-module =
+          (nixpkgs.lib.nixosSystem {
+            inherit system;
+            modules = [
+              self.nixosModules.default
+              {
+                boot.isContainer = true;
+                networking.networkmanager.enable = true;
+                services.reachd = {
+                  enable = true;
+                  cache.enable = true;
+                  upload.enable = true;
+                  upload.users = [ "alice" ];
+                };
+                users.users.alice.isNormalUser = true;
+                system.stateVersion = "25.05";
+              }
+            ];
+          }).config.system.build.toplevel;
+      });
+
+      # `nix develop`: the package's build inputs and the tools the repository's checks use.
+      devShells = forAllSystems (
+        system:
+        let
+          pkgs = nixpkgs.legacyPackages.${system};
+        in
+        {
+          default = pkgs.mkShell {
+            inputsFrom = [ self.packages.${system}.default ];
+            packages = with pkgs; [
+              clippy
+              rustfmt
+              rust-analyzer
+              jq
+            ];
+          };
+        }
+      );
     };
 }

@@ -13,15 +13,22 @@ let
   units = import ./units.nix;
   toml = pkgs.formats.toml { };
 
-  # The configuration file, refused at build time when reachd itself refuses it.
+  # The configuration file, refused at build time when reachd itself refuses it. Only where the
+  # package runs: building for a phone on another machine (cross), reachd checks the file when
+  # it starts instead, and refuses it in its log.
   configFile =
     let
       generated = toml.generate "config.toml" cfg.settings;
+      canRun = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
     in
-    pkgs.runCommand "reachd-config.toml" { } ''
-      ${lib.getExe cfg.package} run --check-config --config ${generated}
-      cp ${generated} $out
-    '';
+    pkgs.runCommand "reachd-config.toml" { } (
+      lib.optionalString canRun ''
+        ${lib.getExe cfg.package} run --check-config --config ${generated}
+      ''
+      + ''
+        cp ${generated} $out
+      ''
+    );
 
   # A unit in ~/.config/systemd/user/, enabled as `systemctl --user enable` would do it: a link
   # in the .wants/ of each target its [Install] WantedBy= names (`text` is the unit's text).

@@ -60,8 +60,8 @@ in
       publicKeys = lib.mkOption {
         type = lib.types.listOf lib.types.str;
         default = [ ];
-        example = [ "rpi-1:<the Pi's rpi-1.pub>" ];
-        description = "The keys the Pi's paths are signed with, added to trusted-public-keys.";
+        example = [ "rpi-1:8wDbmVzGqUtVpVfqH6GXcNBQ5g0XqByO2ksNYvQ9V7E=" ];
+        description = "The keys the Pi's paths are signed with, added to trusted-public-keys: each is the whole content of the Pi's public key file (rpi-1.pub), which already starts with its name `rpi-1:`.";
       };
     };
 

@@ -200,7 +200,7 @@ fn a_patch_that_no_longer_matches_fails_the_evaluation() {
 }
 
 #[test]
-fn the_flake_has_the_package_both_modules_and_an_overlay() {
+fn the_flake_has_the_package_both_modules_an_overlay_checks_and_a_shell() {
     // nixpkgs is never forced: listing the outputs and the modules' arguments needs none.
     let flake = eval(
         r#"let
@@ -215,7 +215,10 @@ fn the_flake_has_the_package_both_modules_and_an_overlay() {
              outputs = builtins.attrNames outputs;
              packages = builtins.mapAttrs (_: builtins.attrNames) outputs.packages;
              overlay = builtins.attrNames (builtins.functionArgs outputs.overlays.default);
-             hm = args outputs.homeManagerModules.default;
+             hm = args outputs.homeModules.default;
+             hmAlias = outputs.homeManagerModules.default == outputs.homeModules.default;
+             checks = builtins.mapAttrs (_: builtins.attrNames) outputs.checks;
+             shells = builtins.mapAttrs (_: builtins.attrNames) outputs.devShells;
              nixos = args outputs.nixosModules.default;
              package = args ./nix/package.nix;
            }"#,
@@ -223,8 +226,11 @@ fn the_flake_has_the_package_both_modules_and_an_overlay() {
     let modules = ["config", "lib", "pkgs"];
     let expected = serde_json::json!({
         "inputs": ["nixpkgs"],
-        "outputs": ["homeManagerModules", "nixosModules", "overlays", "packages"],
+        "outputs": ["checks", "devShells", "homeManagerModules", "homeModules", "nixosModules", "overlays", "packages"],
         "packages": {"aarch64-linux": ["default"], "x86_64-linux": ["default"]},
+        "checks": {"aarch64-linux": ["nixos-module", "package"], "x86_64-linux": ["nixos-module", "package"]},
+        "shells": {"aarch64-linux": ["default"], "x86_64-linux": ["default"]},
+        "hmAlias": true,
         "overlay": [],
         "hm": modules,
         "nixos": modules,
