@@ -6,6 +6,7 @@
 //! reachd's targets a figure misses. About 7 minutes; it cleans up like the lab, also on failure
 //! (and a run that was killed is cleaned up by the next bench or lab run, from its markers).
 
+mod battery;
 mod flood;
 mod measure;
 mod nix;
@@ -50,14 +51,18 @@ fn main() -> ExitCode {
         upload_hook: Path::new(env!("CARGO_BIN_EXE_reachd-nix-upload")),
     };
     eprintln!("bench: building the lab in {} ...", lab::DIR);
-    // `cargo bench --bench lab -- nix` (or `-- flood`): only that part.
+    // `cargo bench --bench lab -- nix` (or `-- flood`, `-- battery`): only that part.
     let only = std::env::args()
         .skip(1)
-        .find(|a| a == "nix" || a == "flood");
+        .find(|a| a == "nix" || a == "flood" || a == "battery");
     let result = Lab::build_with(bins, false).and_then(|mut lab| {
         let report = match only.as_deref() {
             Some("nix") => nix::run(&mut lab).map(|nix| Report {
                 nix: Some(nix),
+                ..Report::default()
+            }),
+            Some("battery") => battery::run(&mut lab).map(|battery| Report {
+                battery: Some(battery),
                 ..Report::default()
             }),
             Some(_) => flood::run(&mut lab).map(|flood| Report {
@@ -175,6 +180,7 @@ fn run(lab: &mut Lab) -> Result<Report, String> {
     lab.user().stop_reachd()?;
     drop(names);
     report.nix = Some(nix::run(lab)?);
+    report.battery = Some(battery::run(lab)?);
     report.flood = Some(flood::run(lab)?);
     Ok(report)
 }

@@ -284,24 +284,45 @@ pub fn rss_kib(pid: u32) -> Result<u64, String> {
 /// Udp OutDatagrams (/proc/PID/net/snmp) and IpExt OutMcastPkts (/proc/PID/net/netstat) of
 /// the network namespace `pid` is in.
 fn net_counters(pid: u32) -> Result<(u64, u64), String> {
-    let field = |file: &str, table: &str, name: &str| -> Result<u64, String> {
-        let path = format!("/proc/{pid}/net/{file}");
-        let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-        let mut rows = text.lines().filter(|l| l.starts_with(table));
-        let (Some(names), Some(values)) = (rows.next(), rows.next()) else {
-            return Err(format!("no {table} table in {path}"));
-        };
-        names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .find(|(n, _)| *n == name)
-            .and_then(|(_, v)| v.parse().ok())
-            .ok_or_else(|| format!("no {table} {name} in {path}"))
-    };
     Ok((
-        field("snmp", "Udp:", "OutDatagrams")?,
-        field("netstat", "IpExt:", "OutMcastPkts")?,
+        net_stat(pid, "snmp", "Udp:", "OutDatagrams")?,
+        net_stat(pid, "netstat", "IpExt:", "OutMcastPkts")?,
     ))
+}
+
+/// One counter of /proc/PID/net/`file` (snmp, netstat: a row of names, then one of values, per
+/// table) in the network namespace `pid` is in.
+pub fn net_stat(pid: u32, file: &str, table: &str, name: &str) -> Result<u64, String> {
+    let path = format!("/proc/{pid}/net/{file}");
+    let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let mut rows = text.lines().filter(|l| l.starts_with(table));
+    let (Some(names), Some(values)) = (rows.next(), rows.next()) else {
+        return Err(format!("no {table} table in {path}"));
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or_else(|| format!("no {table} {name} in {path}"))
+}
+
+/// Packets received and sent on `iface` (/proc/PID/net/dev) in the namespace `pid` is in.
+pub fn link_packets(pid: u32, iface: &str) -> Result<(u64, u64), String> {
+    let path = format!("/proc/{pid}/net/dev");
+    let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    // "  lh0: rx_bytes rx_packets ... (8 receive fields) tx_bytes tx_packets ..."
+    let fields: Vec<u64> = text
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix(&format!("{iface}:")))
+        .ok_or_else(|| format!("no {iface} in {path}"))?
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    match (fields.get(1), fields.get(9)) {
+        (Some(&rx), Some(&tx)) => Ok((rx, tx)),
+        _ => Err(format!("{path}: {iface} has too few fields")),
+    }
 }
 
 pub fn ms(d: Duration) -> String {

@@ -62,6 +62,7 @@ pub struct Report {
     pub udp_without: Option<u64>,
     pub link_up: Vec<(usize, LinkUp)>,
     pub nix: Option<crate::nix::NixReport>,
+    pub battery: Option<crate::battery::BatteryReport>,
     pub flood: Option<crate::flood::FloodReport>,
 }
 
@@ -164,6 +165,9 @@ impl Report {
     pub fn print_parts(&self) {
         if let Some(nix) = &self.nix {
             nix.print();
+        }
+        if let Some(battery) = &self.battery {
+            battery.print();
         }
         if let Some(flood) = &self.flood {
             flood.print();

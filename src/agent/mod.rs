@@ -361,8 +361,9 @@ impl Agent {
                 epoch,
                 result,
             } => {
+                let interval = self.config.probe.cache_check_interval;
                 if let Some(gate) = &mut self.host(host).nix {
-                    gate.on_check(epoch, result, now);
+                    gate.on_check(epoch, result, interval, now);
                 }
             }
             Event::CacheSilent(host) => {

@@ -130,6 +130,9 @@ pub struct ProbeSettings {
     pub absent_interval: Duration,
     /// The longest interval between checks of a host that stays unreachable.
     pub absent_max_interval: Duration,
+    /// How often a host's Nix cache (`[host.nix]`) is checked again while it is in use or
+    /// failing: each check is a round trip to the host's daemon through the tunnel.
+    pub cache_check_interval: Duration,
 }
 
 impl Default for ProbeSettings {
@@ -140,6 +143,7 @@ impl Default for ProbeSettings {
             timeout: Duration::from_millis(1000),
             absent_interval: Duration::from_millis(2000),
             absent_max_interval: Duration::from_millis(60_000),
+            cache_check_interval: Duration::from_millis(2000),
         }
     }
 }
@@ -250,6 +254,7 @@ struct RawProbe {
     timeout_ms: Option<Spanned<u64>>,
     absent_interval_ms: Option<Spanned<u64>>,
     absent_max_interval_ms: Option<Spanned<u64>>,
+    cache_check_interval_ms: Option<Spanned<u64>>,
 }
 
 /// Parses and validates configuration text; `file` names it in errors.
@@ -476,6 +481,12 @@ fn validate_probe(
             100..86_400_001,
             defaults.absent_max_interval,
         )?,
+        cache_check_interval: millis(
+            raw.cache_check_interval_ms,
+            "cache_check_interval_ms",
+            500..3_600_001,
+            defaults.cache_check_interval,
+        )?,
         failures: match raw.failures {
             None => defaults.failures,
             Some(v) if (1..=100).contains(v.get_ref()) => *v.get_ref(),
@@ -589,6 +600,7 @@ failures = 3
 timeout_ms = 500
 absent_interval_ms = 1000
 absent_max_interval_ms = 10000
+cache_check_interval_ms = 30000
 
 [[host]]
 name = "nas-2"
@@ -609,6 +621,7 @@ connections = ["0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0"]
         assert_eq!(config.probe.failures, 3);
         assert_eq!(config.probe.timeout, Duration::from_millis(500));
         assert_eq!(config.probe.absent_max_interval, Duration::from_secs(10));
+        assert_eq!(config.probe.cache_check_interval, Duration::from_secs(30));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The cache gate: whether Nix may be pointed at a host's cache now. Only while the host is reachable, its
 //! target is active (so the tunnel unit runs) and the cache answered its last check; the check
-//! is repeated while that holds, so a cache that stops answering (a half-dead tunnel) is dropped
-//! within [`NIX_CHECK_INTERVAL`] + the check's deadline, or at once when the cache reachd
+//! is repeated while that holds (every `[probe] cache_check_interval_ms`), so a cache that stops
+//! answering (a half-dead tunnel) is dropped within that interval + the check's deadline, or at once when the cache reachd
 //! serves heard nothing from the host for a moment ([`NixGate::on_silence`]). Away from home
 //! Nix never hears of the host. The clock is passed in.
 
@@ -12,8 +12,6 @@ use tokio::time::Instant;
 use super::reach::{HostTracker, Reach};
 use super::target::{TargetView, UnitState};
 
-/// How often a cache in use (or one that failed) is checked again, from the last check's start.
-pub const NIX_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How long one check may take before the cache counts as not answering.
 pub const NIX_CHECK_DEADLINE: Duration = Duration::from_secs(2);
 /// Just after the target became active its units are still starting (the tunnel's socket may
@@ -136,12 +134,14 @@ impl NixGate {
         std::mem::take(&mut self.in_use).then_some(false)
     }
 
-    /// A check ended. Results of checks started before the host last stopped being eligible are
-    /// dropped. Returns the new `in_use` when it changed.
+    /// A check ended; the next is due `interval` after this one started. Results of checks
+    /// started before the host last stopped being eligible are dropped. Returns the new
+    /// `in_use` when it changed.
     pub fn on_check(
         &mut self,
         epoch: u64,
         result: Result<(), String>,
+        interval: Duration,
         now: Instant,
     ) -> Option<bool> {
         if epoch != self.epoch {
@@ -153,7 +153,7 @@ impl NixGate {
             .is_some_and(|since| now < since + NIX_START_GRACE);
         let interval = match (&result, starting) {
             (Err(_), true) => NIX_CHECK_RETRY,
-            _ => NIX_CHECK_INTERVAL,
+            _ => interval,
         };
         self.check_due = Some((started + interval).max(now));
         let was = self.in_use;
@@ -175,10 +175,13 @@ impl NixGate {
 mod tests {
     use super::*;
 
+    /// The default `cache_check_interval_ms`.
+    const INTERVAL: Duration = Duration::from_secs(2);
+
     fn eligible_checked(gate: &mut NixGate, result: Result<(), String>, now: Instant) {
         let plan = gate.plan(Ok(()), now);
         assert!(plan.check, "a check is due at once: {plan:?}");
-        gate.on_check(gate.epoch(), result, now);
+        gate.on_check(gate.epoch(), result, INTERVAL, now);
     }
 
     #[test]
@@ -197,10 +200,25 @@ mod tests {
             NixPlan::default(),
             "one check at a time"
         );
-        assert_eq!(gate.on_check(gate.epoch(), Ok(()), t0), Some(true));
+        assert_eq!(
+            gate.on_check(gate.epoch(), Ok(()), INTERVAL, t0),
+            Some(true)
+        );
         assert_eq!(gate.reason, "in use");
         // Checked again after the interval, from the check's start.
-        assert_eq!(gate.plan(Ok(()), t0).wake, Some(t0 + NIX_CHECK_INTERVAL));
+        assert_eq!(gate.plan(Ok(()), t0).wake, Some(t0 + INTERVAL));
+    }
+
+    #[test]
+    fn the_next_check_is_due_the_configured_interval_after_the_last_started() {
+        let t0 = Instant::now();
+        let mut gate = NixGate::new();
+        assert!(gate.plan(Ok(()), t0).check);
+        let long = Duration::from_secs(30);
+        let answered = t0 + Duration::from_millis(40);
+        gate.on_check(gate.epoch(), Ok(()), long, answered);
+        assert_eq!(gate.plan(Ok(()), answered).wake, Some(t0 + long));
+        assert!(gate.plan(Ok(()), t0 + long).check);
     }
 
     #[test]
@@ -208,17 +226,22 @@ mod tests {
         let t0 = Instant::now();
         let mut gate = NixGate::new();
         eligible_checked(&mut gate, Ok(()), t0);
-        let t1 = t0 + NIX_CHECK_INTERVAL;
+        let t1 = t0 + INTERVAL;
         assert!(gate.plan(Ok(()), t1).check);
         let end = t1 + NIX_CHECK_DEADLINE;
         assert_eq!(
-            gate.on_check(gate.epoch(), Err("no answer within 2 s".into()), end),
+            gate.on_check(
+                gate.epoch(),
+                Err("no answer within 2 s".into()),
+                INTERVAL,
+                end
+            ),
             Some(false)
         );
         assert_eq!(gate.reason, "cache not answering: no answer within 2 s");
         // Retried on the same schedule (here at once: the check took the whole interval), and
         // back in use when it answers.
-        let next = (t1 + NIX_CHECK_INTERVAL).max(end);
+        let next = (t1 + INTERVAL).max(end);
         assert_eq!(gate.plan(Ok(()), t1).wake, Some(next));
         eligible_checked(&mut gate, Ok(()), next);
         assert!(gate.in_use());
@@ -232,11 +255,8 @@ mod tests {
         assert_eq!(gate.plan(Ok(()), t0).wake, Some(t0 + NIX_CHECK_RETRY));
         let later = t0 + NIX_START_GRACE;
         assert!(gate.plan(Ok(()), later).check);
-        gate.on_check(gate.epoch(), Err("still not".into()), later);
-        assert_eq!(
-            gate.plan(Ok(()), later).wake,
-            Some(later + NIX_CHECK_INTERVAL)
-        );
+        gate.on_check(gate.epoch(), Err("still not".into()), INTERVAL, later);
+        assert_eq!(gate.plan(Ok(()), later).wake, Some(later + INTERVAL));
     }
 
     #[test]
@@ -244,7 +264,7 @@ mod tests {
         let t0 = Instant::now();
         let mut gate = NixGate::new();
         eligible_checked(&mut gate, Ok(()), t0);
-        let t1 = t0 + NIX_CHECK_INTERVAL;
+        let t1 = t0 + INTERVAL;
         assert!(gate.plan(Ok(()), t1).check);
         let running = gate.epoch();
         assert_eq!(
@@ -253,7 +273,11 @@ mod tests {
         );
         assert!(!gate.in_use());
         assert_eq!(gate.reason, "host unreachable");
-        assert_eq!(gate.on_check(running, Ok(()), t1), None, "a stale answer");
+        assert_eq!(
+            gate.on_check(running, Ok(()), INTERVAL, t1),
+            None,
+            "a stale answer"
+        );
         assert!(!gate.in_use());
         // Eligible again: checked afresh before use.
         assert!(gate.plan(Ok(()), t1).check);
@@ -266,16 +290,23 @@ mod tests {
         let mut gate = NixGate::new();
         assert_eq!(gate.on_silence(t0), None, "not eligible: nothing to do");
         eligible_checked(&mut gate, Ok(()), t0);
-        let t1 = t0 + NIX_CHECK_INTERVAL;
+        let t1 = t0 + INTERVAL;
         assert!(gate.plan(Ok(()), t1).check);
         let running = gate.epoch();
         assert_eq!(gate.on_silence(t1), Some(false));
         assert!(!gate.in_use());
         assert_eq!(gate.on_silence(t1), None, "already out of use");
-        assert_eq!(gate.on_check(running, Ok(()), t1), None, "started before");
+        assert_eq!(
+            gate.on_check(running, Ok(()), INTERVAL, t1),
+            None,
+            "started before"
+        );
         assert!(!gate.in_use());
         assert!(gate.plan(Ok(()), t1).check, "checked again at once");
-        assert_eq!(gate.on_check(gate.epoch(), Ok(()), t1), Some(true));
+        assert_eq!(
+            gate.on_check(gate.epoch(), Ok(()), INTERVAL, t1),
+            Some(true)
+        );
     }
 
     #[test]
