@@ -52,7 +52,7 @@ rustPlatform.buildRustPackage {
     + lib.optionalString (stdenv.buildPlatform.canExecute stdenv.hostPlatform) ''
       mkdir man
       $out/bin/reachd man man
-      installManPage man/*.1
+      installManPage man/*.[158]
       installShellCompletion --cmd reachd \
         --bash <($out/bin/reachd completions bash) \
         --zsh <($out/bin/reachd completions zsh) \

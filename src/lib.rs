@@ -45,6 +45,8 @@
 //!                      nix_setup.rs and nix_conf.rs: Nix's files read as Nix reads them;
 //!                      nix_bin.rs: the `nix` uploads run), printed in mod.rs
 //! src/client.rs        the CLI's reading of the agent (one GetAll per host)
+//! src/manual/          the man pages: the CLI's, with EXIT STATUS and FILES, and reachd.toml(5)
+//!                      and reachd-nix-upload(8) kept as roff there
 //! src/main.rs          the CLI: one run() -> Result<ExitCode>, one printer
 //! dbus-interfaces/     NetworkManager's introspection XML and reachd's own contract
 //! systemd/             reachd.service, D-Bus activation file, example target/tunnel/mount
@@ -82,6 +84,7 @@ pub mod doctor;
 pub mod error;
 pub mod event;
 pub mod logging;
+pub mod manual;
 pub mod network;
 pub mod probe;
 pub mod reconcile;

@@ -91,7 +91,8 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Write the manual pages (reachd.1, reachd-status.1, ...) into DIR.
+    /// Write the manual pages (reachd.1, reachd-status.1, ..., reachd.toml.5, reachd-nix-upload.8)
+    /// into DIR.
     ///
     /// Generated from the command's own definition, for packages.
     Man {
@@ -341,22 +342,9 @@ fn status_line(h: &reachd::status::HostStatus) -> String {
     )
 }
 
-/// Writes reachd.1 and one page per subcommand (reachd-status.1, ...) into `dir`.
+/// Writes the manual pages into `dir` (`reachd man`).
 fn man_pages(dir: &std::path::Path) -> Result<ExitCode, Failure> {
-    let command = Cli::command();
-    let mut pages = vec![("reachd".to_string(), command.clone())];
-    for sub in command.get_subcommands() {
-        let name = format!("reachd-{}", sub.get_name());
-        pages.push((name.clone(), sub.clone().name(name)));
-    }
-    for (name, page) in pages {
-        let path = dir.join(format!("{name}.1"));
-        let mut text = Vec::new();
-        clap_mangen::Man::new(page)
-            .render(&mut text)
-            .and_then(|()| std::fs::write(&path, text))
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    reachd::manual::write(dir, Cli::command())?;
     Ok(ExitCode::SUCCESS)
 }
 

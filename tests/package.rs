@@ -25,8 +25,8 @@ const PACKAGE_STATE: &str = "/var/lib/reachd";
 /// The group postinst makes from the sysusers.d snippet.
 const GROUP: &str = "reachd";
 
-/// Every file of the package but the man pages (one per page `reachd man` writes), with its
-/// mode; all are owned by root:root.
+/// Every file of the package but the man pages (one per page `reachd man` writes) and the
+/// documents (one per docs/*.md), with its mode; all are owned by root:root.
 const FILES: &[(&str, u32)] = &[
     ("/usr/bin/reachd", 0o755),
     ("/usr/bin/reachd-nix-upload", 0o755),
@@ -42,8 +42,6 @@ const FILES: &[(&str, u32)] = &[
     ("/usr/share/zsh/vendor-completions/_reachd", 0o644),
     ("/usr/share/fish/vendor_completions.d/reachd.fish", 0o644),
     ("/usr/share/doc/reachd/README.md", 0o644),
-    ("/usr/share/doc/reachd/nix-cache.md", 0o644),
-    ("/usr/share/doc/reachd/nix-upload.md", 0o644),
     ("/usr/share/doc/reachd/copyright", 0o644),
     (
         "/usr/share/doc/reachd/examples/rpi-accessible.target",
@@ -247,11 +245,48 @@ fn man_pages() -> Vec<String> {
         .collect();
     pages.sort();
     assert!(pages.len() > 5, "reachd man wrote too few pages: {pages:?}");
+    for page in ["reachd.1", "reachd.toml.5", "reachd-nix-upload.8"] {
+        assert!(
+            pages.iter().any(|p| p == page),
+            "reachd man wrote no {page}: {pages:?}"
+        );
+    }
     pages
 }
 
+/// Where the package puts man page `page` (`reachd.1`, `reachd.toml.5`, ...): by its section.
 fn man_path(page: &str) -> String {
-    format!("/usr/share/man/man1/{page}.gz")
+    let (_, section) = page
+        .rsplit_once('.')
+        .expect("a man page's name ends in its section");
+    format!("/usr/share/man/man{section}/{page}.gz")
+}
+
+/// The documents the package installs (every docs/*.md, which README.md links to), each with
+/// the repository file it copies.
+fn documents() -> Vec<(String, String)> {
+    let mut documents: Vec<(String, String)> = fs::read_dir(repo().join("docs"))
+        .expect("docs/")
+        .map(|e| {
+            e.expect("an entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.ends_with(".md"))
+        .map(|name| {
+            (
+                format!("/usr/share/doc/reachd/docs/{name}"),
+                format!("docs/{name}"),
+            )
+        })
+        .collect();
+    documents.sort();
+    assert!(
+        documents.len() > 5,
+        "too few documents in docs/: {documents:?}"
+    );
+    documents
 }
 
 /// Fails, touching nothing, where the package or one of its files or state is already there.
@@ -286,7 +321,8 @@ fn check_owners_and_modes(pages: &[String]) {
     let expected = FILES
         .iter()
         .map(|&(path, mode)| (path.to_string(), mode))
-        .chain(pages.iter().map(|p| (man_path(p), 0o644)));
+        .chain(pages.iter().map(|p| (man_path(p), 0o644)))
+        .chain(documents().into_iter().map(|(path, _)| (path, 0o644)));
     for (path, mode) in expected {
         let meta = fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         assert!(meta.is_file(), "{path} is not a regular file");
@@ -339,7 +375,7 @@ fn check_unit() {
 /// installed binary's own.
 fn check_man_pages_and_completions(pages: &[String]) {
     for page in pages {
-        let name = page.trim_end_matches(".1");
+        let (name, _section) = page.rsplit_once('.').expect("a man page's section");
         let found = run(Command::new("man").args(["-w", name]));
         assert_eq!(found.trim(), man_path(page), "man -w {name}");
         let rendered = output(
@@ -409,6 +445,7 @@ fn the_debian_package_installs_every_file_in_place_and_purges_without_a_trace() 
         .iter()
         .map(|(path, _)| path.to_string())
         .chain(pages.iter().map(|p| man_path(p)))
+        .chain(documents().into_iter().map(|(path, _)| path))
         .collect();
     assert_eq!(contents.files, expected, "the package's files");
     let control = run(Command::new("dpkg-deb")
@@ -427,10 +464,14 @@ fn the_debian_package_installs_every_file_in_place_and_purges_without_a_trace() 
     let install_time = started.elapsed();
     assert_eq!(package_status(), "installed");
     check_owners_and_modes(&pages);
-    for (installed_path, source) in COPIES {
+    let copies = COPIES
+        .iter()
+        .map(|&(installed, source)| (installed.to_string(), source.to_string()))
+        .chain(documents());
+    for (installed_path, source) in copies {
         assert_eq!(
-            fs::read(installed_path).expect("an installed file"),
-            fs::read(repo().join(source)).expect("a repository file"),
+            fs::read(&installed_path).expect("an installed file"),
+            fs::read(repo().join(&source)).expect("a repository file"),
             "{installed_path} is {source}"
         );
     }
