@@ -78,7 +78,7 @@ in
         }
       '';
       description = ''
-        reachd's configuration (README, "Configuration"), written to
+        reachd's configuration (`man 5 reachd.toml`), written to
         ~/.config/reachd/config.toml and checked with `reachd run --check-config` when built.
         Empty: no file, so reachd follows its embedded default (host rpi, rpi.local).
       '';

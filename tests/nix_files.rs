@@ -3,7 +3,7 @@
 //! nix/units.nix derives from systemd/ and dispatcher/ differ from those files only where a
 //! store path must replace an FHS one; a patch that no longer matches fails the evaluation; the
 //! flake has its outputs and modules. Nothing here builds the package or evaluates a module
-//! against nixpkgs or Home Manager (README, "Nix flake, Home Manager, NixOS").
+//! against nixpkgs or Home Manager (docs/nixos.md).
 
 use std::path::{Path, PathBuf};
 

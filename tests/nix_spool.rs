@@ -594,7 +594,7 @@ fn signature_refused(report: &BatchReport) -> &Failure {
     failure
 }
 
-/// README "Uploads": a Pi that trusts the connection (the example tunnel logs in as root@)
+/// docs/nix.md, "Uploads": a Pi that trusts the connection (the example tunnel logs in as root@)
 /// still takes only paths signed with a key it trusts: reachd's copy checks signatures.
 #[test]
 fn a_pi_that_trusts_the_connection_still_refuses_an_unsigned_upload() {

@@ -117,7 +117,7 @@ impl HostConfig {
     }
 }
 
-/// How hosts are checked. Every field has a default; see README.md for the reasoning.
+/// How hosts are checked. Every field has a default; reachd.toml(5) and docs/agent.md give the reasoning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProbeSettings {
     /// How often a reachable host is checked again.
@@ -274,7 +274,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     if raw.host.is_empty() {
         return Err(at(
             0..0,
-            "no [[host]] configured: add at least one host (see README.md)".into(),
+            "no [[host]] configured: add at least one host (see `man 5 reachd.toml`)".into(),
         ));
     }
     let mut hosts: Vec<HostConfig> = Vec::with_capacity(raw.host.len());

@@ -166,7 +166,7 @@ pub fn answer_finding(
             let blocked = firewall.map(|unit| {
                 format!(
                     "; {unit} is active: unless it lets UDP port 5353 in, mDNS answers never \
-                     arrive (README, \"Firewalls\")"
+                     arrive (docs/agent.md, \"Firewalls\")"
                 )
             });
             Finding::warn(

@@ -1,7 +1,7 @@
 //! The Nix side of hosts with `[host.nix]`: the user's nix.conf includes reachd's fragment, the
 //! system's trusts each cache's exact URL (and does not include the fragment), and, for uploads,
 //! Nix's post-build hook is reachd's, the spool is writable by the user and the signing keys are
-//! in order. README "Nix" is the set-up these checks follow.
+//! in order. docs/nix.md is the set-up these checks follow.
 
 use std::ffi::CString;
 use std::fs;
@@ -217,7 +217,7 @@ fn spool(dir: &Path, agent_groups: Option<&[u32]>) -> Finding {
 }
 
 /// A failure when the agent runs without the group of the spool's directory, which it needs
-/// (the directory belongs to root and the group: README "Uploads").
+/// (the directory belongs to root and the group: docs/nix.md, "Uploads").
 fn agent_lacks_group(dir: &Path, agent_groups: Option<&[u32]>) -> Option<Finding> {
     use std::os::unix::fs::MetadataExt;
     let group = std::fs::metadata(dir).ok()?.gid();

@@ -60,7 +60,7 @@ pub fn judge(host: &str, target: &str, units: &[SshUnit]) -> Option<Finding> {
     let fix = if failing.iter().any(|u| !u.has_agent) {
         format!(
             "{journal}; \"Permission denied (publickey)\" with a key that has a passphrase: \
-             the units need an ssh agent, and the user manager has no SSH_AUTH_SOCK (README, \
+             the units need an ssh agent, and the user manager has no SSH_AUTH_SOCK (docs/ssh.md, \
              \"The ssh agent\"); `systemctl --user show-environment` shows what units get"
         )
     } else {

@@ -2,7 +2,7 @@
 //! from the systemd user manager, which rarely holds them: the Nix installers put Nix in
 //! profiles that only a login shell adds to PATH. So reachd runs them from `[nix] bin_dir` when
 //! the configuration names it, and otherwise from the first directory of PATH, then of
-//! [`installer_dirs`], that holds a `nix` (README "Uploads").
+//! [`installer_dirs`], that holds a `nix` (docs/nix.md, "Which Nix uploads run").
 
 use std::ffi::OsString;
 use std::io::ErrorKind;

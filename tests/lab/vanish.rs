@@ -22,7 +22,7 @@ const HOME_BUILDS: usize = 10;
 pub fn nix_vanish_window(lab: &mut Lab) -> Result<String, String> {
     baseline(lab)?;
     lab.pi_cache_back_in_use()?;
-    // Printed, not judged: a figure for the README's Performance.
+    // Printed, not judged: a figure for docs/performance.md.
     let mut report = vec![lab.home_cost(HOME_BUILDS)?.line()];
     for fault in Fault::ALL {
         for caches in [ALONE, WITH_STAND_IN] {

@@ -122,7 +122,7 @@ pub enum Mix {
     /// TXT), a question for a random name (these three to the group), and an answer for
     /// `rpi.local` at an address of the home link that nobody holds (to the laptop).
     Full,
-    /// Only the first kind, answers for random names: what mdns-sd keeps (see README, Known
+    /// Only the first kind, answers for random names: what mdns-sd keeps (see docs/security.md, Known
     /// limitations).
     RandomNames,
 }

@@ -2,7 +2,7 @@
 //! exists only in the Pi's own mount namespace (the laptop reaches it only through the ssh
 //! tunnel, as across a real LAN), the laptop's nix-daemon inside the laptop's network namespace
 //! (where reachd's cache listens on 127.0.0.1), and the lab user's Nix configuration, which
-//! includes reachd's fragment as the README tells users to.
+//! includes reachd's fragment as README.md, "Nix at home", tells users to.
 //!
 //! Modules: pi.rs (the Pi's daemon and store), laptop.rs (the laptop's daemon, running nix as
 //! the user), install.rs (which Nix the laptop runs: the machine's, or a current one in a chroot), builds.rs (timed builds of new derivations, alone or on a schedule), vanish.rs (the
