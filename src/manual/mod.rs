@@ -39,9 +39,9 @@ fn extra_sections(name: &str) -> String {
         ),
         "reachd-run" => (
             "0 when stopped by SIGTERM or SIGINT, or after \\fB\\-\\-check\\-config\\fR printed a \
-             valid configuration. 1 when the agent failed while running (systemd restarts it). \
-             2 when the configuration is refused or the agent cannot start (another agent holds \
-             the session bus name).",
+             valid configuration. 1 when the agent failed, at its start (no session bus, \
+             another agent holds its name) or while running (systemd restarts it). 2 when the \
+             configuration is refused.",
             Some(CONFIG_FILES),
         ),
         "reachd-status" => (
