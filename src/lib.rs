@@ -90,6 +90,7 @@ pub mod probe;
 pub mod reconcile;
 pub mod sleep;
 pub mod status;
+pub mod status_text;
 pub mod store_path;
 pub mod units;
 pub mod upload;

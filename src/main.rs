@@ -10,7 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use reachd::client::{Client, ClientError};
 use reachd::error::Chain;
 use reachd::upload::listing::{self, Listing};
-use reachd::{agent, config, doctor, logging};
+use reachd::{agent, config, doctor, logging, status_text};
 
 /// Keeps systemd user targets started exactly while LAN hosts are reachable.
 ///
@@ -41,10 +41,16 @@ enum Command {
         #[arg(long)]
         check_config: bool,
     },
-    /// Print each host's state as the running agent holds it.
+    /// Print each host's state as the running agent holds it: a table, or HOST in detail.
+    ///
+    /// The table has one row per host: its state and since when, the address that answered,
+    /// the target's state, whether Nix uses its cache, the builds waiting for upload, and why
+    /// the state is what it is; hosts whose uploads fail are named below it with the error.
     Status {
+        /// Only this host (its name in the configuration), in detail.
+        host: Option<String>,
         /// Print JSON: {"hosts": [{"name", "reachable", "state", "address", ...}]}; with
-        /// --watch, one host object per line.
+        /// HOST, its object alone; with --watch, one host object per line.
         #[arg(long)]
         json: bool,
         /// Print every host, then one line per change as the agent signals it (no polling);
@@ -184,8 +190,16 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 config,
                 check_config,
             } => run_agent(config, check_config).await,
-            Command::Status { json, watch: false } => status(json).await,
-            Command::Status { json, watch: true } => watch(json).await,
+            Command::Status {
+                host,
+                json,
+                watch: false,
+            } => status(host.as_deref(), json).await,
+            Command::Status {
+                host,
+                json,
+                watch: true,
+            } => watch(host.as_deref(), json).await,
             Command::Check { host } => Ok(match check(&host).await? {
                 true => ExitCode::SUCCESS,
                 false => ExitCode::from(1),
@@ -292,28 +306,45 @@ async fn shutdown_signal() {
     }
 }
 
-async fn status(json: bool) -> Result<ExitCode, Failure> {
-    let hosts = Client::connect().await?.hosts().await?;
-    if json {
-        let doc = serde_json::json!({ "hosts": hosts });
-        println!("{doc}");
-    } else {
-        for host in &hosts {
-            println!("{}", status_line(host));
+async fn status(host: Option<&str>, json: bool) -> Result<ExitCode, Failure> {
+    let client = Client::connect().await?;
+    let now = reachd::status::wall_clock_micros();
+    match host {
+        Some(name) => {
+            let host = client.host_named(name).await?;
+            if json {
+                println!("{}", serde_json::json!(host));
+            } else {
+                print!("{}", status_text::detail(&host, now));
+            }
+        }
+        None => {
+            let hosts = client.hosts().await?;
+            if json {
+                println!("{}", serde_json::json!({ "hosts": hosts }));
+            } else {
+                print!("{}", status_text::table(&hosts, now));
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// `reachd status --watch`: ends only when the agent goes away (or cannot be read): exit 2.
-async fn watch(json: bool) -> Result<ExitCode, Failure> {
-    Client::connect()
-        .await?
-        .watch(|host| {
+async fn watch(host: Option<&str>, json: bool) -> Result<ExitCode, Failure> {
+    let client = Client::connect().await?;
+    if let Some(name) = host {
+        client.host_named(name).await?; // An unknown name is an error, not a silent watch.
+    }
+    client
+        .watch(|h| {
+            if host.is_some_and(|name| name != h.name) {
+                return;
+            }
             let line = if json {
-                serde_json::to_string(host).unwrap_or_default()
+                serde_json::to_string(h).unwrap_or_default()
             } else {
-                status_line(host)
+                status_text::change_line(h)
             };
             println!("{line}");
         })
@@ -321,25 +352,6 @@ async fn watch(json: bool) -> Result<ExitCode, Failure> {
     Err(Failure::cannot_tell(anyhow!(
         "the agent left the session bus"
     )))
-}
-
-/// One host as `reachd status` prints it: name, state, address, target and its state, reason,
-/// and the Nix state for a host with `[host.nix]`, tab-separated.
-fn status_line(h: &reachd::status::HostStatus) -> String {
-    let address = if h.address.is_empty() {
-        "-"
-    } else {
-        &h.address
-    };
-    let nix = if h.nix_reason.is_empty() {
-        String::new()
-    } else {
-        format!("\tnix: {}", h.nix_reason)
-    };
-    format!(
-        "{}\t{}\t{}\t{} {}\t{}{nix}",
-        h.name, h.state, address, h.target, h.target_state, h.reason
-    )
 }
 
 /// Writes the manual pages into `dir` (`reachd man`).

@@ -107,6 +107,13 @@ host_record! {
     upload_error: String = "UploadError",
 }
 
+/// The time now as a host's `Since` counts it: microseconds since the Unix epoch.
+pub fn wall_clock_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// Takes the property `name` out of `all`, as a `T`.
 fn take<T>(all: &mut HashMap<String, OwnedValue>, name: &str) -> Result<T, zvariant::Error>
 where

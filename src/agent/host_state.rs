@@ -1,7 +1,7 @@
 //! One configured host as the agent holds it: its configuration, what reconcile decided about
 //! it, and how that reads on the bus and in the log.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -14,7 +14,7 @@ use tokio::task::AbortHandle;
 use crate::reconcile::{
     BatchOutcome, HostTracker, JobKind, NixGate, Reach, TargetView, Transition, UploadGate,
 };
-use crate::status::HostStatus;
+use crate::status::{self, HostStatus};
 
 /// Everything the agent holds about one host.
 pub(super) struct Host {
@@ -42,7 +42,7 @@ impl Host {
             config,
             tracker: HostTracker::new(now),
             target: TargetView::new(),
-            since: wall_clock_micros(),
+            since: status::wall_clock_micros(),
         }
     }
 
@@ -89,7 +89,7 @@ impl Host {
     /// decided it.
     pub fn transition(&mut self, transition: Option<Transition>, took: Option<Duration>) {
         let Some(t) = transition else { return };
-        self.since = wall_clock_micros();
+        self.since = status::wall_clock_micros();
         info!(
             host = %self.config.name,
             from = t.from.as_str(),
@@ -154,10 +154,4 @@ impl Host {
             Err(why) => warn!(host = %host, unit, job, "{job} {unit} failed: {why}"),
         }
     }
-}
-
-fn wall_clock_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }

@@ -1,5 +1,5 @@
 //! The agent on the session bus: one agent per bus, its objects against the contract XML, callers
-//! with wrong arguments, `reachd status --watch`, and how `run` ends (the bus lost, the shutdown
+//! with wrong arguments, `reachd status` as a person reads it and `--watch`, and how `run` ends (the bus lost, the shutdown
 //! future, nothing left running).
 
 use super::*;
@@ -57,6 +57,67 @@ fn a_second_agent_refuses_to_start_and_the_first_keeps_the_name() {
         rig.shutdown()
             .await
             .expect("the first agent stops normally");
+    });
+}
+
+/// `reachd status [HOST]` run against the agent, its stdout and stderr.
+async fn status_output(rig: &Rig, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_reachd"))
+        .arg("status")
+        .args(args)
+        .env("DBUS_SESSION_BUS_ADDRESS", rig.session.address())
+        .output()
+        .await
+        .expect("reachd status runs");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (
+        output.status.code(),
+        text(&output.stdout),
+        text(&output.stderr),
+    )
+}
+
+#[test]
+fn status_prints_a_table_and_one_host_in_detail() {
+    on_buses(async {
+        let (mut rig, _probe) = started_with_fake_probe("").await;
+        let (code, table, _) = status_output(&rig, &[]).await;
+        assert_eq!(code, Some(0));
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 2, "a header and the one host: {table}");
+        assert!(lines[0].starts_with("HOST  STATE  "), "{table}");
+        let row: Vec<&str> = lines[1]
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect();
+        assert_eq!(&row[..2], ["rpi", "reachable"], "{table}");
+        assert!(row[2].ends_with(" s ago"), "since, in words: {table}");
+        assert_eq!(row[4], "active", "the target's state: {table}");
+
+        let (code, detail, _) = status_output(&rig, &["rpi"]).await;
+        assert_eq!(code, Some(0));
+        let title = detail.lines().next().unwrap_or_default();
+        assert!(
+            title.starts_with("rpi (") && title.contains("): reachable since "),
+            "{detail}"
+        );
+        assert!(
+            detail.contains(&format!(
+                "  target       {TARGET} active (last job start: done, 1 sent)"
+            )),
+            "{detail}"
+        );
+        let (code, json, _) = status_output(&rig, &["rpi", "--json"]).await;
+        assert_eq!(code, Some(0));
+        let host: serde_json::Value = serde_json::from_str(&json).expect("one JSON object");
+        assert_eq!(host["name"], "rpi", "{json}");
+
+        let (code, _, stderr) = status_output(&rig, &["nas"]).await;
+        assert_eq!(code, Some(2), "an unknown host cannot be told: {stderr}");
+        assert!(stderr.contains(r#"no host named "nas""#), "{stderr}");
+        assert!(stderr.contains("(hosts: rpi)"), "{stderr}");
+        rig.shutdown().await.expect("the agent stops");
     });
 }
 
