@@ -5,12 +5,18 @@
 use std::fs::{self, Metadata};
 use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::Finding;
 
+/// What every copy of the dispatcher hook contains, however it was installed: its call.
+const HOOK_MARK: &str = "org.reachd.Reachd1 /org/reachd/Reachd1 org.reachd.Reachd1 Refresh";
+
 /// The dispatcher hook: absent is fine (it is optional), present must be safe to run as root.
+/// Absent from `path`, it is looked for among the other hooks of its directory: NixOS installs
+/// it as `03userscript0001` (or the next number).
 pub fn dispatcher_hook(path: &Path) -> Finding {
+    let path = &renamed_hook(path).unwrap_or_else(|| path.to_path_buf());
     let shown = path.display();
     match fs::metadata(path) {
         Err(err) if err.kind() == ErrorKind::NotFound => Finding::ok(format!(
@@ -27,6 +33,24 @@ pub fn dispatcher_hook(path: &Path) -> Finding {
             ))
         }),
     }
+}
+
+/// When nothing is at `path`, the file of its directory that carries the hook's call, if any.
+fn renamed_hook(path: &Path) -> Option<PathBuf> {
+    if fs::symlink_metadata(path).is_ok() {
+        return None;
+    }
+    let mut found: Vec<PathBuf> = fs::read_dir(path.parent()?)
+        .ok()?
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|hook| {
+            // Hooks are small scripts; a large file is not one of reachd's.
+            let small = fs::metadata(hook).is_ok_and(|m| m.is_file() && m.len() < 64 * 1024);
+            small && fs::read_to_string(hook).is_ok_and(|text| text.contains(HOOK_MARK))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().next()
 }
 
 /// What the checks need to know about a file: whether it is a regular file, its owner, its mode.
@@ -107,6 +131,30 @@ mod tests {
         assert!(
             finding.what.contains("not installed (optional"),
             "{finding}"
+        );
+    }
+
+    #[test]
+    fn the_hook_s_mark_is_in_the_hook() {
+        assert!(include_str!("../../dispatcher/90-reachd").contains(HOOK_MARK));
+    }
+
+    #[test]
+    fn a_hook_installed_under_another_name_is_found_and_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("01-other");
+        fs::write(&other, "#!/bin/sh\nexit 0\n").unwrap();
+        let nixos = dir.path().join("03userscript0002");
+        fs::write(&nixos, include_str!("../../dispatcher/90-reachd")).unwrap();
+        fs::set_permissions(&nixos, fs::Permissions::from_mode(0o775)).unwrap();
+        let finding = dispatcher_hook(&dir.path().join("90-reachd"));
+        assert_eq!(finding.level, Level::Fail, "{finding}");
+        assert!(
+            finding
+                .what
+                .starts_with(&format!("dispatcher hook {} ", nixos.display())),
+            "the renamed hook is the one checked: {finding}"
         );
     }
 

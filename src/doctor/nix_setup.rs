@@ -20,6 +20,37 @@ use crate::config::{Config, NixCache};
 const HOOK_NAME: &str = "reachd-nix-upload";
 const RESTART: &str = "then restart the nix-daemon (`sudo systemctl restart nix-daemon`)";
 
+/// The system's nix.conf: what it says, where it is, and whether NixOS makes it (a file in the
+/// store, read-only: its fixes are options of the system's configuration, not edits).
+struct SystemConf {
+    conf: NixConf,
+    path: PathBuf,
+    by_nixos: bool,
+}
+
+impl SystemConf {
+    fn read(path: &Path) -> std::io::Result<SystemConf> {
+        Ok(SystemConf {
+            conf: NixConf::read(path)?,
+            path: path.to_path_buf(),
+            by_nixos: fs::canonicalize(path).is_ok_and(|real| real.starts_with("/nix/store")),
+        })
+    }
+
+    /// `edit` of the file, or on NixOS the change (`nixos`) of the system's configuration that
+    /// makes the file say it.
+    fn fix(&self, nixos: &str, edit: impl FnOnce() -> String) -> String {
+        if self.by_nixos {
+            format!(
+                "{} is made by NixOS: {nixos} in the system's configuration, then `sudo nixos-rebuild switch`",
+                self.path.display()
+            )
+        } else {
+            edit()
+        }
+    }
+}
+
 /// `agent_groups`: the running agent's groups, when it runs (the spool must be its too).
 pub fn check(
     config: &Config,
@@ -37,7 +68,7 @@ pub fn check(
     let fragment = Fragment::in_runtime_dir(&runtime_dir).path().to_path_buf();
     emit(user_include(&paths.user_nix_confs, &fragment));
     let system_path = &paths.system_nix_conf;
-    let system = match NixConf::read(system_path) {
+    let system = match SystemConf::read(system_path) {
         Ok(conf) => conf,
         Err(err) => {
             emit(Finding::fail(
@@ -53,24 +84,24 @@ pub fn check(
             return;
         }
     };
-    for problem in &system.problems {
+    for problem in &system.conf.problems {
         emit(Finding::fail(
             format!("Nix refuses {problem}"),
             "correct that line (`name = value`, `include PATH` or `!include PATH`)",
         ));
     }
-    if let Some(finding) = fragment_in_system(&system, system_path, &fragment) {
+    if let Some(finding) = fragment_in_system(&system, &fragment) {
         emit(finding);
     }
     for host in &config.hosts {
         if let Some(cache) = &host.nix {
-            emit(trusted_substituter(&host.name, cache, &system, system_path));
+            emit(trusted_substituter(&host.name, cache, &system));
         }
     }
     if config.hosts.iter().any(|h| h.upload.is_some()) {
-        emit(post_build_hook(&system, system_path));
+        emit(post_build_hook(&system));
         emit(spool(&config.spool, agent_groups));
-        for finding in signing_keys(&system, system_path) {
+        for finding in signing_keys(&system) {
             emit(finding);
         }
     }
@@ -108,22 +139,25 @@ fn user_include(files: &[PathBuf], fragment: &Path) -> Finding {
 }
 
 /// The system's nix.conf must not include the fragment: the daemon reads it once, at its start.
-fn fragment_in_system(system: &NixConf, path: &Path, fragment: &Path) -> Option<Finding> {
-    let include = system.includes_of(fragment).into_iter().next()?;
+fn fragment_in_system(system: &SystemConf, fragment: &Path) -> Option<Finding> {
+    let include = system.conf.includes_of(fragment).into_iter().next()?;
     Some(Finding::fail(
         format!(
             "{}:{} includes reachd's fragment: the nix-daemon reads it only when it starts and would keep the host's cache for every build, home or away",
             include.from.display(),
             include.line
         ),
-        format!("remove that line from {} (the fragment belongs in your own nix.conf), {RESTART}", path.display()),
+        system.fix("remove the `!include` of the fragment (it belongs in your own nix.conf)", || {
+            format!("remove that line from {} (the fragment belongs in your own nix.conf), {RESTART}", system.path.display())
+        }),
     ))
 }
 
 /// The system's `trusted-substituters` lists the host's cache URL exactly.
-fn trusted_substituter(host: &str, cache: &NixCache, system: &NixConf, path: &Path) -> Finding {
+fn trusted_substituter(host: &str, cache: &NixCache, system: &SystemConf) -> Finding {
     let url = cache.substituter();
-    let trusted = system.get("trusted-substituters");
+    let path = &system.path;
+    let trusted = system.conf.get("trusted-substituters");
     if trusted.contains(&url) {
         return Finding::ok(format!(
             "{host}: {url} is in trusted-substituters of {}",
@@ -140,17 +174,22 @@ fn trusted_substituter(host: &str, cache: &NixCache, system: &NixConf, path: &Pa
             "{host}: {url} is not in trusted-substituters of {} ({listed}): the nix-daemon ignores the cache for your commands",
             path.display()
         ),
-        format!("as root, add {url} to `trusted-substituters` in {} (exactly: `trusted-substituters = {url}`), {RESTART}", path.display()),
+        system.fix(&format!("set `services.reachd.cache.enable = true;` and `services.reachd.cache.substituters = [ \"{url}\" ];`"), || {
+            format!("as root, add {url} to `trusted-substituters` in {} (exactly: `trusted-substituters = {url}`), {RESTART}", path.display())
+        }),
     )
 }
 
 /// Nix's post-build hook is reachd's, and safe to run as root.
-fn post_build_hook(system: &NixConf, path: &Path) -> Finding {
-    let fix = format!(
-        "as root, set `post-build-hook = /usr/local/bin/{HOOK_NAME}` in {} (a root-owned copy of the program), {RESTART}",
-        path.display()
-    );
-    let hook = system.get("post-build-hook").join(" ");
+fn post_build_hook(system: &SystemConf) -> Finding {
+    let path = &system.path;
+    let fix = system.fix("set `services.reachd.upload.enable = true;`", || {
+        format!(
+            "as root, set `post-build-hook = /usr/local/bin/{HOOK_NAME}` in {} (a root-owned copy of the program), {RESTART}",
+            path.display()
+        )
+    });
+    let hook = system.conf.get("post-build-hook").join(" ");
     if hook.is_empty() {
         return Finding::fail(
             format!(
@@ -249,12 +288,24 @@ fn access(path: &Path, mode: libc::c_int) -> std::io::Result<()> {
 }
 
 /// `secret-key-files`: set, there, and readable by root alone; what cannot be checked is said.
-fn signing_keys(system: &NixConf, path: &Path) -> Vec<Finding> {
-    let files = system.get("secret-key-files");
+fn signing_keys(system: &SystemConf) -> Vec<Finding> {
+    let path = &system.path;
+    let files = system.conf.get("secret-key-files");
     if files.is_empty() {
+        const GENERATE: &str = "as root: `nix-store --generate-binary-cache-key laptop-1 /etc/nix/laptop-1.sec /etc/nix/laptop-1.pub`";
+        const TRUST: &str = "then add laptop-1.pub to the host's trusted-public-keys";
+        let set = system.fix(
+            "set `nix.settings.secret-key-files = [ \"/etc/nix/laptop-1.sec\" ];`",
+            || {
+                format!(
+                    "`secret-key-files = /etc/nix/laptop-1.sec` in {}, {RESTART}",
+                    path.display()
+                )
+            },
+        );
         return vec![Finding::warn(
             format!("no secret-key-files in {}: uploads are unsigned, and a host that does not trust the uploading user refuses them", path.display()),
-            format!("as root: `nix-store --generate-binary-cache-key laptop-1 /etc/nix/laptop-1.sec /etc/nix/laptop-1.pub`, `secret-key-files = /etc/nix/laptop-1.sec` in {}, {RESTART}; then add laptop-1.pub to the host's trusted-public-keys", path.display()),
+            format!("{GENERATE}; {set}; {TRUST}"),
         )];
     }
     files
@@ -296,29 +347,38 @@ mod tests {
         }
     }
 
-    fn conf(text: &str) -> NixConf {
+    const SYSTEM: &str = "/etc/nix/nix.conf";
+
+    fn conf(text: &str) -> SystemConf {
         let mut conf = NixConf::default();
-        conf.apply(Path::new("/etc/nix/nix.conf"), text, 0);
-        conf
+        conf.apply(Path::new(SYSTEM), text, 0);
+        SystemConf {
+            conf,
+            path: SYSTEM.into(),
+            by_nixos: false,
+        }
     }
 
-    const SYSTEM: &str = "/etc/nix/nix.conf";
+    /// The same, made by NixOS.
+    fn nixos(text: &str) -> SystemConf {
+        SystemConf {
+            by_nixos: true,
+            ..conf(text)
+        }
+    }
 
     #[test]
     fn the_exact_url_must_be_trusted() {
-        let path = Path::new(SYSTEM);
         let ok = trusted_substituter(
             "rpi",
             &cache(),
             &conf("trusted-substituters = https://c http://127.0.0.1:37515\n"),
-            path,
         );
         assert_eq!(ok.level, Level::Ok, "{ok}");
         let near = trusted_substituter(
             "rpi",
             &cache(),
             &conf("trusted-substituters = http://127.0.0.1:37515/\n"),
-            path,
         );
         assert_eq!(near.level, Level::Fail);
         assert_eq!(
@@ -327,7 +387,7 @@ mod tests {
              the nix-daemon ignores the cache for your commands; fix: as root, add http://127.0.0.1:37515 to `trusted-substituters` in \
              /etc/nix/nix.conf (exactly: `trusted-substituters = http://127.0.0.1:37515`), then restart the nix-daemon (`sudo systemctl restart nix-daemon`)"
         );
-        let none = trusted_substituter("rpi", &cache(), &conf(""), path);
+        let none = trusted_substituter("rpi", &cache(), &conf(""));
         assert!(none.what.contains("(it lists none)"), "{none}");
     }
 
@@ -370,19 +430,12 @@ mod tests {
     fn the_fragment_in_the_system_conf_is_refused() {
         let fragment = Path::new("/run/user/1000/reachd/nix.conf");
         assert_eq!(
-            fragment_in_system(
-                &conf("trusted-substituters = http://x\n"),
-                Path::new(SYSTEM),
-                fragment
-            ),
+            fragment_in_system(&conf("trusted-substituters = http://x\n"), fragment),
             None
         );
-        let found = fragment_in_system(
-            &conf("!include /run/user/1000/reachd/nix.conf\n"),
-            Path::new(SYSTEM),
-            fragment,
-        )
-        .expect("named");
+        let found =
+            fragment_in_system(&conf("!include /run/user/1000/reachd/nix.conf\n"), fragment)
+                .expect("named");
         assert!(
             found
                 .what
@@ -393,15 +446,14 @@ mod tests {
 
     #[test]
     fn the_post_build_hook_must_be_reachds() {
-        let path = Path::new(SYSTEM);
-        let unset = post_build_hook(&conf(""), path);
+        let unset = post_build_hook(&conf(""));
         assert!(
             unset
                 .what
                 .starts_with("no post-build-hook in /etc/nix/nix.conf"),
             "{unset}"
         );
-        let other = post_build_hook(&conf("post-build-hook = /etc/nix/upload-to-pi.sh\n"), path);
+        let other = post_build_hook(&conf("post-build-hook = /etc/nix/upload-to-pi.sh\n"));
         assert!(
             other
                 .what
@@ -412,6 +464,47 @@ mod tests {
             .fix
             .unwrap()
             .contains("`post-build-hook = /usr/local/bin/reachd-nix-upload`"));
+    }
+
+    #[test]
+    fn on_nixos_the_fixes_are_options_of_the_system_s_configuration() {
+        let rebuild = "/etc/nix/nix.conf is made by NixOS: ";
+        let untrusted = trusted_substituter("rpi", &cache(), &nixos(""));
+        assert_eq!(
+            untrusted.fix.as_deref(),
+            Some(
+                "/etc/nix/nix.conf is made by NixOS: set `services.reachd.cache.enable = true;` and \
+                 `services.reachd.cache.substituters = [ \"http://127.0.0.1:37515\" ];` in the system's \
+                 configuration, then `sudo nixos-rebuild switch`"
+            )
+        );
+        let hook = post_build_hook(&nixos("")).fix.unwrap();
+        assert!(
+            hook.starts_with(&format!(
+                "{rebuild}set `services.reachd.upload.enable = true;`"
+            )),
+            "{hook}"
+        );
+        let keys = signing_keys(&nixos("")).remove(0).fix.unwrap();
+        assert!(
+            keys.contains(&format!(
+                "{rebuild}set `nix.settings.secret-key-files = [ \"/etc/nix/laptop-1.sec\" ];`"
+            )),
+            "{keys}"
+        );
+        let fragment = Path::new("/run/user/1000/reachd/nix.conf");
+        let included = fragment_in_system(
+            &nixos("!include /run/user/1000/reachd/nix.conf\n"),
+            fragment,
+        );
+        let fix = included.expect("named").fix.unwrap();
+        assert!(fix.starts_with(rebuild), "{fix}");
+        for fix in [untrusted.fix.unwrap(), hook, keys, fix] {
+            assert!(
+                !fix.contains("systemctl restart nix-daemon"),
+                "NixOS restarts it: {fix}"
+            );
+        }
     }
 
     #[test]
@@ -453,7 +546,7 @@ mod tests {
 
     #[test]
     fn signing_keys_missing_or_open_to_others_are_named() {
-        let unset = signing_keys(&conf(""), Path::new(SYSTEM));
+        let unset = signing_keys(&conf(""));
         assert_eq!(unset.len(), 1);
         assert_eq!(unset[0].level, Level::Warn);
         let dir = tempfile::tempdir().unwrap();
