@@ -65,7 +65,8 @@ enum Command {
         /// The host's name in the configuration (e.g. rpi).
         host: String,
     },
-    /// Ask the running agent to re-evaluate every host now (what the dispatcher hook calls).
+    /// Ask the running agent to check every host now, mDNS asked again (what the dispatcher hook
+    /// calls).
     Refresh,
     /// Ask the running agent to read its configuration again (what `systemctl --user reload
     /// reachd` runs).

@@ -139,7 +139,7 @@ struct RootObject {
     )
 )]
 impl RootObject {
-    /// Re-evaluates every host now: what the NetworkManager dispatcher hook calls.
+    /// Checks every host now and has mDNS ask again: what the NetworkManager dispatcher hook calls.
     async fn refresh(&self, #[zbus(header)] header: Header<'_>) -> fdo::Result<()> {
         // zbus would ignore arguments given to a method that takes none: refuse them instead.
         if !header.signature().to_string().is_empty() {

@@ -399,6 +399,9 @@ impl Agent {
             }
             Event::Refresh => {
                 info!("refresh requested");
+                // mDNS too: a host never found is otherwise asked for again only when
+                // mdns-sd's doubling delay next runs out.
+                self.tasks.interfaces_changed();
                 for host in &mut self.hosts {
                     host.tracker.on_refresh(now);
                     host.target.on_refresh();

@@ -18,6 +18,8 @@ struct State {
     following: Vec<String>,
     /// Where the host answers, if it does.
     present: Option<HostAddress>,
+    /// How often the agent had "mDNS" ask its questions again.
+    asked_again: usize,
 }
 
 /// The fake: one host, present at one address or absent.
@@ -49,6 +51,11 @@ impl FakeProbe {
     /// its address, the checks fail.
     pub fn vanish(&self) {
         self.state.lock().unwrap().present = None;
+    }
+
+    /// How often the agent had "mDNS" look at the interfaces and ask its questions again.
+    pub fn asked_again(&self) -> usize {
+        self.state.lock().unwrap().asked_again
     }
 
     /// The hostnames the agent follows now (their futures not dropped).
@@ -92,7 +99,9 @@ impl Probe for FakeProbe {
         })
     }
 
-    fn interfaces_changed(&self) {}
+    fn interfaces_changed(&self) {
+        self.state.lock().unwrap().asked_again += 1;
+    }
 
     fn check(&self, request: CheckRequest) -> BoxFuture<'static, CheckOutcome> {
         let CheckRequest {

@@ -1,6 +1,6 @@
 //! A reachable host (through the fake probe): its address set in the user manager, its target
 //! started, restarted when it moves and stopped when it stops answering, and adopted after a
-//! restart of the agent.
+//! restart of the agent; a refresh asking mDNS again.
 
 use super::*;
 
@@ -134,5 +134,23 @@ fn host_that_stops_answering_has_its_target_stopped() {
             host.address, "192.0.2.10",
             "the last address that answered stays published"
         );
+    });
+}
+
+#[test]
+fn a_refresh_has_mdns_ask_again() {
+    on_buses(async {
+        let (mut rig, probe) = started_with_fake_probe("").await;
+        let before = probe.asked_again();
+        rig.refresh().await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while probe.asked_again() == before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "`reachd refresh` did not have mDNS ask again within {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        rig.shutdown().await.expect("the agent stops");
     });
 }
