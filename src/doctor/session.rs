@@ -284,7 +284,10 @@ pub async fn notification_server(buses: &Buses, emit: &mut impl FnMut(Finding)) 
         }
         let activatable = dbus.list_activatable_names().await?;
         Ok::<_, zbus::Error>(
-            if activatable.iter().any(|n| n.as_str() == notify::SERVER_NAME) {
+            if activatable
+                .iter()
+                .any(|n| n.as_str() == notify::SERVER_NAME)
+            {
                 NotificationServer::OnDemand
             } else {
                 NotificationServer::Missing
@@ -555,7 +558,11 @@ mod tests {
         let on_demand = notification_finding(Ok(NotificationServer::OnDemand));
         assert_eq!(on_demand.level, Level::Ok);
         let missing = notification_finding(Ok(NotificationServer::Missing));
-        assert_eq!(missing.level, Level::Warn, "not a misconfiguration of reachd");
+        assert_eq!(
+            missing.level,
+            Level::Warn,
+            "not a misconfiguration of reachd"
+        );
         assert_eq!(
             missing.to_string(),
             "warn no notification server (no owner of org.freedesktop.Notifications on the \
