@@ -35,7 +35,7 @@ pub const SERVER_NAME: &str = "org.freedesktop.Notifications";
 pub trait Notifications {
     /// Shows a notification (replacing `replaces_id`'s if not 0) and returns its id;
     /// `expire_timeout` -1 leaves it to the server.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // the specification's signature
     fn notify(
         &self,
         app_name: &str,

@@ -42,7 +42,7 @@ impl Host {
             nix: config.nix.as_ref().map(|_| NixGate::new()),
             upload: config.upload.as_ref().map(|_| UploadGate::new()),
             upload_run: None,
-            upload_notices: UploadNotices::default(),
+            upload_notices: UploadNotices::new(&config.name),
             config,
             tracker: HostTracker::new(now),
             target: TargetView::new(),
@@ -128,8 +128,7 @@ impl Host {
         self.log_upload(outcome);
         let run = self.upload.as_mut()?.on_outcome(epoch, outcome, now)?;
         self.upload_run = None;
-        let name = &self.config.name;
-        self.upload_notices.on_run(name, run, outcome, notify, now)
+        self.upload_notices.on_run(run, outcome, notify, now)
     }
 
     /// Logs a change in who else answers the host's name: another device claiming it (an

@@ -53,8 +53,9 @@ pub fn reach_notice(
 }
 
 /// How the uploads to one host go, as far as notices are concerned.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadNotices {
+    host: String,
     /// The first failed upload after one that worked (or after the start), while they fail.
     failing_since: Option<Instant>,
     /// Whether "uploads failing" was told for this run of failures.
@@ -62,6 +63,15 @@ pub struct UploadNotices {
 }
 
 impl UploadNotices {
+    /// For the uploads to `host`, none failed yet.
+    pub fn new(host: &str) -> Self {
+        UploadNotices {
+            host: host.to_string(),
+            failing_since: None,
+            told: false,
+        }
+    }
+
     /// A run over the host's queue ended (its outcome accepted by the upload gate). Only
     /// uploads count: a failed one starts the failure's clock or tells it once it has lasted
     /// `uploads_failing_after`; one that worked (did something, or found the queue empty) ends
@@ -69,7 +79,6 @@ impl UploadNotices {
     /// made while the host is away change nothing.
     pub fn on_run(
         &mut self,
-        host: &str,
         run: Run,
         outcome: &BatchOutcome,
         settings: Option<&NotifySettings>,
@@ -78,6 +87,7 @@ impl UploadNotices {
         if run != Run::Upload {
             return None;
         }
+        let host = &self.host;
         if let Some(error) = &outcome.error {
             let since = *self.failing_since.get_or_insert(now);
             let failing = now.saturating_duration_since(since);
@@ -170,16 +180,16 @@ mod tests {
     #[test]
     fn uploads_failing_for_the_threshold_are_told_once_then_their_return() {
         let t0 = Instant::now();
-        let mut notices = UploadNotices::default();
+        let mut notices = UploadNotices::new("rpi");
         let settings = Some(&HALF_AN_HOUR);
         for minute in [0, 1, 3, 7, 15] {
             let outcome = failed(12, UNTRUSTED);
             let at = after(t0, minute);
-            let notice = notices.on_run("rpi", Run::Upload, &outcome, settings, at);
+            let notice = notices.on_run(Run::Upload, &outcome, settings, at);
             assert_eq!(notice, None, "not yet at minute {minute}");
         }
         let outcome = failed(12, UNTRUSTED);
-        let notice = notices.on_run("rpi", Run::Upload, &outcome, settings, after(t0, 31));
+        let notice = notices.on_run(Run::Upload, &outcome, settings, after(t0, 31));
         assert_eq!(
             notice,
             Some(Notice {
@@ -192,10 +202,10 @@ mod tests {
         for minute in [63, 127, 600] {
             let outcome = failed(13, UNTRUSTED);
             let at = after(t0, minute);
-            let notice = notices.on_run("rpi", Run::Upload, &outcome, settings, at);
+            let notice = notices.on_run(Run::Upload, &outcome, settings, at);
             assert_eq!(notice, None, "told once, not again at minute {minute}");
         }
-        let worked = notices.on_run("rpi", Run::Upload, &uploaded(13, 0), settings, t0);
+        let worked = notices.on_run(Run::Upload, &uploaded(13, 0), settings, t0);
         let worked = worked.expect("the return is told");
         assert_eq!(worked.kind, NoticeKind::Uploads, "it replaces the failure");
         assert_eq!(worked.summary, "Uploads to rpi work again");
@@ -204,11 +214,8 @@ mod tests {
         // A new run of failures starts its own clock.
         let later = after(t0, 1000);
         let outcome = failed(1, UNTRUSTED);
-        assert_eq!(
-            notices.on_run("rpi", Run::Upload, &outcome, settings, later),
-            None
-        );
-        let notice = notices.on_run("rpi", Run::Upload, &outcome, settings, after(later, 30));
+        assert_eq!(notices.on_run(Run::Upload, &outcome, settings, later), None);
+        let notice = notices.on_run(Run::Upload, &outcome, settings, after(later, 30));
         assert_eq!(
             notice.expect("told again").body,
             format!("1 build waiting; failing for 30 min: {UNTRUSTED}")
@@ -218,22 +225,16 @@ mod tests {
     #[test]
     fn an_upload_that_works_before_the_threshold_restarts_the_clock_and_tells_nothing() {
         let t0 = Instant::now();
-        let mut notices = UploadNotices::default();
+        let mut notices = UploadNotices::new("rpi");
         let settings = Some(&HALF_AN_HOUR);
         let outcome = failed(3, "cannot connect");
-        assert_eq!(
-            notices.on_run("rpi", Run::Upload, &outcome, settings, t0),
-            None
-        );
+        assert_eq!(notices.on_run(Run::Upload, &outcome, settings, t0), None);
         let worked = uploaded(1, 2);
         let at = after(t0, 20);
-        assert_eq!(
-            notices.on_run("rpi", Run::Upload, &worked, settings, at),
-            None
-        );
+        assert_eq!(notices.on_run(Run::Upload, &worked, settings, at), None);
         let at = after(t0, 40);
         assert_eq!(
-            notices.on_run("rpi", Run::Upload, &outcome, settings, at),
+            notices.on_run(Run::Upload, &outcome, settings, at),
             None,
             "failing for 0 min since the upload that worked"
         );
@@ -242,28 +243,19 @@ mod tests {
     #[test]
     fn counts_and_runs_that_find_nothing_due_change_nothing() {
         let t0 = Instant::now();
-        let mut notices = UploadNotices::default();
+        let mut notices = UploadNotices::new("rpi");
         let settings = Some(&HALF_AN_HOUR);
         let outcome = failed(3, "cannot connect");
-        notices.on_run("rpi", Run::Upload, &outcome, settings, t0);
+        notices.on_run(Run::Upload, &outcome, settings, t0);
         // Away: only counted, without and with an error.
         let counted = uploaded(0, 3);
         let at = after(t0, 10);
-        assert_eq!(
-            notices.on_run("rpi", Run::Count, &counted, settings, at),
-            None
-        );
-        assert_eq!(
-            notices.on_run("rpi", Run::Count, &outcome, settings, at),
-            None
-        );
+        assert_eq!(notices.on_run(Run::Count, &counted, settings, at), None);
+        assert_eq!(notices.on_run(Run::Count, &outcome, settings, at), None);
         // Back, every entry waiting out its backoff: nothing done, no error.
         let waiting = uploaded(0, 3);
-        assert_eq!(
-            notices.on_run("rpi", Run::Upload, &waiting, settings, at),
-            None
-        );
-        let notice = notices.on_run("rpi", Run::Upload, &outcome, settings, after(t0, 30));
+        assert_eq!(notices.on_run(Run::Upload, &waiting, settings, at), None);
+        let notice = notices.on_run(Run::Upload, &outcome, settings, after(t0, 30));
         assert_eq!(
             notice.expect("the failure went on").body,
             "3 builds waiting; failing for 30 min: cannot connect"
@@ -273,49 +265,34 @@ mod tests {
     #[test]
     fn without_notify_nothing_is_told_but_failures_are_followed() {
         let t0 = Instant::now();
-        let mut notices = UploadNotices::default();
+        let mut notices = UploadNotices::new("rpi");
         let outcome = failed(3, "cannot connect");
         for minute in [0, 45] {
             let at = after(t0, minute);
-            assert_eq!(notices.on_run("rpi", Run::Upload, &outcome, None, at), None);
+            assert_eq!(notices.on_run(Run::Upload, &outcome, None, at), None);
         }
         // A reload adds [notify]: the next failure tells the hour it lasted.
-        let notice = notices.on_run(
-            "rpi",
-            Run::Upload,
-            &outcome,
-            Some(&HALF_AN_HOUR),
-            after(t0, 61),
-        );
+        let notice = notices.on_run(Run::Upload, &outcome, Some(&HALF_AN_HOUR), after(t0, 61));
         assert_eq!(
             notice.expect("told").body,
             "3 builds waiting; failing for 1 h 1 min: cannot connect"
         );
         // [notify] removed again: the return is not told.
-        assert_eq!(
-            notices.on_run("rpi", Run::Upload, &uploaded(3, 0), None, t0),
-            None
-        );
+        assert_eq!(notices.on_run(Run::Upload, &uploaded(3, 0), None, t0), None);
     }
 
     #[test]
     fn a_long_error_is_shortened() {
         let t0 = Instant::now();
-        let mut notices = UploadNotices::default();
+        let mut notices = UploadNotices::new("rpi");
         let error = "é".repeat(ERROR_CHARS + 50);
         let settings = NotifySettings {
             uploads_failing_after: Duration::from_secs(60),
             host_changes: false,
         };
         let outcome = failed(1, &error);
-        notices.on_run("rpi", Run::Upload, &outcome, Some(&settings), t0);
-        let notice = notices.on_run(
-            "rpi",
-            Run::Upload,
-            &outcome,
-            Some(&settings),
-            after(t0, 120),
-        );
+        notices.on_run(Run::Upload, &outcome, Some(&settings), t0);
+        let notice = notices.on_run(Run::Upload, &outcome, Some(&settings), after(t0, 120));
         let body = notice.expect("told").body;
         assert!(
             body.ends_with(&format!("{}…", "é".repeat(ERROR_CHARS))),

@@ -26,7 +26,7 @@ struct Server {
 
 #[interface(name = "org.freedesktop.Notifications")]
 impl Server {
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // the specification's signature
     async fn notify(
         &mut self,
         app_name: String,
