@@ -16,6 +16,7 @@
 //!   target.rs            what to do about its target (start, stop, new address, nothing)
 //!   cache_gate.rs        whether Nix may use the host's cache now
 //!   upload_timing.rs     when to upload builds to it, and the backoff after a failure
+//!   notice.rs            which desktop notifications to send (uploads failing, host changes)
 //! src/event.rs         the one Event enum every source sends the loop, HostId, SleepLock
 //! src/address.rs       a host's address (IPv6 link-local with its interface) and its kind
 //! src/agent/           the loop that joins them (mod.rs: one screen; start and reload bring a
@@ -27,6 +28,8 @@
 //! src/units.rs         the systemd user manager (systemd-zbus): jobs, environment, unit state
 //! src/sleep.rs         logind's PrepareForSleep and the delay inhibitor
 //! src/status.rs        the org.reachd.Reachd1 objects; the host record is declared once there
+//! src/notify.rs        desktop notifications (`[notify]`): the queue and the one task that
+//!                      shows them through org.freedesktop.Notifications
 //! src/cache/           the Nix wing that serves: the binary cache served from a host's
 //!                      nix-daemon (daemon.rs: the worker protocol; nar.rs: where a streamed NAR
 //!                      ends; pool.rs: idle connections; server.rs: the HTTP side; hash.rs: the
@@ -67,7 +70,7 @@
 //!
 //! No module imports one above it, and none imports another in a circle: config, address,
 //! store_path, atomic_file, error and logging are the ground; reconcile and cache stand on
-//! them; upload and event on reconcile; the edges (network, probe, units, sleep, status) on
+//! them; upload, event and notify on reconcile; the edges (network, probe, units, sleep, status) on
 //! event; agent, doctor and client on the edges; main on them all.
 //!
 //! Adding an event source is one `Event` variant and one arm in `Agent::handle`; adding a host
@@ -86,6 +89,7 @@ pub mod event;
 pub mod logging;
 pub mod manual;
 pub mod network;
+pub mod notify;
 pub mod probe;
 pub mod reconcile;
 pub mod sleep;

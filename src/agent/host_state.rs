@@ -7,12 +7,13 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::address::HostAddress;
-use crate::config::HostConfig;
+use crate::config::{HostConfig, NotifySettings};
 use crate::event::HostId;
 use tokio::task::AbortHandle;
 
 use crate::reconcile::{
-    BatchOutcome, HostTracker, JobKind, NixGate, Reach, TargetView, Transition, UploadGate,
+    reach_notice, BatchOutcome, HostTracker, JobKind, NixGate, Notice, Reach, TargetView,
+    Transition, UploadGate, UploadNotices,
 };
 use crate::status::{self, HostStatus};
 
@@ -28,6 +29,8 @@ pub(super) struct Host {
     pub upload: Option<UploadGate>,
     /// The run over its upload queue under way, to stop it when the host goes.
     pub upload_run: Option<AbortHandle>,
+    /// Whether its uploads keep failing, for `[notify]`.
+    upload_notices: UploadNotices,
     /// Wall-clock time of the last transition, microseconds since the epoch.
     since: u64,
 }
@@ -39,6 +42,7 @@ impl Host {
             nix: config.nix.as_ref().map(|_| NixGate::new()),
             upload: config.upload.as_ref().map(|_| UploadGate::new()),
             upload_run: None,
+            upload_notices: UploadNotices::new(&config.name),
             config,
             tracker: HostTracker::new(now),
             target: TargetView::new(),
@@ -86,9 +90,14 @@ impl Host {
     }
 
     /// Records and logs a change of reachability; `took` is the check's duration, if a check
-    /// decided it.
-    pub fn transition(&mut self, transition: Option<Transition>, took: Option<Duration>) {
-        let Some(t) = transition else { return };
+    /// decided it. Returns the notice to send about it, if `notify` asks for one.
+    pub fn transition(
+        &mut self,
+        transition: Option<Transition>,
+        took: Option<Duration>,
+        notify: Option<&NotifySettings>,
+    ) -> Option<Notice> {
+        let t = transition?;
         self.since = status::wall_clock_micros();
         info!(
             host = %self.config.name,
@@ -103,6 +112,23 @@ impl Host {
             t.to.as_str(),
             t.reason
         );
+        reach_notice(&self.config.name, &t, notify)
+    }
+
+    /// A run over the upload queue ended: logs it, takes it into the upload gate (unless it is
+    /// the late outcome of a run that was stopped) and returns the notice to send about it, if
+    /// `notify` asks for one.
+    pub fn on_upload(
+        &mut self,
+        epoch: u64,
+        outcome: &BatchOutcome,
+        notify: Option<&NotifySettings>,
+        now: Instant,
+    ) -> Option<Notice> {
+        self.log_upload(outcome);
+        let run = self.upload.as_mut()?.on_outcome(epoch, outcome, now)?;
+        self.upload_run = None;
+        self.upload_notices.on_run(run, outcome, notify, now)
     }
 
     /// Logs a change in who else answers the host's name: another device claiming it (an
@@ -126,7 +152,7 @@ impl Host {
     }
 
     /// Logs a run over the upload queue that did something or failed.
-    pub fn log_upload(&self, outcome: &BatchOutcome) {
+    fn log_upload(&self, outcome: &BatchOutcome) {
         let host = &self.config.name;
         let pending = outcome.pending;
         if let Some(error) = &outcome.error {

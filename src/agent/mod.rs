@@ -32,6 +32,7 @@ use crate::cache::fragment::Fragment;
 use crate::config::{Config, HostConfig, NixCache};
 use crate::event::{Event, HostId, SleepLock};
 use crate::network;
+use crate::notify::Notifier;
 use crate::probe::{Probe, Resolver};
 use crate::reconcile::{nix_eligibility, JobKind, NetworkView, NixGate, TargetAction};
 use crate::status::{self, Publisher};
@@ -136,6 +137,7 @@ where
         .context("cannot reach the systemd user manager on the session bus")?;
 
     let mut tasks = Tasks::new(events, probe, units, runtime_dir);
+    let notifier = tasks.show_notifications(publisher.connection().clone());
     tasks.set_drain(drain_for(&config, None));
     tasks.follow_network(environment.system_bus.clone(), with_addresses(&config));
     tasks.forward_reloads(control.reloads);
@@ -152,6 +154,7 @@ where
         fragment,
         sleep_lock: None,
         tasks,
+        notifier,
         publisher,
     };
     info!(
@@ -170,7 +173,8 @@ fn arriving(id: HostId, config: &HostConfig, network: Option<&NetworkView>, now:
     let mut host = Host::new(id, config.clone(), now);
     if let Some(network) = network {
         let transition = host.tracker.on_network(network.verdict(config), now);
-        host.transition(transition, None);
+        // From `unknown`: nothing to notify.
+        host.transition(transition, None, None);
     }
     host
 }
@@ -270,6 +274,8 @@ struct Agent {
     /// Held while the machine waits to sleep, until every target is stopped.
     sleep_lock: Option<SleepLock>,
     tasks: Tasks,
+    /// Desktop notifications: what `[notify]` asks for is queued here.
+    notifier: Notifier,
     publisher: Publisher,
 }
 
@@ -330,12 +336,13 @@ impl Agent {
                 outcome,
                 took,
             } => {
-                let settings = self.config.probe;
+                let (settings, notify) = (self.config.probe, self.config.notify);
                 let host = self.host(host);
                 let others_before = host.tracker.other_responders.clone();
                 let transition = host.tracker.on_check(epoch, outcome, &settings, now);
-                host.transition(transition, Some(took));
+                let notice = host.transition(transition, Some(took), notify.as_ref());
                 host.log_other_responders(&others_before);
+                self.notifier.send(notice);
             }
             Event::JobDone {
                 host,
@@ -376,18 +383,17 @@ impl Agent {
                 epoch,
                 outcome,
             } => {
-                let host = self.host(host);
-                host.log_upload(&outcome);
-                if let Some(gate) = &mut host.upload {
-                    if gate.on_outcome(epoch, outcome, now) {
-                        host.upload_run = None;
-                    }
-                }
+                let notify = self.config.notify;
+                let notice = self
+                    .host(host)
+                    .on_upload(epoch, &outcome, notify.as_ref(), now);
+                self.notifier.send(notice);
             }
             Event::Sleep(lock) => {
                 for host in &mut self.hosts {
                     let transition = host.tracker.on_sleep();
-                    host.transition(transition, None);
+                    let notice = host.transition(transition, None, self.config.notify.as_ref());
+                    self.notifier.send(notice);
                 }
                 self.sleep_lock = Some(lock);
             }
@@ -443,7 +449,8 @@ impl Agent {
             self.tasks.interfaces_changed();
             for host in &mut self.hosts {
                 let transition = host.tracker.on_network(network.verdict(&host.config), now);
-                host.transition(transition, None);
+                let notice = host.transition(transition, None, self.config.notify.as_ref());
+                self.notifier.send(notice);
             }
         }
         let mut wake = now + IDLE_WAKE;

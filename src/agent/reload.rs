@@ -15,7 +15,8 @@
 //!   signalled.
 //!
 //! Top-level settings apply from the next decision: `[probe]` to every host's next check,
-//! `[nix] spool` to the next run over the spool, `[nix] bin_dir` to the next upload.
+//! `[nix] spool` to the next run over the spool, `[nix] bin_dir` to the next upload, `[notify]`
+//! to the next change of a host and the next upload's outcome.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -23,6 +23,7 @@ use crate::cache::server::{self as cache, CacheSettings};
 use crate::config::{expand_runtime_dir, expand_store_uri, HostConfig, NixCache, ProbeSettings};
 use crate::event::{Event, Events, HostId};
 use crate::network;
+use crate::notify::Notifier;
 use crate::probe::{CheckRequest, Probe};
 use crate::reconcile::{JobKind, NetworkView, Run, NIX_CHECK_DEADLINE};
 use crate::sleep;
@@ -76,6 +77,14 @@ impl Tasks {
     /// The upload spool, if a host uploads.
     pub fn drain(&self) -> Option<&Drain> {
         self.drain.as_ref()
+    }
+
+    /// Shows desktop notifications through `session` ([`crate::notify`]) until the agent stops;
+    /// the notifier queues them.
+    pub fn show_notifications(&mut self, session: zbus::Connection) -> Notifier {
+        let (notifier, shower) = Notifier::new(session);
+        self.running.spawn(shower);
+        notifier
     }
 
     /// Sends [`Event::Reload`] for each item of `requests` (SIGHUP).

@@ -35,6 +35,8 @@ pub struct Config {
     /// `[nix] bin_dir`: the directory of the `nix` and `nix-store` uploads run (`None`: PATH,
     /// then where the Nix installers put them; see `upload::nix_bin`).
     pub nix_bin_dir: Option<PathBuf>,
+    /// `[notify]`: desktop notifications; `None` (no table): none is ever sent.
+    pub notify: Option<NotifySettings>,
 }
 
 impl Config {
@@ -47,6 +49,17 @@ impl Config {
             if let Some(dir) = &self.nix_bin_dir {
                 text.push_str(&format!("Nix for uploads: {}\n", dir.display()));
             }
+        }
+        if let Some(notify) = &self.notify {
+            text.push_str(&format!(
+                "notifications: uploads failing for {} min{}\n",
+                notify.uploads_failing_after.as_secs() / 60,
+                if notify.host_changes {
+                    ", hosts coming and going"
+                } else {
+                    ""
+                }
+            ));
         }
         for host in &self.hosts {
             text.push_str(&format!(
@@ -148,6 +161,24 @@ impl Default for ProbeSettings {
     }
 }
 
+/// `[notify]`: which desktop notifications to send. reachd.toml(5) gives the reasoning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotifySettings {
+    /// Uploads to a host that have failed for this long are notified, once until they work.
+    pub uploads_failing_after: Duration,
+    /// Also notify when a host becomes reachable or unreachable.
+    pub host_changes: bool,
+}
+
+impl Default for NotifySettings {
+    fn default() -> Self {
+        NotifySettings {
+            uploads_failing_after: Duration::from_secs(30 * 60),
+            host_changes: false,
+        }
+    }
+}
+
 /// A configuration error, already located: `FILE:LINE:COLUMN: key `K`: message`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -225,6 +256,14 @@ struct RawConfig {
     host: Vec<Spanned<RawHost>>,
     probe: Option<RawProbe>,
     nix: Option<RawNixSettings>,
+    notify: Option<RawNotify>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    uploads_failing_minutes: Option<Spanned<u64>>,
+    host_changes: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -335,11 +374,13 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     let (spool, bin_dir) = raw.nix.map_or((None, None), |n| (n.spool, n.bin_dir));
     let spool = absolute_path("spool", spool, at)?.unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL));
     let nix_bin_dir = absolute_path("bin_dir", bin_dir, at)?;
+    let notify = raw.notify.map(|raw| validate_notify(raw, at)).transpose()?;
     Ok(Config {
         hosts,
         probe,
         spool,
         nix_bin_dir,
+        notify,
     })
 }
 
@@ -500,6 +541,27 @@ fn validate_probe(
         ));
     }
     Ok(settings)
+}
+
+fn validate_notify(
+    raw: RawNotify,
+    at: impl Fn(Range<usize>, String) -> ConfigError,
+) -> Result<NotifySettings, ConfigError> {
+    let defaults = NotifySettings::default();
+    let uploads_failing_after = match raw.uploads_failing_minutes {
+        None => defaults.uploads_failing_after,
+        Some(v) if (1..=1440).contains(v.get_ref()) => Duration::from_secs(*v.get_ref() * 60),
+        Some(v) => {
+            return Err(at(
+                v.span(),
+                "key `uploads_failing_minutes`: must be from 1 to 1440 minutes (a day)".into(),
+            ))
+        }
+    };
+    Ok(NotifySettings {
+        uploads_failing_after,
+        host_changes: raw.host_changes.unwrap_or(defaults.host_changes),
+    })
 }
 
 fn locate(text: &str, file: &str, offset: usize) -> Location {
@@ -832,6 +894,63 @@ connections = ["0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0"]
     }
 
     #[test]
+    fn notifications_are_off_without_a_notify_table_and_default_to_half_an_hour() {
+        let host = "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n";
+        assert_eq!(parse(host, "c.toml").unwrap().notify, None);
+        let config = parse(&format!("[notify]\n{host}"), "c.toml").unwrap();
+        assert_eq!(config.notify, Some(NotifySettings::default()));
+        assert_eq!(
+            NotifySettings::default().uploads_failing_after,
+            Duration::from_secs(1800)
+        );
+        let config = parse(
+            &format!("[notify]\nuploads_failing_minutes = 1440\nhost_changes = true\n{host}"),
+            "c.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            config.notify,
+            Some(NotifySettings {
+                uploads_failing_after: Duration::from_secs(24 * 3600),
+                host_changes: true,
+            })
+        );
+        let summary = config.summary(&Source::File("c.toml".into()));
+        assert!(
+            summary
+                .contains("notifications: uploads failing for 1440 min, hosts coming and going\n"),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn bad_notify_settings_are_rejected_with_their_line() {
+        let host = "[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n";
+        for minutes in ["0", "1441"] {
+            assert_eq!(
+                error(&format!("[notify]\nuploads_failing_minutes = {minutes}\n{host}")),
+                "config.toml:2:27: key `uploads_failing_minutes`: must be from 1 to 1440 minutes (a day)"
+            );
+        }
+        let cases = [
+            ("uploads_failing_minutes = -5\n", "2:27"),
+            ("host_changes = \"yes\"\n", "2:16"),
+            ("uploads_failing = 30\n", "2:1"),
+        ];
+        for (table, place) in cases {
+            let msg = error(&format!("[notify]\n{table}{host}"));
+            assert!(msg.starts_with(&format!("config.toml:{place}: ")), "{msg}");
+            assert!(!msg.contains('\n'), "one line: {msg}");
+        }
+        let msg = error(&format!("[notify]\nuploads_failing = 30\n{host}"));
+        assert!(
+            msg.contains("unknown field `uploads_failing`")
+                && msg.contains("uploads_failing_minutes"),
+            "names the keys it knows: {msg}"
+        );
+    }
+
+    #[test]
     fn an_offset_inside_a_multi_byte_character_does_not_panic() {
         let text = "# é\n[[host]]\nname = \"ünï\"\n";
         for offset in 0..=text.len() + 3 {
@@ -864,7 +983,7 @@ connections = ["0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0"]
 
         use super::super::{parse, ConfigError};
 
-        const VALID: &str = "[nix]\nspool = \"/srv/spool\"\n[probe]\nfailures = 3\n[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\nconnections = [\"0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\"]\n[host.nix]\nupload = true\n";
+        const VALID: &str = "[nix]\nspool = \"/srv/spool\"\n[probe]\nfailures = 3\n[notify]\nhost_changes = true\n[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\nconnections = [\"0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\"]\n[host.nix]\nupload = true\n";
 
         /// Anything `parse` says about bad text is one located line.
         fn one_located_line(text: &str) {

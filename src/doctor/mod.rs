@@ -1,8 +1,8 @@
 //! `reachd doctor`: checks, in the order a user sets them up, every piece reachd depends on
 //! (NetworkManager, the user manager, the configuration, each host's target, its ssh units and
-//! whether the host answers now, the dispatcher hook, and Nix's side for hosts with `[host.nix]`, down to the
-//! `nix` uploads would run), and says per line `ok`, or what is wrong and the exact command or
-//! line that fixes it.
+//! whether the host answers now, the dispatcher hook, Nix's side for hosts with `[host.nix]`,
+//! down to the `nix` uploads would run, and with `[notify]` the notification server), and says
+//! per line `ok`, or what is wrong and the exact command or line that fixes it.
 //!
 //! Each check is a small function that returns [`Finding`]s; [`Finding`]'s `Display` is the one
 //! place that decides how a line looks. The checks read; none changes anything.
@@ -187,6 +187,9 @@ pub async fn run(config: Option<PathBuf>, paths: &Paths, mut emit: impl FnMut(Fi
             };
             let places = crate::upload::nix_bin::Places::with_path(path);
             emit(nix_bin::check(config, &places, whose).await);
+        }
+        if config.notify.is_some() {
+            session::notification_server(&buses, &mut emit).await;
         }
     }
 }

@@ -11,6 +11,7 @@ use zbus::Connection;
 use super::Finding;
 use crate::config::HostConfig;
 use crate::network::{self, NM_NAME};
+use crate::notify;
 use crate::reconcile::NetworkView;
 use crate::status;
 
@@ -261,6 +262,73 @@ pub async fn agent(buses: &Buses, emit: &mut impl FnMut(Finding)) {
     });
 }
 
+/// Who would show reachd's notifications (`[notify]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotificationServer {
+    /// A server owns the name: its process (`dunst (pid 1234)`), when it can be told.
+    Running(Option<String>),
+    /// None runs, but the bus starts one when asked (a D-Bus service file).
+    OnDemand,
+    Missing,
+}
+
+/// Whether a notification server takes reachd's notifications on the session bus.
+pub async fn notification_server(buses: &Buses, emit: &mut impl FnMut(Finding)) {
+    let Ok(session) = &buses.session else { return };
+    let found = async {
+        let dbus = DBusProxy::new(session).await?;
+        let name = BusName::try_from(notify::SERVER_NAME)?;
+        if dbus.name_has_owner(name.clone()).await? {
+            let pid = dbus.get_connection_unix_process_id(name).await.ok();
+            return Ok(NotificationServer::Running(pid.map(process_name)));
+        }
+        let activatable = dbus.list_activatable_names().await?;
+        Ok::<_, zbus::Error>(
+            if activatable
+                .iter()
+                .any(|n| n.as_str() == notify::SERVER_NAME)
+            {
+                NotificationServer::OnDemand
+            } else {
+                NotificationServer::Missing
+            },
+        )
+    };
+    emit(notification_finding(found.await.map_err(|e| e.to_string())));
+}
+
+/// `dunst (pid 1234)`, or `pid 1234` when its name cannot be read.
+fn process_name(pid: u32) -> String {
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(comm) => format!("{} (pid {pid})", comm.trim()),
+        Err(_) => format!("pid {pid}"),
+    }
+}
+
+/// What the doctor says about the notification server.
+pub fn notification_finding(server: Result<NotificationServer, String>) -> Finding {
+    let name = notify::SERVER_NAME;
+    match server {
+        Ok(NotificationServer::Running(Some(process))) => Finding::ok(format!(
+            "notifications: {process} owns {name} on the session bus"
+        )),
+        Ok(NotificationServer::Running(None)) => Finding::ok(format!(
+            "notifications: a notification server owns {name} on the session bus"
+        )),
+        Ok(NotificationServer::OnDemand) => Finding::ok(format!(
+            "notifications: the session bus starts a notification server when one is sent ({name} is activatable)"
+        )),
+        Ok(NotificationServer::Missing) => Finding::warn(
+            format!("no notification server (no owner of {name} on the session bus): reachd's notifications will not show"),
+            "install one (e.g. dunst, mako) or remove [notify]",
+        ),
+        Err(err) => Finding::warn(
+            format!("notifications: cannot tell whether a notification server runs ({err})"),
+            format!("`busctl --user status {name}`"),
+        ),
+    }
+}
+
 /// The host's target: loaded, and which units it starts or stops with it; returned when it
 /// could be read.
 pub async fn target(
@@ -476,6 +544,34 @@ mod tests {
                       Gid:\t1000\t1000\t1000\t1000\nGroups:\t24 27 998 \nNSpid:\t1\n";
         assert_eq!(groups_in(status), vec![1000, 24, 27, 998]);
         assert_eq!(groups_in("Gid:\t5\t5\t5\t5\nGroups:\t\n"), vec![5]);
+    }
+
+    #[test]
+    fn the_notification_server_is_named_or_its_absence_warned() {
+        let running = notification_finding(Ok(NotificationServer::Running(Some(
+            "dunst (pid 1234)".into(),
+        ))));
+        assert_eq!(
+            running.to_string(),
+            "ok   notifications: dunst (pid 1234) owns org.freedesktop.Notifications on the session bus"
+        );
+        let on_demand = notification_finding(Ok(NotificationServer::OnDemand));
+        assert_eq!(on_demand.level, Level::Ok);
+        let missing = notification_finding(Ok(NotificationServer::Missing));
+        assert_eq!(
+            missing.level,
+            Level::Warn,
+            "not a misconfiguration of reachd"
+        );
+        assert_eq!(
+            missing.to_string(),
+            "warn no notification server (no owner of org.freedesktop.Notifications on the \
+             session bus): reachd's notifications will not show; fix: install one (e.g. dunst, \
+             mako) or remove [notify]"
+        );
+        let unknown = notification_finding(Err("the bus said no".into()));
+        assert_eq!(unknown.level, Level::Warn);
+        assert!(unknown.what.contains("the bus said no"), "{unknown}");
     }
 
     #[test]

@@ -144,6 +144,7 @@ mod tests {
             ("[host.nix]", format!("{host}[host.nix]\nnokey = 1\n")),
             ("[nix]", "[nix]\nnokey = 1\n".to_string()),
             ("[probe]", "[probe]\nnokey = 1\n".to_string()),
+            ("[notify]", "[notify]\nnokey = 1\n".to_string()),
         ];
         for (table, toml) in tables {
             let keys = accepted_keys(&toml);

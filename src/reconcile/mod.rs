@@ -5,14 +5,17 @@
 //!
 //! [`reach`] decides whether a host is reachable and when to check it; [`target`] what to do
 //! about its systemd target; [`cache_gate`] whether Nix may use its cache; [`upload_timing`]
-//! when to upload builds to it and how long to wait after a failure.
+//! when to upload builds to it and how long to wait after a failure; [`notice`] which desktop
+//! notifications to send about it.
 
 pub mod cache_gate;
+pub mod notice;
 pub mod reach;
 pub mod target;
 pub mod upload_timing;
 
 pub use cache_gate::{nix_eligibility, NixGate, NixPlan, NIX_CHECK_DEADLINE};
+pub use notice::{reach_notice, Notice, NoticeKind, UploadNotices};
 pub use reach::{CheckOutcome, HostTracker, NetworkView, Plan, Reach, Transition};
 pub use target::{JobKind, TargetAction, TargetView, UnitState};
 pub use upload_timing::{BatchOutcome, Run, UploadGate, UploadPlan};

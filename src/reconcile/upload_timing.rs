@@ -190,14 +190,12 @@ impl UploadGate {
         plan
     }
 
-    /// A run ended. Returns `false` for the outcome of a run that was stopped.
-    pub fn on_outcome(&mut self, epoch: u64, outcome: BatchOutcome, now: Instant) -> bool {
+    /// A run ended: returns which, or `None` for the outcome of a run that was stopped.
+    pub fn on_outcome(&mut self, epoch: u64, outcome: &BatchOutcome, now: Instant) -> Option<Run> {
         if epoch != self.epoch {
-            return false;
+            return None;
         }
-        let Some(finished) = self.running.take() else {
-            return false;
-        };
+        let finished = self.running.take()?;
         self.pending = outcome.pending;
         if outcome.done > 0 || outcome.lost > 0 {
             self.last_upload = format!(
@@ -213,14 +211,14 @@ impl UploadGate {
                 }
             );
         }
-        self.last_error = outcome.error.unwrap_or_default();
+        self.last_error = outcome.error.clone().unwrap_or_default();
         self.next = Some(match outcome.next_try {
             // A count that ended after the host came: upload at once.
             _ if finished == Run::Count && self.eligible => now,
             Some(at) if self.eligible => at.max(now),
             _ => now + SPOOL_POLL,
         });
-        true
+        Some(finished)
     }
 }
 
@@ -332,7 +330,10 @@ mod tests {
             UploadPlan::default(),
             "one run at a time"
         );
-        assert!(gate.on_outcome(gate.epoch(), outcome(12, Some(t0)), t0));
+        assert_eq!(
+            gate.on_outcome(gate.epoch(), &outcome(12, Some(t0)), t0),
+            Some(Run::Count)
+        );
         assert_eq!(gate.pending, 12);
         // Counted again after the poll interval, not before, while away.
         assert_eq!(gate.plan(false, t0).wake, Some(t0 + SPOOL_POLL));
@@ -352,11 +353,14 @@ mod tests {
             next_try: Some(t0),
             ..BatchOutcome::default()
         };
-        assert!(gate.on_outcome(gate.epoch(), done, t0));
+        assert_eq!(gate.on_outcome(gate.epoch(), &done, t0), Some(Run::Upload));
         assert_eq!(gate.last_upload, "100 builds done, 100 paths copied");
         assert_eq!(gate.plan(true, t0).start, Some(Run::Upload), "at once");
         // The queue empties: new builds are looked for every SPOOL_POLL.
-        assert!(gate.on_outcome(gate.epoch(), outcome(0, None), t0));
+        assert_eq!(
+            gate.on_outcome(gate.epoch(), &outcome(0, None), t0),
+            Some(Run::Upload)
+        );
         assert_eq!(gate.plan(true, t0).wake, Some(t0 + SPOOL_POLL));
     }
 
@@ -370,7 +374,10 @@ mod tests {
             UploadPlan::default(),
             "the count still runs"
         );
-        assert!(gate.on_outcome(gate.epoch(), outcome(3, None), t0));
+        assert_eq!(
+            gate.on_outcome(gate.epoch(), &outcome(3, None), t0),
+            Some(Run::Count)
+        );
         assert_eq!(gate.plan(true, t0).start, Some(Run::Upload));
     }
 
@@ -383,7 +390,7 @@ mod tests {
             done: 2,
             ..BatchOutcome::default()
         };
-        assert!(gate.on_outcome(gate.epoch(), known, t0));
+        assert_eq!(gate.on_outcome(gate.epoch(), &known, t0), Some(Run::Upload));
         assert_eq!(gate.last_upload, "2 builds done, 0 paths copied");
     }
 
@@ -399,7 +406,10 @@ mod tests {
             next_try: Some(later),
             ..BatchOutcome::default()
         };
-        assert!(gate.on_outcome(gate.epoch(), failed, t0));
+        assert_eq!(
+            gate.on_outcome(gate.epoch(), &failed, t0),
+            Some(Run::Upload)
+        );
         assert_eq!(gate.last_error, "cannot connect to the store");
         assert_eq!(gate.plan(true, t0).wake, Some(later));
         assert_eq!(gate.plan(true, later).start, Some(Run::Upload));
@@ -414,8 +424,15 @@ mod tests {
         let plan = gate.plan(false, t0);
         assert!(plan.stop);
         assert_eq!(plan.start, Some(Run::Count), "still counted while away");
-        assert!(!gate.on_outcome(running, outcome(0, None), t0), "stale");
-        assert!(gate.on_outcome(gate.epoch(), outcome(5, Some(t0)), t0));
+        assert_eq!(
+            gate.on_outcome(running, &outcome(0, None), t0),
+            None,
+            "stale"
+        );
+        assert_eq!(
+            gate.on_outcome(gate.epoch(), &outcome(5, Some(t0)), t0),
+            Some(Run::Count)
+        );
         assert_eq!(gate.pending, 5);
         assert_eq!(gate.plan(true, t0).start, Some(Run::Upload));
     }

@@ -12,6 +12,7 @@
 mod fake_cache;
 mod fake_logind;
 mod fake_nm;
+mod fake_notifications;
 mod fake_probe;
 mod fake_systemd;
 
@@ -19,6 +20,7 @@ mod fake_systemd;
 mod jobs;
 mod network;
 mod nix;
+mod notify;
 mod reachable;
 mod reload;
 mod session;
@@ -41,6 +43,7 @@ use zbus::Connection;
 use fake_cache::FakeCache;
 use fake_logind::FakeLogind;
 use fake_nm::{FakeNm, Network, NM_STATE_CONNECTED_GLOBAL, NM_STATE_CONNECTED_SITE};
+use fake_notifications::FakeNotifications;
 use fake_probe::FakeProbe;
 use fake_systemd::{Call, FakeSystemd, JobTiming, UnitSpec};
 use reachd_testkit::bus::PrivateBus;

@@ -16,7 +16,7 @@ const NAS: &str = "[[host]]\nname = \"nas\"\nhostname = \"nas.local\"\n";
 
 impl Rig {
     /// Writes `text` as the configuration file and sends the agent a SIGHUP.
-    fn reload(&self, text: &str) {
+    pub(super) fn reload(&self, text: &str) {
         std::fs::write(&self.config_file, text).expect("the configuration is written");
         self.reloads.send(()).expect("the agent takes reloads");
     }
@@ -70,12 +70,12 @@ impl Rig {
 /// Watches a file for being read (inotify's IN_CLOSE_NOWRITE: opened without write access, then
 /// closed): how a test knows the agent read its configuration again when the reload changes
 /// nothing it publishes.
-struct ReadWatch {
+pub(super) struct ReadWatch {
     inotify: OwnedFd,
 }
 
 impl ReadWatch {
-    fn on(path: &Path) -> Self {
+    pub(super) fn on(path: &Path) -> Self {
         // SAFETY: plain system calls; the descriptor is owned from here on.
         let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         assert!(
@@ -99,7 +99,7 @@ impl ReadWatch {
     }
 
     /// Waits until the file was read since the watch began (or since the last wait).
-    async fn wait_read(&self) {
+    pub(super) async fn wait_read(&self) {
         let mut events = [0u8; 4096];
         let read = tokio::time::timeout(WAIT, async {
             loop {
