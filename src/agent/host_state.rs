@@ -12,7 +12,7 @@ use crate::event::HostId;
 use tokio::task::AbortHandle;
 
 use crate::reconcile::{
-    reach_notice, BatchOutcome, HostTracker, JobKind, NixGate, Notice, Reach, TargetView,
+    BatchOutcome, HostTracker, JobKind, NixGate, Notice, Reach, ReachNotices, TargetView,
     Transition, UploadGate, UploadNotices,
 };
 use crate::status::{self, HostStatus};
@@ -29,7 +29,9 @@ pub(super) struct Host {
     pub upload: Option<UploadGate>,
     /// The run over its upload queue under way, to stop it when the host goes.
     pub upload_run: Option<AbortHandle>,
-    /// Whether its uploads keep failing, for `[notify]`.
+    /// What the user was told of its reachability, and whether its uploads keep failing, for
+    /// `[notify]`.
+    reach_notices: ReachNotices,
     upload_notices: UploadNotices,
     /// Wall-clock time of the last transition, microseconds since the epoch.
     since: u64,
@@ -42,6 +44,7 @@ impl Host {
             nix: config.nix.as_ref().map(|_| NixGate::new()),
             upload: config.upload.as_ref().map(|_| UploadGate::new()),
             upload_run: None,
+            reach_notices: ReachNotices::default(),
             upload_notices: UploadNotices::new(&config.name),
             config,
             tracker: HostTracker::new(now),
@@ -112,7 +115,9 @@ impl Host {
             t.to.as_str(),
             t.reason
         );
-        reach_notice(&self.config.name, &t, notify)
+        let asleep = self.tracker.is_asleep();
+        self.reach_notices
+            .on_transition(&self.config.name, &t, asleep, notify)
     }
 
     /// A run over the upload queue ended: logs it, takes it into the upload gate (unless it is

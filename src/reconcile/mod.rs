@@ -15,7 +15,7 @@ pub mod target;
 pub mod upload_timing;
 
 pub use cache_gate::{nix_eligibility, NixGate, NixPlan, NIX_CHECK_DEADLINE};
-pub use notice::{reach_notice, Notice, NoticeKind, UploadNotices};
+pub use notice::{Notice, NoticeKind, ReachNotices, UploadNotices};
 pub use reach::{CheckOutcome, HostTracker, NetworkView, Plan, Reach, Transition};
 pub use target::{JobKind, TargetAction, TargetView, UnitState};
 pub use upload_timing::{BatchOutcome, Run, UploadGate, UploadPlan};

@@ -2,7 +2,8 @@
 //! is tested without a notification server. Uploads that keep failing are otherwise silent (a
 //! host that does not trust the machine's key is retried for hours), so one notice says so
 //! once they have failed for `uploads_failing_minutes`, and one more when they work again; with
-//! `host_changes`, a host coming and going is told too, but not the first state found at start.
+//! `host_changes`, a host coming and going is told too, but not the first state found at start,
+//! nor a sleep and the wake-up to the same state.
 //! Without `[notify]` nothing is noticed, though the failures are still followed, so that a
 //! reload that adds the table can tell of uploads that failed before it. The clock is passed in.
 
@@ -34,22 +35,46 @@ pub struct Notice {
     pub body: String,
 }
 
-/// The notice of a change of the host's reachability, with `host_changes`; none for the first
-/// state found (from `unknown`).
-pub fn reach_notice(
-    host: &str,
-    transition: &Transition,
-    settings: Option<&NotifySettings>,
-) -> Option<Notice> {
-    if !settings?.host_changes || transition.from == Reach::Unknown {
-        return None;
+/// What the user was last told of a host's reachability, so that a notice says only what they
+/// do not know. A sleep is told nothing (every suspend makes each host unreachable, and the
+/// wake-up, at home, makes it reachable again): it leaves what was told as it was, so the
+/// wake-up that finds the host again is silent too. One that does not find it (the machine woke
+/// away from home) is no change of the host's state, so it is not told either; the next change
+/// that differs from what was told is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReachNotices {
+    /// The state last told, or the first found (at start, or when the host was added).
+    told: Option<Reach>,
+}
+
+impl ReachNotices {
+    /// A change of the host's reachability (`asleep`: the one the machine's sleep makes): the
+    /// notice to send, with `host_changes`, when it differs from what was told.
+    pub fn on_transition(
+        &mut self,
+        host: &str,
+        transition: &Transition,
+        asleep: bool,
+        settings: Option<&NotifySettings>,
+    ) -> Option<Notice> {
+        if transition.from == Reach::Unknown && self.told.is_none() {
+            self.told = Some(transition.to);
+            return None;
+        }
+        if asleep || self.told == Some(transition.to) || transition.to == Reach::Unknown {
+            return None;
+        }
+        self.told = Some(transition.to);
+        if !settings?.host_changes {
+            return None;
+        }
+        Some(Notice {
+            host: host.to_string(),
+            kind: NoticeKind::Reach,
+            summary: format!("{host} is {}", transition.to.as_str()),
+            body: transition.reason.clone(),
+        })
     }
-    Some(Notice {
-        host: host.to_string(),
-        kind: NoticeKind::Reach,
-        summary: format!("{host} is {}", transition.to.as_str()),
-        body: transition.reason.clone(),
-    })
 }
 
 /// How the uploads to one host go, as far as notices are concerned.
@@ -315,13 +340,18 @@ mod tests {
             host_changes: true,
             ..HALF_AN_HOUR
         };
+        let found = transition(Reach::Unknown, Reach::Unreachable, "network disconnected");
         let came = transition(
             Reach::Unreachable,
             Reach::Reachable,
             "answered at 192.0.2.10",
         );
+        let went = transition(Reach::Reachable, Reach::Unreachable, "network disconnected");
+        let mut notices = ReachNotices::default();
+        let mut tell = |t: &Transition, settings| notices.on_transition("rpi", t, false, settings);
+        assert_eq!(tell(&found, Some(&changes)), None, "not the first state");
         assert_eq!(
-            reach_notice("rpi", &came, Some(&changes)),
+            tell(&came, Some(&changes)),
             Some(Notice {
                 host: "rpi".into(),
                 kind: NoticeKind::Reach,
@@ -329,21 +359,58 @@ mod tests {
                 body: "answered at 192.0.2.10".into(),
             })
         );
-        let went = transition(Reach::Reachable, Reach::Unreachable, "network disconnected");
-        let notice = reach_notice("rpi", &went, Some(&changes)).expect("told");
+        let notice = tell(&went, Some(&changes)).expect("told");
         assert_eq!(notice.summary, "rpi is unreachable");
         assert_eq!(notice.body, "network disconnected");
+        assert_eq!(tell(&came, Some(&HALF_AN_HOUR)), None, "no host_changes");
+        assert_eq!(tell(&went, None), None, "no [notify]");
+        let notice = tell(&came, Some(&changes)).expect("told");
+        assert_eq!(notice.summary, "rpi is reachable", "after the silent ones");
+    }
 
-        assert_eq!(reach_notice("rpi", &came, Some(&HALF_AN_HOUR)), None);
-        assert_eq!(reach_notice("rpi", &came, None), None);
-        for first in [Reach::Reachable, Reach::Unreachable] {
-            let found = transition(Reach::Unknown, first, "at start");
-            assert_eq!(
-                reach_notice("rpi", &found, Some(&changes)),
-                None,
-                "not the first state"
-            );
-        }
+    #[test]
+    fn a_sleep_and_a_wake_up_to_the_same_state_tell_nothing() {
+        let changes = NotifySettings {
+            host_changes: true,
+            ..HALF_AN_HOUR
+        };
+        let mut notices = ReachNotices::default();
+        let at_home = transition(Reach::Unknown, Reach::Reachable, "answered at 192.0.2.10");
+        assert_eq!(
+            notices.on_transition("rpi", &at_home, false, Some(&changes)),
+            None
+        );
+        let sleep = transition(
+            Reach::Reachable,
+            Reach::Unreachable,
+            "the machine is going to sleep",
+        );
+        assert_eq!(
+            notices.on_transition("rpi", &sleep, true, Some(&changes)),
+            None
+        );
+        let woke = transition(
+            Reach::Unreachable,
+            Reach::Reachable,
+            "answered at 192.0.2.10",
+        );
+        assert_eq!(
+            notices.on_transition("rpi", &woke, false, Some(&changes)),
+            None,
+            "reachable, as told before the sleep"
+        );
+        assert_eq!(
+            notices.on_transition("rpi", &sleep, true, Some(&changes)),
+            None
+        );
+        let gone = transition(Reach::Reachable, Reach::Unreachable, "no mDNS answer");
+        assert_eq!(
+            notices
+                .on_transition("rpi", &gone, false, Some(&changes))
+                .map(|n| n.summary),
+            Some("rpi is unreachable".into()),
+            "a change after the wake-up is told"
+        );
     }
 
     #[test]

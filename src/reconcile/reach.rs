@@ -271,6 +271,12 @@ impl HostTracker {
         self.set(Reach::Unreachable, "the machine is going to sleep".into())
     }
 
+    /// Whether the machine is asleep, for reachd (between [`HostTracker::on_sleep`] and
+    /// [`HostTracker::on_resume`]).
+    pub fn is_asleep(&self) -> bool {
+        self.asleep
+    }
+
     /// The machine woke up: check at once, on whatever network NetworkManager reports.
     pub fn on_resume(&mut self, now: Instant) {
         self.asleep = false;
