@@ -105,6 +105,10 @@ host_record! {
     last_upload: String = "LastUpload",
     /// The last upload's error; empty after one without.
     upload_error: String = "UploadError",
+    /// Whether the host is a remote builder Nix may build on now (see `builder_reason`).
+    builder_in_use: bool = "BuilderInUse",
+    /// Why it is or is not; empty for a host without `[host.builder]`.
+    builder_reason: String = "BuilderReason",
 }
 
 /// The time now as a host's `Since` counts it: microseconds since the Unix epoch.
@@ -326,6 +330,8 @@ mod tests {
             uploads_pending: 0,
             last_upload: String::new(),
             upload_error: String::new(),
+            builder_in_use: false,
+            builder_reason: String::new(),
         }
     }
 
@@ -372,6 +378,8 @@ mod tests {
             uploads_pending: 12,
             last_upload: "3 paths copied".into(),
             upload_error: "cannot connect".into(),
+            builder_in_use: true,
+            builder_reason: "in use".into(),
         };
         let all = old
             .changed_to(&new)

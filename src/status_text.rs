@@ -22,7 +22,7 @@ pub fn table(hosts: &[HostStatus], now_micros: u64) -> String {
                 ago(h.since, now_micros),
                 or_dash(&h.address).to_string(),
                 h.target_state.clone(),
-                nix_column(h).to_string(),
+                nix_column(h),
                 uploads_column(h),
                 h.reason.clone(),
             ]
@@ -76,6 +76,9 @@ pub fn detail(h: &HostStatus, now_micros: u64) -> String {
     if !h.nix_reason.is_empty() {
         line("nix cache", &h.nix_reason);
     }
+    if !h.builder_reason.is_empty() {
+        line("nix builder", &h.builder_reason);
+    }
     if has_uploads(h) {
         line("uploads", &format!("{} waiting", h.uploads_pending));
         line("last upload", or_dash(&h.last_upload));
@@ -94,6 +97,9 @@ pub fn change_line(h: &HostStatus) -> String {
     );
     if !h.nix_reason.is_empty() {
         let _ = write!(line, "; nix: {}", h.nix_reason);
+    }
+    if !h.builder_reason.is_empty() {
+        let _ = write!(line, "; builder: {}", h.builder_reason);
     }
     if has_uploads(h) {
         let _ = write!(line, "; uploads: {}", uploads_column(h));
@@ -135,12 +141,20 @@ fn or_dash(text: &str) -> &str {
     }
 }
 
-/// "in use", "not used", or "-" for a host without a cache.
-fn nix_column(h: &HostStatus) -> &'static str {
-    match (h.nix_reason.is_empty(), h.nix_in_use) {
-        (true, _) => "-",
-        (false, true) => "in use",
-        (false, false) => "not used",
+/// What Nix uses of the host now: "cache", "builder", "cache+builder"; "not used" when it has
+/// either but neither is used; "-" for a host with neither.
+fn nix_column(h: &HostStatus) -> String {
+    let used: Vec<&str> = [("cache", h.nix_in_use), ("builder", h.builder_in_use)]
+        .into_iter()
+        .filter_map(|(what, in_use)| in_use.then_some(what))
+        .collect();
+    match (
+        h.nix_reason.is_empty() && h.builder_reason.is_empty(),
+        used.is_empty(),
+    ) {
+        (true, _) => "-".into(),
+        (false, true) => "not used".into(),
+        (false, false) => used.join("+"),
     }
 }
 
@@ -190,6 +204,8 @@ mod tests {
             uploads_pending: 3,
             last_upload: "2 builds done, 5 paths copied".into(),
             upload_error: String::new(),
+            builder_in_use: false,
+            builder_reason: String::new(),
         }
     }
 
@@ -211,6 +227,8 @@ mod tests {
             uploads_pending: 0,
             last_upload: String::new(),
             upload_error: String::new(),
+            builder_in_use: false,
+            builder_reason: String::new(),
         }
     }
 
@@ -218,10 +236,26 @@ mod tests {
     fn the_table_has_a_header_and_aligned_columns() {
         assert_eq!(
             table(&[pi(), nas()], NOW),
-            "HOST  STATE        SINCE           ADDRESS     TARGET    NIX     UPLOADS    WHY\n\
-             rpi   reachable    5 min ago       192.0.2.10  active    in use  3 waiting  answered at 192.0.2.10\n\
-             nas   unreachable  1 h 30 min ago  -           inactive  -       -          network disconnected\n"
+            "HOST  STATE        SINCE           ADDRESS     TARGET    NIX    UPLOADS    WHY\n\
+             rpi   reachable    5 min ago       192.0.2.10  active    cache  3 waiting  answered at 192.0.2.10\n\
+             nas   unreachable  1 h 30 min ago  -           inactive  -      -          network disconnected\n"
         );
+    }
+
+    #[test]
+    fn the_nix_column_names_what_nix_uses() {
+        let mut host = pi();
+        host.builder_reason = "in use".into();
+        host.builder_in_use = true;
+        assert_eq!(nix_column(&host), "cache+builder");
+        host.nix_in_use = false;
+        assert_eq!(nix_column(&host), "builder");
+        host.builder_in_use = false;
+        host.builder_reason = "host unreachable".into();
+        assert_eq!(nix_column(&host), "not used");
+        assert!(detail(&host, NOW).contains("\n  nix builder  host unreachable\n"));
+        assert!(change_line(&host).contains("; builder: host unreachable"));
+        assert_eq!(nix_column(&nas()), "-");
     }
 
     #[test]

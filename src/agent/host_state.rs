@@ -53,6 +53,21 @@ impl Host {
         }
     }
 
+    /// Whether the host is a remote builder that is reachable: while one is, root's remote
+    /// builders stay on.
+    pub fn builder_in_use(&self) -> bool {
+        self.config.builder.is_some() && self.tracker.reach == Reach::Reachable
+    }
+
+    /// Why the host's remote builder is used or not; empty for a host that is none.
+    fn builder_reason(&self) -> String {
+        match (&self.config.builder, self.tracker.reach) {
+            (None, _) => String::new(),
+            (Some(_), Reach::Reachable) => "in use".into(),
+            (Some(_), reach) => format!("host {}", reach.as_str()),
+        }
+    }
+
     /// What the host's D-Bus object shows.
     pub fn status(&self) -> HostStatus {
         HostStatus {
@@ -89,6 +104,8 @@ impl Host {
                 .as_ref()
                 .map(|u| u.last_error.clone())
                 .unwrap_or_default(),
+            builder_in_use: self.builder_in_use(),
+            builder_reason: self.builder_reason(),
         }
     }
 

@@ -225,17 +225,29 @@ fn drain_for(config: &Config, current: Option<&Drain>) -> Option<Drain> {
     })
 }
 
-/// Empties the nix.conf fragment (Nix is pointed at nothing until a cache answers; one left by
-/// a crash goes now) and binds each served cache's port, by host name.
+/// Whether reachd writes a nix.conf fragment: a host has a cache or is a remote builder.
+fn uses_nix(config: &Config) -> bool {
+    config
+        .hosts
+        .iter()
+        .any(|h| h.nix.is_some() || h.builder.is_some())
+}
+
+/// Whether a host is a remote builder: remote builds are then off while none is reachable.
+fn has_builders(config: &Config) -> bool {
+    config.hosts.iter().any(|h| h.builder.is_some())
+}
+
+/// Empties the nix.conf fragment (Nix is pointed at nothing until a cache answers, remote builds
+/// off until a builder is reachable; one left by a crash goes now) and binds each served cache's port, by host name.
 async fn start_nix(
     config: &Config,
     runtime_dir: &Path,
 ) -> anyhow::Result<(Option<Fragment>, HashMap<String, TcpListener>)> {
-    let uses_nix = config.hosts.iter().any(|h| h.nix.is_some());
-    let mut fragment = uses_nix.then(|| Fragment::in_runtime_dir(runtime_dir));
+    let mut fragment = uses_nix(config).then(|| Fragment::in_runtime_dir(runtime_dir));
     if let Some(fragment) = &mut fragment {
         fragment
-            .set(&[])
+            .set(&[], has_builders(config))
             .with_context(|| format!("cannot write {}", fragment.path().display()))?;
     }
     let listeners = bind_caches(config.hosts.iter()).await?;
@@ -494,8 +506,8 @@ impl Agent {
         wake
     }
 
-    /// Writes the nix.conf fragment with the caches in use now, if that changed. When the write
-    /// fails, returns when to try again.
+    /// Writes the nix.conf fragment with the caches in use now, and remote builds off while no
+    /// builder is reachable, if that changed. When the write fails, returns when to try again.
     fn point_nix(&mut self) -> Option<Instant> {
         let fragment = self.fragment.as_mut()?;
         let in_use: Vec<String> = self
@@ -504,10 +516,16 @@ impl Agent {
             .filter(|h| h.nix.as_ref().is_some_and(|g| g.in_use()))
             .filter_map(|h| h.config.nix.as_ref().map(NixCache::substituter))
             .collect();
-        match fragment.set(&in_use) {
-            Ok(true) => {
-                info!(caches = ?in_use, "{}: Nix caches in use: {in_use:?}", fragment.path().display())
-            }
+        let builders_off =
+            has_builders(&self.config) && !self.hosts.iter().any(|h| h.builder_in_use());
+        match fragment.set(&in_use, builders_off) {
+            Ok(true) => info!(
+                caches = ?in_use,
+                builders_off,
+                "{}: Nix caches in use: {in_use:?}{}",
+                fragment.path().display(),
+                if builders_off { "; remote builds off" } else { "" }
+            ),
             Ok(false) => {}
             Err(err) => {
                 warn!(
@@ -529,11 +547,12 @@ impl Agent {
         }
     }
 
-    /// Points Nix away from every cache, ends every task, gives the bus name up (with a reply, so that a successor started right
+    /// Points Nix away from every cache (and its remote builds off), ends every task, gives the bus name up (with a reply, so that a successor started right
     /// after can take it) and closes the session bus connection.
     async fn stop(mut self) {
+        let builders_off = has_builders(&self.config);
         if let Some(fragment) = &mut self.fragment {
-            if let Err(err) = fragment.set(&[]) {
+            if let Err(err) = fragment.set(&[], builders_off) {
                 warn!("cannot write {}: {err}", fragment.path().display());
             }
         }

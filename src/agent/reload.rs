@@ -31,8 +31,8 @@ use crate::error::Chain;
 use crate::event::HostId;
 
 use super::{
-    arriving, bind_caches, drain_for, runtime_dir_for, start_following, with_addresses, Agent,
-    Environment,
+    arriving, bind_caches, drain_for, runtime_dir_for, start_following, uses_nix, with_addresses,
+    Agent, Environment,
 };
 
 /// Where the agent reads its configuration again, and what it needs to follow new hosts.
@@ -245,8 +245,7 @@ impl Agent {
             let bus = self.reloader.system_bus.clone();
             self.tasks.follow_network(bus, with_addresses(config));
         }
-        let uses_nix = config.hosts.iter().any(|h| h.nix.is_some());
-        if uses_nix && self.fragment.is_none() {
+        if uses_nix(config) && self.fragment.is_none() {
             let runtime_dir = self.reloader.runtime_dir.clone().unwrap_or_default();
             self.fragment = Some(Fragment::in_runtime_dir(&runtime_dir));
         }

@@ -1,7 +1,9 @@
 //! The one nix.conf fragment reachd owns, `$XDG_RUNTIME_DIR/reachd/nix.conf`, which the user
 //! includes from their nix.conf with `!include` (a missing file is ignored). It names the caches
 //! Nix may use now, and nothing at all while none is there, so that away from home Nix never
-//! hears of them. The file is replaced atomically (write, fsync, rename, fsync the directory):
+//! hears of them; and while no remote builder of the user's hosts is there, it switches the
+//! nix-daemon's remote builders off (`builders =`: the one value of `builders` the daemon takes
+//! from a user it does not trust, docs/remote-builder.md). The file is replaced atomically (write, fsync, rename, fsync the directory):
 //! a Nix command reading it concurrently sees the old or the new file, never half of one (a
 //! syntax error in an included file would break every Nix command). It lives in the runtime
 //! directory so that a reboot or a logout never leaves a stale cache behind.
@@ -32,10 +34,11 @@ impl Fragment {
         &self.path
     }
 
-    /// Makes the fragment name exactly `substituters` (in this order; none: no setting at all).
-    /// Writes only when that changes what was written; returns whether it wrote.
-    pub fn set(&mut self, substituters: &[String]) -> io::Result<bool> {
-        let text = render(substituters, &self.path);
+    /// Makes the fragment name exactly `substituters` (in this order; none: no setting at all)
+    /// and, with `builders_off`, switch remote builds off. Writes only when that changes what
+    /// was written; returns whether it wrote.
+    pub fn set(&mut self, substituters: &[String], builders_off: bool) -> io::Result<bool> {
+        let text = render(substituters, builders_off, &self.path);
         if self.written.as_ref() == Some(&text) {
             return Ok(false);
         }
@@ -47,10 +50,11 @@ impl Fragment {
 
 /// The fragment's text. Substituter URIs are validated by the configuration (no whitespace, no
 /// `#`), so each is one word of the one setting line.
-fn render(substituters: &[String], path: &Path) -> String {
+fn render(substituters: &[String], builders_off: bool, path: &Path) -> String {
     let mut text = format!(
-        "# Written by reachd: the Nix caches on this network that answer now (`reachd status`\n\
-         # says why one is not here). reachd replaces this file; include it from nix.conf with\n\
+        "# Written by reachd: the Nix caches on this network that answer now, and remote builds\n\
+         # off while no remote builder of reachd's hosts is there (`reachd status` says why).\n\
+         # reachd replaces this file; include it from nix.conf with\n\
          # !include {}\n",
         path.display()
     );
@@ -59,6 +63,9 @@ fn render(substituters: &[String], path: &Path) -> String {
             "extra-substituters = {}\n",
             substituters.join(" ")
         ));
+    }
+    if builders_off {
+        text.push_str("builders =\n");
     }
     text
 }
@@ -82,13 +89,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut fragment = Fragment::in_runtime_dir(dir.path());
         assert_eq!(fragment.path(), dir.path().join("reachd/nix.conf"));
-        assert!(fragment.set(&[]).unwrap());
+        assert!(fragment.set(&[], false).unwrap());
         let away = fs::read_to_string(fragment.path()).unwrap();
         assert!(away.lines().all(|l| l.starts_with('#')), "{away}");
-        assert!(!fragment.set(&[]).unwrap(), "unchanged: not written again");
+        assert!(
+            !fragment.set(&[], false).unwrap(),
+            "unchanged: not written again"
+        );
 
         let home = ["http://127.0.0.1:37515".to_string()];
-        assert!(fragment.set(&home).unwrap());
+        assert!(fragment.set(&home, false).unwrap());
         let text = fs::read_to_string(fragment.path()).unwrap();
         let settings: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(settings, ["extra-substituters = http://127.0.0.1:37515"]);
@@ -100,13 +110,39 @@ mod tests {
     }
 
     #[test]
+    fn switches_remote_builds_off_while_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fragment = Fragment::in_runtime_dir(dir.path());
+        let settings = |fragment: &Fragment| -> Vec<String> {
+            let text = fs::read_to_string(fragment.path()).unwrap();
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(String::from)
+                .collect()
+        };
+        assert!(fragment.set(&[], true).unwrap());
+        assert_eq!(settings(&fragment), ["builders ="]);
+        let home = ["http://127.0.0.1:37515".to_string()];
+        assert!(fragment.set(&home, false).unwrap());
+        assert_eq!(
+            settings(&fragment),
+            ["extra-substituters = http://127.0.0.1:37515"]
+        );
+        assert!(fragment.set(&home, true).unwrap());
+        assert_eq!(
+            settings(&fragment),
+            ["extra-substituters = http://127.0.0.1:37515", "builders ="]
+        );
+    }
+
+    #[test]
     fn a_write_that_fails_is_reported_and_retried() {
         let dir = tempfile::tempdir().unwrap();
         // The fragment's directory cannot be created: a file stands in its way.
         fs::write(dir.path().join("reachd"), "").unwrap();
         let mut fragment = Fragment::in_runtime_dir(dir.path());
-        assert!(fragment.set(&[]).is_err());
+        assert!(fragment.set(&[], false).is_err());
         fs::remove_file(dir.path().join("reachd")).unwrap();
-        assert!(fragment.set(&[]).unwrap(), "written once it can be");
+        assert!(fragment.set(&[], false).unwrap(), "written once it can be");
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod host_builder;
 mod host_nix;
 
 pub use self::host_nix::{
@@ -63,7 +64,7 @@ impl Config {
         }
         for host in &self.hosts {
             text.push_str(&format!(
-                "host {}: {} -> {}{}{}{}{}\n",
+                "host {}: {} -> {}{}{}{}{}{}\n",
                 host.name,
                 host.hostname,
                 host.target,
@@ -86,6 +87,10 @@ impl Config {
                 host.upload
                     .as_ref()
                     .map(|store| format!(", builds uploaded to {store}"))
+                    .unwrap_or_default(),
+                host.builder
+                    .as_ref()
+                    .map(|uri| format!(", remote builder {uri}"))
                     .unwrap_or_default(),
             ));
         }
@@ -112,6 +117,9 @@ pub struct HostConfig {
     /// `[host.nix] upload`: builds recorded by the post-build hook are copied to this store
     /// (a Nix store URI; `unix://%t/…` is under `$XDG_RUNTIME_DIR`) while the host is there.
     pub upload: Option<String>,
+    /// `[host.builder] uri`: the host is the nix-daemon's remote builder of this store URI
+    /// (root's machine line); remote builds are switched off while no such host is reachable.
+    pub builder: Option<String>,
 }
 
 impl HostConfig {
@@ -283,6 +291,7 @@ struct RawHost {
     #[serde(default)]
     connections: Vec<Spanned<String>>,
     nix: Option<Spanned<host_nix::RawNix>>,
+    builder: Option<host_builder::RawBuilder>,
 }
 
 #[derive(Deserialize)]
@@ -468,6 +477,10 @@ fn validate_host(
         }
         None => (None, None),
     };
+    let builder = raw
+        .builder
+        .map(|table| host_builder::validate(table, &at))
+        .transpose()?;
     Ok(HostConfig {
         name: raw.name.into_inner(),
         hostname,
@@ -476,6 +489,7 @@ fn validate_host(
         connections,
         nix,
         upload,
+        builder,
     })
 }
 
@@ -645,11 +659,46 @@ mod tests {
                 connections: vec![],
                 nix: None,
                 upload: None,
+                builder: None,
             }]
         );
         assert_eq!(config.probe, ProbeSettings::default());
         assert_eq!(config.hosts[0].fqdn(), "rpi.local.");
         assert_eq!(config.hosts[0].address_variable(), "REACHD_RPI_ADDRESS");
+    }
+
+    #[test]
+    fn a_remote_builder_is_named_by_root_s_store_uri() {
+        let host = |table: &str| {
+            format!("[[host]]\nname = \"rpi\"\nhostname = \"rpi.local\"\n[host.builder]\n{table}\n")
+        };
+        let config = parse(&host(r#"uri = "ssh-ng://nix-builder@rpi.local""#), "c.toml").unwrap();
+        assert_eq!(
+            config.hosts[0].builder.as_deref(),
+            Some("ssh-ng://nix-builder@rpi.local")
+        );
+        assert!(config
+            .summary(&Source::Embedded)
+            .contains(", remote builder ssh-ng://nix-builder@rpi.local\n"));
+        for bad in [
+            r#"uri = "rpi.local""#,
+            r#"uri = "ssh-ng://""#,
+            r#"uri = "ssh://a b""#,
+            r#"uri = "ssh://rpi; ssh://evil""#,
+        ] {
+            let err = error(&host(bad));
+            assert!(
+                err.starts_with("config.toml:5:7: key `uri`: ") && err.contains("ssh-ng://"),
+                "{bad}: {err}"
+            );
+        }
+        assert!(
+            error(&host("")).contains("missing field `uri`"),
+            "{}",
+            error(&host(""))
+        );
+        let unknown = error(&host("uri = \"ssh://rpi\"\nsystems = \"aarch64-linux\""));
+        assert!(unknown.contains("unknown field `systems`"), "{unknown}");
     }
 
     #[test]

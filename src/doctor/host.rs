@@ -196,6 +196,7 @@ mod tests {
             connections: vec!["3f9a7c1e-5b2d-4e8f-9a61-0c2b7d4e1a01".into()],
             nix: None,
             upload: None,
+            builder: None,
         }
     }
 

@@ -412,6 +412,7 @@ mod tests {
             connections: connections.iter().map(|s| s.to_string()).collect(),
             nix: None,
             upload: None,
+            builder: None,
         }
     }
 
