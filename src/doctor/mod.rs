@@ -7,6 +7,7 @@
 //! Each check is a small function that returns [`Finding`]s; [`Finding`]'s `Display` is the one
 //! place that decides how a line looks. The checks read; none changes anything.
 
+mod builders;
 mod files;
 mod host;
 mod nix_bin;

@@ -82,6 +82,11 @@ impl NixConf {
         self.settings.get(name).map_or(&[], Vec::as_slice)
     }
 
+    /// Whether setting `name` is set at all (to an empty value, too).
+    pub fn is_set(&self, name: &str) -> bool {
+        self.settings.contains_key(name)
+    }
+
     /// Applies the text of `file` (already read), following its includes.
     pub fn apply(&mut self, file: &Path, text: &str, depth: usize) {
         for (number, line) in parse(text) {

@@ -1,7 +1,8 @@
 //! The Nix side of hosts with `[host.nix]`: the user's nix.conf includes reachd's fragment, the
 //! system's trusts each cache's exact URL (and does not include the fragment), and, for uploads,
 //! Nix's post-build hook is reachd's, the spool is writable by the user and the signing keys are
-//! in order. docs/nix.md is the set-up these checks follow.
+//! in order; for remote builders, root's list names them (builders.rs). docs/nix.md is the
+//! set-up these checks follow.
 
 use std::ffi::CString;
 use std::fs;
@@ -10,6 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use super::builders;
 use super::files::{root_program_problem, Facts};
 use super::nix_conf::NixConf;
 use super::{Finding, Paths};
@@ -22,10 +24,10 @@ const RESTART: &str = "then restart the nix-daemon (`sudo systemctl restart nix-
 
 /// The system's nix.conf: what it says, where it is, and whether NixOS makes it (a file in the
 /// store, read-only: its fixes are options of the system's configuration, not edits).
-struct SystemConf {
-    conf: NixConf,
-    path: PathBuf,
-    by_nixos: bool,
+pub(super) struct SystemConf {
+    pub conf: NixConf,
+    pub path: PathBuf,
+    pub by_nixos: bool,
 }
 
 impl SystemConf {
@@ -58,7 +60,11 @@ pub fn check(
     agent_groups: Option<&[u32]>,
     emit: &mut impl FnMut(Finding),
 ) {
-    if config.hosts.iter().all(|h| h.nix.is_none()) {
+    if config
+        .hosts
+        .iter()
+        .all(|h| h.nix.is_none() && h.builder.is_none())
+    {
         return;
     }
     let runtime_dir = paths.runtime_dir.clone().unwrap_or_else(|| {
@@ -96,6 +102,9 @@ pub fn check(
     for host in &config.hosts {
         if let Some(cache) = &host.nix {
             emit(trusted_substituter(&host.name, cache, &system));
+        }
+        if let Some(uri) = &host.builder {
+            emit(builders::listed(&host.name, uri, &system));
         }
     }
     if config.hosts.iter().any(|h| h.upload.is_some()) {

@@ -369,6 +369,17 @@ impl Rig {
     }
 
     /// The substituters the agent's nix.conf fragment names now (none: no setting).
+    /// The settings lines of the nix.conf fragment.
+    fn fragment_settings(&self) -> Vec<String> {
+        let path = self.runtime.path().join("reachd/nix.conf");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|err| panic!("the fragment {} is there: {err}", path.display()));
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(String::from)
+            .collect()
+    }
+
     fn fragment_substituters(&self) -> Vec<String> {
         let path = self.runtime.path().join("reachd/nix.conf");
         let text = std::fs::read_to_string(&path)

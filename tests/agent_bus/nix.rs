@@ -1,6 +1,6 @@
 //! Nix on private buses: the nix.conf fragment names a cache only while it answers (a fake
-//! cache) and not after the target stops, and builds recorded while the host is away are counted
-//! and kept.
+//! cache) and not after the target stops, switches remote builds off while the builder host is
+//! away, and builds recorded while the host is away are counted and kept.
 
 use super::*;
 
@@ -69,5 +69,48 @@ fn builds_recorded_while_away_are_counted_and_kept() {
         assert_eq!(host.upload_error, "");
         assert_eq!(host.last_upload, "", "nothing uploaded while away");
         assert_eq!(spool.pending("rpi").expect("the queue reads").len(), 1);
+    });
+}
+
+#[test]
+fn remote_builds_are_off_exactly_while_the_builder_host_is_not_reachable() {
+    on_buses(async {
+        let probe = FakeProbe::present(pi());
+        let setup = Setup {
+            probe: Some(probe.clone()),
+            host_config: "[host.builder]\nuri = \"ssh-ng://nix-builder@rpi.local\"\n".into(),
+            ..Setup::new(Some(Network::disconnected()), UnitSpec::loaded("inactive"))
+        };
+        let mut rig = Rig::start(setup).await;
+        let host = rig
+            .wait_host("away", |h| h.builder_reason == "host unreachable")
+            .await;
+        assert!(!host.builder_in_use);
+        assert_eq!(rig.fragment_settings(), ["builders ="], "off while away");
+
+        let home = Network::connected(NM_STATE_CONNECTED_GLOBAL, HOME_UUID);
+        rig.nm().set(&home).await.unwrap();
+        rig.wait_host("building on it", |h| h.builder_in_use).await;
+        assert_eq!(
+            rig.fragment_settings(),
+            Vec::<String>::new(),
+            "root's builders apply at home"
+        );
+
+        probe.vanish();
+        let host = rig
+            .wait_host("the builder vanished", |h| !h.builder_in_use)
+            .await;
+        assert_eq!(host.builder_reason, "host unreachable");
+        assert_eq!(rig.fragment_settings(), ["builders ="]);
+
+        probe.move_to(pi());
+        rig.wait_host("back", |h| h.builder_in_use).await;
+        rig.shutdown().await.expect("run returns Ok on shutdown");
+        assert_eq!(
+            rig.fragment_settings(),
+            ["builders ="],
+            "nothing watches the builder once the agent is gone"
+        );
     });
 }
