@@ -1,8 +1,8 @@
 //! Nix for the tests outside the lab: the precondition of those that run real Nix
-//! (tests/nix_cache.rs, tests/nix_spool.rs): root (chroot stores, a nix-daemon) and Nix's
-//! programs, or a failure that says what to install, never a silent skip; and the evaluation of
-//! the repository's Nix files with `nix-instantiate` alone (tests/nix_files.rs,
-//! tests/install.rs), which needs neither root nor nixpkgs.
+//! (tests/nix_cache.rs, tests/nix_spool.rs, tests/nix_builders.rs): root (chroot stores, a
+//! nix-daemon) and Nix's programs, or a failure that says what to install, never a silent skip;
+//! and the evaluation of the repository's Nix files with `nix-instantiate` alone
+//! (tests/nix_files.rs, tests/install.rs), which needs neither root nor nixpkgs.
 
 use std::process::{Command, Output};
 
