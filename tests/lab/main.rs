@@ -17,6 +17,7 @@
 //!
 //! Never run two labs at once on one machine: each starts by removing the other's leftovers.
 
+mod builder;
 mod doctor;
 mod firewall;
 mod hostile_lan;

@@ -4,7 +4,7 @@
 //! 28, the vanish window (vanish.rs); 29, a NixOS-like firewall (firewall.rs);
 //! 30 and 32, sleep and malformed mDNS answers (stress.rs); from 35, `reachd doctor`
 //! (doctor.rs); 38, the README's status bar example (status_bar.rs); 40, reloading the
-//! configuration (reload.rs); then the Nix ones again with a current Nix (main.rs). Each one
+//! configuration (reload.rs); 41, the Pi as remote builder (builder.rs); then the Nix ones again with a current Nix (main.rs). Each one
 //! starts from the baseline (home up, Pi present, target active) unless it continues the
 //! previous one, asserts the units, reachd's own view and real traffic, and returns a short
 //! report of what it measured.
@@ -21,7 +21,7 @@ use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
 use reachd_testkit::process::{wait_until, Spawn};
 
 use crate::{
-    doctor, firewall, hostile_lan, nix, reliability, reload, status_bar, stress, upload, vanish,
+    builder, doctor, firewall, hostile_lan, nix, reliability, reload, status_bar, stress, upload, vanish,
 };
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;
@@ -70,6 +70,7 @@ pub const SCENARIOS: &[(&str, bool, Scenario)] = &[
     ("37-doctor-host-away", false, doctor::doctor_host_away),
     ("38-status-bar", false, status_bar::status_bar),
     ("40-reload", false, reload::reload),
+    ("41-nix-builder", false, builder::nix_builder),
 ];
 
 /// The default bound for noticing a Pi that vanished without a word.

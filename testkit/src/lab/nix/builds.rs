@@ -62,18 +62,14 @@ impl Lab {
         if !caches.pi {
             spawn = spawn.env("NIX_USER_CONF_FILES", user_conf_without_include());
         }
-        let start = Instant::now();
-        let failure = match NixRun::of(spawn, BUILD_TIMEOUT) {
-            Ok(run) if run.code == 0 && run.stdout.trim().starts_with("/nix/store/") => None,
-            Ok(run) => Some(run.summary()),
-            Err(e) => Some(e),
-        };
-        Timed {
-            at: Duration::ZERO,
-            caches,
-            took: start.elapsed(),
-            failure,
-        }
+        let (timed, _) = timed_build(spawn);
+        Timed { caches, ..timed }
+    }
+
+    /// `nix-build ARGS` as the user, with reachd's fragment; timed, and the store path it
+    /// printed when it succeeded.
+    pub fn build_args(&self, args: &[&str]) -> (Timed, Option<String>) {
+        timed_build(self.user_nix(args))
     }
 
     /// A build of a new derivation (tagged `tag`), timed.
@@ -123,6 +119,28 @@ impl Lab {
                 .collect()
         })
     }
+}
+
+/// Runs the nix-build `spawn`, timed; the store path it printed when it succeeded.
+fn timed_build(spawn: crate::process::Spawn) -> (Timed, Option<String>) {
+    let start = Instant::now();
+    let (failure, path) = match NixRun::of(spawn, BUILD_TIMEOUT) {
+        Ok(run) if run.code == 0 && run.stdout.trim().starts_with("/nix/store/") => {
+            (None, Some(run.stdout.trim().to_string()))
+        }
+        Ok(run) => (Some(run.summary()), None),
+        Err(e) => (Some(e), None),
+    };
+    let timed = Timed {
+        at: Duration::ZERO,
+        caches: Caches {
+            pi: true,
+            stand_in: false,
+        },
+        took: start.elapsed(),
+        failure,
+    };
+    (timed, path)
 }
 
 /// How much longer than its neighbours `build` took: its time less the slowest of the builds in

@@ -132,6 +132,7 @@ impl Lab {
             .laptop_nix_install
             .daemon(&etc, &home, &store)
             .env("NIX_DAEMON_SOCKET_PATH", laptop_socket())
+            .env("NIX_SSHOPTS", super::builder::root_ssh_options())
             .env(SPOOL_VAR, spool_dir())
             .netns(Lab::netns_path("laptop"));
         self.laptop_nix = Some(self.daemon("laptop-nix-daemon", daemon)?);

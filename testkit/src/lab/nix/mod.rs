@@ -5,7 +5,7 @@
 //! includes reachd's fragment as README.md, "Nix at home", tells users to.
 //!
 //! Modules: pi.rs (the Pi's daemon and store), laptop.rs (the laptop's daemon, running nix as
-//! the user), install.rs (which Nix the laptop runs: the machine's, or a current one in a chroot), builds.rs (timed builds of new derivations, alone or on a schedule), vanish.rs (the
+//! the user), builder.rs (the Pi as the laptop's remote builder), install.rs (which Nix the laptop runs: the machine's, or a current one in a chroot), builds.rs (timed builds of new derivations, alone or on a schedule), vanish.rs (the
 //! vanish window: faults and the builds timed across them), fragment.rs (reachd's fragment and what reachd says about Nix), upload.rs (the
 //! post-build hook, the spool, the laptop's signing key); places.rs (where things are) and
 //! tools.rs (starting Nix, greeting a daemon) are the leaves they all read; the user's
@@ -38,6 +38,7 @@ use std::path::Path;
 
 use crate::lab::Lab;
 
+mod builder;
 mod builds;
 mod fragment;
 mod install;
@@ -48,6 +49,7 @@ mod tools;
 mod upload;
 pub mod vanish;
 
+pub use self::builder::{builder_table, pi_machine_line, BuiltOn, CONNECT_TIMEOUT};
 pub use self::builds::{derivation_expr, extra_wait, nonce, Caches, Spread, Timed, BUILD_TIMEOUT};
 pub use self::fragment::Fragment;
 pub use self::install::{LaptopNix, CURRENT_NIX_VAR};

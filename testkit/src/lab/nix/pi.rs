@@ -38,6 +38,10 @@ in rec {
 }
 "#;
 
+/// A file only builds on the Pi see (the Pi's `extra-sandbox-paths`): a derivation that copies
+/// it when it is there tells where it was built (builder.rs).
+pub const PI_MARKER: &str = "/reachd-lab-pi";
+
 /// The Pi's public key, `pi-1:…`.
 pub(super) fn pi_key() -> Result<String, String> {
     let path = pi_nix_dir().join("pi-1.pub");
@@ -84,10 +88,12 @@ impl Lab {
                  # takes the laptop's uploads signed by laptop-1.\n\
                  trusted-users = root\nsandbox = false\nbuild-users-group =\nsubstituters =\n\
                  trusted-public-keys = {key} {laptop_key}\nsecret-key-files = {}\n\
-                 experimental-features = nix-command\nextra-sandbox-paths = /bin /usr /lib /lib64\n",
-                sec.display()
+                 experimental-features = nix-command\nextra-sandbox-paths = /bin /usr /lib /lib64 {PI_MARKER}={}\n",
+                sec.display(),
+                nix.join("pi-marker").display()
             ),
         )?;
+        write(&nix.join("pi-marker"), "pi\n")?;
         write(&nix.join("paths.nix"), PI_PATHS_NIX)?;
         // ip netns exec, unshare and sh all exec: the PID is nix-daemon's, in the Pi's namespaces.
         // unshare's mount namespace is private: the tmpfs never shows in the machine's.

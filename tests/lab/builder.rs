@@ -1,0 +1,161 @@
+//! The Pi as the laptop's remote builder (docs/remote-builder.md): root lists it in the laptop
+//! daemon's machines file, reachd's `[host.builder]` switches remote builds off while it is not
+//! reachable. At home a build of the untrusted lab user runs on the Pi, with no option; the
+//! user cannot make the daemon build on a machine root did not list; away, builds run here
+//! without asking the Pi; after the Pi lost power, builds run here, waiting at most root's
+//! connect timeout for it until reachd notices, none failing.
+
+use std::time::{Duration, Instant};
+
+use reachd_testkit::lab::expect::REACHD;
+use reachd_testkit::lab::nix::{
+    builder_table, fragment_path, pi_machine_line, BuiltOn, Timed, CONNECT_TIMEOUT,
+};
+use reachd_testkit::lab::user::reachd_config;
+use reachd_testkit::lab::{secs, Lab, HOME_UUID, T};
+use reachd_testkit::process::wait_until;
+
+use crate::scenarios::baseline;
+
+/// Beyond root's connect timeout, how much longer than a build that never asks a builder one
+/// may take in the vanish window (a build away: this alone).
+const EXTRA: Duration = Duration::from_secs(1);
+/// How long builds are started after the Pi lost power.
+const WINDOW: Duration = Duration::from_secs(8);
+/// The argument that keeps a build from asking any builder: what the others are compared with.
+const NO_BUILDERS: [&str; 2] = ["--builders", ""];
+
+pub fn nix_builder(lab: &mut Lab) -> Result<String, String> {
+    baseline(lab)?;
+    lab.list_pi_builder(true)?;
+    let outcome = with_builder(lab);
+    // Whatever happened: root's list and reachd's config as the other scenarios have them.
+    let restored = restore(lab);
+    let report = outcome?;
+    restored?;
+    Ok(report)
+}
+
+fn with_builder(lab: &mut Lab) -> Result<String, String> {
+    let u = lab.user();
+    u.write_reachd_config(&format!("{}{}", reachd_config(), builder_table()))?;
+    u.systemctl(&["reload", REACHD])?;
+    expect_builders_off(false, T)?;
+
+    // Home: the Pi builds, for the untrusted user, with no option.
+    let (home, on) = lab.build_telling_where("home", &[]);
+    built(&home, on, BuiltOn::Pi, "at home")?;
+
+    // Root lists no builder: the user naming the Pi does not make the daemon use it.
+    lab.list_pi_builder(false)?;
+    let line = pi_machine_line();
+    let (own, on) = lab.build_telling_where("own", &["--builders", &line]);
+    lab.list_pi_builder(true)?;
+    built(&own, on, BuiltOn::Laptop, "with the user's own --builders")?;
+
+    // Away: reachd switches remote builds off; builds run here at once.
+    lab.nmcli_con("down", HOME_UUID)?;
+    lab.expect_down(T, "home down (builder)")?;
+    expect_builders_off(true, T)?;
+    let mut away = Vec::new();
+    for i in 0..3 {
+        away.push(pair(lab, &format!("away-{i}"), "away")?);
+    }
+    let away_worst = away.iter().max().copied().unwrap_or_default();
+    if away_worst > EXTRA {
+        return Err(format!(
+            "away, a build took {} longer than one asking no builder",
+            secs(away_worst)
+        ));
+    }
+    lab.nmcli_con("up", HOME_UUID)?;
+    lab.expect_up(T, "back home (builder)")?;
+    expect_builders_off(false, T)?;
+    let (back, on) = lab.build_telling_where("back", &[]);
+    built(&back, on, BuiltOn::Pi, "back home")?;
+
+    // The Pi loses power, the link stays up: builds from that moment on.
+    lab.pi_port(false)?;
+    let fault = Instant::now();
+    let mut window = Vec::new();
+    let mut i = 0;
+    while fault.elapsed() < WINDOW {
+        window.push(pair(lab, &format!("vanish-{i}"), "after the power loss")?);
+        i += 1;
+    }
+    let off_after = expect_builders_off(true, T)
+        .map(|_| fault.elapsed())
+        .map_err(|e| format!("after the power loss: {e}"));
+    lab.pi_port(true)?;
+    let off_after = off_after?;
+    let worst = window.iter().max().copied().unwrap_or_default();
+    if worst > CONNECT_TIMEOUT + EXTRA {
+        return Err(format!(
+            "after the power loss, a build took {} longer than one asking no builder (root's \
+             connect timeout is {})",
+            secs(worst),
+            secs(CONNECT_TIMEOUT)
+        ));
+    }
+    expect_builders_off(false, Duration::from_secs(30))?;
+    Ok(format!(
+        "home: built on the Pi in {}; the user's own builder not used; away: worst extra {} over \
+         3 builds; after the power loss: {} builds, worst extra {}, remote builds off {} after",
+        secs(home.took),
+        secs(away_worst),
+        window.len(),
+        secs(worst),
+        secs(off_after)
+    ))
+}
+
+/// A build with reachd's fragment, then one that asks no builder; both must run here. How much
+/// longer the first took.
+fn pair(lab: &Lab, tag: &str, when: &str) -> Result<Duration, String> {
+    let (with, on) = lab.build_telling_where(tag, &[]);
+    built(&with, on, BuiltOn::Laptop, when)?;
+    let (without, on) = lab.build_telling_where(&format!("{tag}-none"), &NO_BUILDERS);
+    built(&without, on, BuiltOn::Laptop, &format!("{when}, asking no builder"))?;
+    Ok(with.took.saturating_sub(without.took))
+}
+
+/// The build succeeded, on `wanted`.
+fn built(build: &Timed, on: Option<BuiltOn>, wanted: BuiltOn, when: &str) -> Result<(), String> {
+    if let Some(why) = &build.failure {
+        return Err(format!("{when}: the build failed: {why}"));
+    }
+    match on {
+        Some(on) if on == wanted => Ok(()),
+        other => Err(format!(
+            "{when}: built on {other:?}, not {wanted:?} ({} s)",
+            build.took.as_secs_f64()
+        )),
+    }
+}
+
+/// Waits until reachd's fragment switches remote builds off (`off`) or leaves them to root.
+fn expect_builders_off(off: bool, within: Duration) -> Result<(), String> {
+    let path = fragment_path();
+    let what = format!(
+        "{} {} `builders =`",
+        path.display(),
+        if off { "with" } else { "without" }
+    );
+    wait_until(within, &what, || {
+        let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+        let has = text.lines().any(|l| l == "builders =");
+        Ok((has == off).then_some(()))
+    })
+    .map(drop)
+}
+
+/// The lab's own configuration again (no builder) and no machine listed.
+fn restore(lab: &mut Lab) -> Result<(), String> {
+    lab.pi_port(true)?;
+    lab.list_pi_builder(false)?;
+    let u = lab.user();
+    u.write_reachd_config(&reachd_config())?;
+    u.systemctl(&["reload", REACHD])?;
+    expect_builders_off(false, T)?;
+    baseline(lab)
+}
