@@ -17,6 +17,9 @@ use crate::reconcile::{
 };
 use crate::status::{self, HostStatus};
 
+/// [`Host::builder_reason`] of a builder in use.
+const BUILDER_IN_USE: &str = "in use";
+
 /// Everything the agent holds about one host.
 pub(super) struct Host {
     pub id: HostId,
@@ -53,17 +56,20 @@ impl Host {
         }
     }
 
-    /// Whether the host is a remote builder that is reachable: while one is, root's remote
-    /// builders stay on.
+    /// Whether the host is a remote builder that is reachable, its cache (if it has one) not
+    /// gone silent: while one is, root's remote builders stay on. The cache hears a vanished
+    /// host within half a second of Nix asking it, long before the next check would.
     pub fn builder_in_use(&self) -> bool {
-        self.config.builder.is_some() && self.tracker.reach == Reach::Reachable
+        self.builder_reason() == BUILDER_IN_USE
     }
 
     /// Why the host's remote builder is used or not; empty for a host that is none.
     fn builder_reason(&self) -> String {
+        let silent = self.nix.as_ref().is_some_and(NixGate::went_silent);
         match (&self.config.builder, self.tracker.reach) {
             (None, _) => String::new(),
-            (Some(_), Reach::Reachable) => "in use".into(),
+            (Some(_), Reach::Reachable) if silent => "the host's nix-daemon went silent".into(),
+            (Some(_), Reach::Reachable) => BUILDER_IN_USE.into(),
             (Some(_), reach) => format!("host {}", reach.as_str()),
         }
     }

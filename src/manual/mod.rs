@@ -142,7 +142,10 @@ mod tests {
             ("", "nokey = 1\n".to_string()),
             ("[[host]]", "[[host]]\nnokey = 1\n".to_string()),
             ("[host.nix]", format!("{host}[host.nix]\nnokey = 1\n")),
-            ("[host.builder]", format!("{host}[host.builder]\nnokey = 1\n")),
+            (
+                "[host.builder]",
+                format!("{host}[host.builder]\nnokey = 1\n"),
+            ),
             ("[nix]", "[nix]\nnokey = 1\n".to_string()),
             ("[probe]", "[probe]\nnokey = 1\n".to_string()),
             ("[notify]", "[notify]\nnokey = 1\n".to_string()),

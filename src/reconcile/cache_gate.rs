@@ -52,6 +52,9 @@ pub struct NixGate {
     epoch: u64,
     check_started: Option<Instant>,
     check_due: Option<Instant>,
+    /// The host's daemon went silent while the cache served, and no check has seen it answer
+    /// since: the host is most likely gone (its remote builder is dropped too).
+    silent: bool,
 }
 
 impl Default for NixGate {
@@ -70,12 +73,19 @@ impl NixGate {
             epoch: 0,
             check_started: None,
             check_due: None,
+            silent: false,
         }
     }
 
     /// Whether Nix is to be pointed at the cache.
     pub fn in_use(&self) -> bool {
         self.in_use
+    }
+
+    /// Whether the host's daemon went silent while the cache served it, and no check has seen
+    /// it answer since.
+    pub fn went_silent(&self) -> bool {
+        self.silent
     }
 
     /// The epoch to tag a check with when starting it.
@@ -131,6 +141,7 @@ impl NixGate {
         self.check_started = None;
         self.check_due = Some(now);
         self.reason = "cache not answering: the host's nix-daemon went silent".into();
+        self.silent = true;
         std::mem::take(&mut self.in_use).then_some(false)
     }
 
@@ -160,6 +171,7 @@ impl NixGate {
         match result {
             Ok(()) => {
                 self.in_use = true;
+                self.silent = false;
                 self.reason = "in use".into();
             }
             Err(why) => {
@@ -293,8 +305,10 @@ mod tests {
         let t1 = t0 + INTERVAL;
         assert!(gate.plan(Ok(()), t1).check);
         let running = gate.epoch();
+        assert!(!gate.went_silent());
         assert_eq!(gate.on_silence(t1), Some(false));
         assert!(!gate.in_use());
+        assert!(gate.went_silent());
         assert_eq!(gate.on_silence(t1), None, "already out of use");
         assert_eq!(
             gate.on_check(running, Ok(()), INTERVAL, t1),
@@ -303,10 +317,12 @@ mod tests {
         );
         assert!(!gate.in_use());
         assert!(gate.plan(Ok(()), t1).check, "checked again at once");
+        assert!(gate.went_silent(), "until a check sees it answer");
         assert_eq!(
             gate.on_check(gate.epoch(), Ok(()), INTERVAL, t1),
             Some(true)
         );
+        assert!(!gate.went_silent());
     }
 
     #[test]

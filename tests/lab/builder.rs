@@ -2,12 +2,16 @@
 //! daemon's machines file, reachd's `[host.builder]` switches remote builds off while it is not
 //! reachable. At home a build of the untrusted lab user runs on the Pi, with no option; the
 //! user cannot make the daemon build on a machine root did not list; away, builds run here
-//! without asking the Pi; after the Pi lost power, builds run here, waiting at most root's
-//! connect timeout for it until reachd notices, none failing.
+//! without asking the Pi; after the Pi lost power or its sshd froze, builds run here, none
+//! failing: those started
+//! before reachd switched remote builds off (its cache hears the Pi go silent when Nix asks it,
+//! within about half a second) wait at most root's connect timeout for the Pi, those after it
+//! not at all.
 
 use std::time::{Duration, Instant};
 
 use reachd_testkit::lab::expect::REACHD;
+use reachd_testkit::lab::nix::vanish::Fault;
 use reachd_testkit::lab::nix::{
     builder_table, fragment_path, pi_machine_line, BuiltOn, Timed, CONNECT_TIMEOUT,
 };
@@ -20,7 +24,7 @@ use crate::scenarios::baseline;
 /// Beyond root's connect timeout, how much longer than a build that never asks a builder one
 /// may take in the vanish window (a build away: this alone).
 const EXTRA: Duration = Duration::from_secs(1);
-/// How long builds are started after the Pi lost power.
+/// How long builds are started after the Pi went.
 const WINDOW: Duration = Duration::from_secs(8);
 /// The argument that keeps a build from asking any builder: what the others are compared with.
 const NO_BUILDERS: [&str; 2] = ["--builders", ""];
@@ -74,38 +78,88 @@ fn with_builder(lab: &mut Lab) -> Result<String, String> {
     let (back, on) = lab.build_telling_where("back", &[]);
     built(&back, on, BuiltOn::Pi, "back home")?;
 
-    // The Pi loses power, the link stays up: builds from that moment on.
-    lab.pi_port(false)?;
-    let fault = Instant::now();
-    let mut window = Vec::new();
-    let mut i = 0;
-    while fault.elapsed() < WINDOW {
-        window.push(pair(lab, &format!("vanish-{i}"), "after the power loss")?);
-        i += 1;
+    let mut faults = Vec::new();
+    for fault in Fault::ALL {
+        faults.push(vanish(lab, fault)?);
     }
-    let off_after = expect_builders_off(true, T)
-        .map(|_| fault.elapsed())
-        .map_err(|e| format!("after the power loss: {e}"));
+    Ok(format!(
+        "home: built on the Pi in {}; the user's own builder not used; away: worst extra {} over \
+         3 builds; {}",
+        secs(home.took),
+        secs(away_worst),
+        faults.join("; ")
+    ))
+}
+
+/// The Pi goes (`fault`), the link stays up: builds from that moment on, while a watcher times
+/// reachd's switch; then the Pi comes back and is used again.
+fn vanish(lab: &Lab, fault: Fault) -> Result<String, String> {
+    let what = fault.name();
+    // The cache in use, as at home: Nix asking it is what makes reachd hear the Pi go at once.
+    lab.pi_cache_back_in_use()
+        .map_err(|e| format!("before the {what}: {e}"))?;
+    let start = Instant::now();
+    let healing = fault.inflict(lab)?;
+    let (window, off_after) = std::thread::scope(|s| {
+        let watcher = s.spawn(|| expect_builders_off(true, T).map(|()| start.elapsed()));
+        let mut window = Vec::new();
+        let mut i = 0;
+        while start.elapsed() < WINDOW {
+            let started = start.elapsed();
+            let tag = format!("{}-{i}", what.replace(' ', "-"));
+            match pair(lab, &tag, &format!("after the {what}")) {
+                Ok(extra) => window.push((extra, started)),
+                Err(e) => return (Err(e), Ok(Duration::ZERO)),
+            }
+            i += 1;
+        }
+        let off_after = watcher
+            .join()
+            .unwrap_or_else(|_| Err("the watcher panicked".into()));
+        (Ok(window), off_after)
+    });
+    drop(healing);
     lab.pi_port(true)?;
-    let off_after = off_after?;
-    let worst = window.iter().max().copied().unwrap_or_default();
+    let window = window?;
+    let off_after = off_after.map_err(|e| format!("after the {what}: {e}"))?;
+    // The builds started after the switch, which must not have asked the Pi at all.
+    let after_switch: Vec<Duration> = window
+        .iter()
+        .filter(|(_, started)| *started > off_after)
+        .map(|(extra, _)| *extra)
+        .collect();
+    let mut extra: Vec<Duration> = window.into_iter().map(|(extra, _)| extra).collect();
+    extra.sort();
+    let worst = extra.last().copied().unwrap_or_default();
     if worst > CONNECT_TIMEOUT + EXTRA {
         return Err(format!(
-            "after the power loss, a build took {} longer than one asking no builder (root's \
+            "after the {what}, a build took {} longer than one asking no builder (root's \
              connect timeout is {})",
             secs(worst),
             secs(CONNECT_TIMEOUT)
         ));
     }
-    expect_builders_off(false, Duration::from_secs(30))?;
+    let worst_after = after_switch.iter().max().copied().unwrap_or_default();
+    if worst_after > EXTRA {
+        return Err(format!(
+            "after the {what}, once reachd switched remote builds off, a build took {} longer \
+             than one asking no builder",
+            secs(worst_after)
+        ));
+    }
+    expect_builders_off(false, Duration::from_secs(30))
+        .map_err(|e| format!("the Pi back after the {what}: {e}"))?;
+    let (back, on) = lab.build_telling_where("back", &[]);
+    built(&back, on, BuiltOn::Pi, &format!("back after the {what}"))?;
     Ok(format!(
-        "home: built on the Pi in {}; the user's own builder not used; away: worst extra {} over \
-         3 builds; after the power loss: {} builds, worst extra {}, remote builds off {} after",
-        secs(home.took),
-        secs(away_worst),
-        window.len(),
+        "{what}: remote builds off {} after, {} builds, extra worst {} median {}, worst of the \
+         {} started after the switch {}",
+        secs(off_after),
+        extra.len(),
         secs(worst),
-        secs(off_after)
+        secs(extra[extra.len() / 2]),
+        after_switch.len(),
+        secs(worst_after)
     ))
 }
 
@@ -115,7 +169,12 @@ fn pair(lab: &Lab, tag: &str, when: &str) -> Result<Duration, String> {
     let (with, on) = lab.build_telling_where(tag, &[]);
     built(&with, on, BuiltOn::Laptop, when)?;
     let (without, on) = lab.build_telling_where(&format!("{tag}-none"), &NO_BUILDERS);
-    built(&without, on, BuiltOn::Laptop, &format!("{when}, asking no builder"))?;
+    built(
+        &without,
+        on,
+        BuiltOn::Laptop,
+        &format!("{when}, asking no builder"),
+    )?;
     Ok(with.took.saturating_sub(without.took))
 }
 

@@ -21,7 +21,8 @@ use reachd_testkit::lab::{Lab, CAFE_UUID, HOME_UUID, IMPOSTOR_ADDR, PI_ADDR, T};
 use reachd_testkit::process::{wait_until, Spawn};
 
 use crate::{
-    builder, doctor, firewall, hostile_lan, nix, reliability, reload, status_bar, stress, upload, vanish,
+    builder, doctor, firewall, hostile_lan, nix, reliability, reload, status_bar, stress, upload,
+    vanish,
 };
 
 pub type Scenario = fn(&mut Lab) -> Result<String, String>;

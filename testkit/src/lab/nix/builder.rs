@@ -78,9 +78,8 @@ impl Lab {
     /// timing, and where it ran (`None` when it failed).
     pub fn build_telling_where(&self, tag: &str, extra: &[&str]) -> (Timed, Option<BuiltOn>) {
         let name = format!("b-{tag}-{}", nonce());
-        let script = format!(
-            "if [ -e {PI_MARKER} ]; then echo pi > $out; else echo laptop > $out; fi"
-        );
+        let script =
+            format!("if [ -e {PI_MARKER} ]; then echo pi > $out; else echo laptop > $out; fi");
         let expr = format!(
             "derivation {{ name = \"{name}\"; system = builtins.currentSystem; \
              builder = \"/bin/sh\"; args = [ \"-c\" \"{script}\" ]; preferLocalBuild = false; }}"

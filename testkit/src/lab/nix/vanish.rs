@@ -52,8 +52,9 @@ impl Fault {
         }
     }
 
-    /// Brings the fault about; what it returns, dropped, ends a frozen sshd.
-    fn inflict(self, lab: &Lab) -> Result<Option<Frozen>, String> {
+    /// Brings the fault about; what it returns, dropped, ends a frozen sshd (a power loss ends
+    /// with `pi_port(true)`).
+    pub fn inflict(self, lab: &Lab) -> Result<Option<Frozen>, String> {
         match self {
             Fault::PowerLoss => lab.pi_port(false).map(|()| None),
             Fault::SshdFrozen => {
