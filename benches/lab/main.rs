@@ -7,6 +7,7 @@
 //! (and a run that was killed is cleaned up by the next bench or lab run, from its markers).
 
 mod battery;
+mod builder;
 mod flood;
 mod measure;
 mod nix;
@@ -51,10 +52,11 @@ fn main() -> ExitCode {
         upload_hook: Path::new(env!("CARGO_BIN_EXE_reachd-nix-upload")),
     };
     eprintln!("bench: building the lab in {} ...", lab::DIR);
-    // `cargo bench --bench lab -- nix` (or `-- flood`, `-- battery`): only that part.
+    // `cargo bench --bench lab -- nix` (or `-- flood`, `-- battery`, `-- builder`): only that
+    // part.
     let only = std::env::args()
         .skip(1)
-        .find(|a| a == "nix" || a == "flood" || a == "battery");
+        .find(|a| ["nix", "flood", "battery", "builder"].contains(&a.as_str()));
     let result = Lab::build_with(bins, false).and_then(|mut lab| {
         let report = match only.as_deref() {
             Some("nix") => nix::run(&mut lab).map(|nix| Report {
@@ -63,6 +65,10 @@ fn main() -> ExitCode {
             }),
             Some("battery") => battery::run(&mut lab).map(|battery| Report {
                 battery: Some(battery),
+                ..Report::default()
+            }),
+            Some("builder") => builder::run(&mut lab).map(|builder| Report {
+                builder: Some(builder),
                 ..Report::default()
             }),
             Some(_) => flood::run(&mut lab).map(|flood| Report {
@@ -181,6 +187,7 @@ fn run(lab: &mut Lab) -> Result<Report, String> {
     drop(names);
     report.nix = Some(nix::run(lab)?);
     report.battery = Some(battery::run(lab)?);
+    report.builder = Some(builder::run(lab)?);
     report.flood = Some(flood::run(lab)?);
     Ok(report)
 }

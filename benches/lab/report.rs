@@ -63,6 +63,7 @@ pub struct Report {
     pub link_up: Vec<(usize, LinkUp)>,
     pub nix: Option<crate::nix::NixReport>,
     pub battery: Option<crate::battery::BatteryReport>,
+    pub builder: Option<crate::builder::BuilderReport>,
     pub flood: Option<crate::flood::FloodReport>,
 }
 
@@ -168,6 +169,9 @@ impl Report {
         }
         if let Some(battery) = &self.battery {
             battery.print();
+        }
+        if let Some(builder) = &self.builder {
+            builder.print();
         }
         if let Some(flood) = &self.flood {
             flood.print();

@@ -118,7 +118,7 @@ pub struct HostConfig {
     /// (a Nix store URI; `unix://%t/…` is under `$XDG_RUNTIME_DIR`) while the host is there.
     pub upload: Option<String>,
     /// `[host.builder] uri`: the host is the nix-daemon's remote builder of this store URI
-    /// (root's machine line); remote builds are switched off while no such host is reachable.
+    /// (root's machine line); remote builds are switched off while no such host is usable.
     pub builder: Option<String>,
 }
 

@@ -10,14 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use reachd_testkit::lab::expect::REACHD;
 use reachd_testkit::lab::nix::vanish::Fault;
-use reachd_testkit::lab::nix::{
-    builder_table, fragment_path, pi_machine_line, BuiltOn, Timed, CONNECT_TIMEOUT,
-};
-use reachd_testkit::lab::user::reachd_config;
+use reachd_testkit::lab::nix::{pi_machine_line, BuiltOn, Timed, CONNECT_TIMEOUT};
 use reachd_testkit::lab::{secs, Lab, HOME_UUID, T};
-use reachd_testkit::process::wait_until;
 
 use crate::scenarios::baseline;
 
@@ -41,10 +36,8 @@ pub fn nix_builder(lab: &mut Lab) -> Result<String, String> {
 }
 
 fn with_builder(lab: &mut Lab) -> Result<String, String> {
-    let u = lab.user();
-    u.write_reachd_config(&format!("{}{}", reachd_config(), builder_table()))?;
-    u.systemctl(&["reload", REACHD])?;
-    expect_builders_off(false, T)?;
+    lab.use_pi_builder(true)?;
+    lab.expect_builders_off(false, T)?;
 
     // Home: the Pi builds, for the untrusted user, with no option.
     let (home, on) = lab.build_telling_where("home", &[]);
@@ -60,7 +53,7 @@ fn with_builder(lab: &mut Lab) -> Result<String, String> {
     // Away: reachd switches remote builds off; builds run here at once.
     lab.nmcli_con("down", HOME_UUID)?;
     lab.expect_down(T, "home down (builder)")?;
-    expect_builders_off(true, T)?;
+    lab.expect_builders_off(true, T)?;
     let mut away = Vec::new();
     for i in 0..3 {
         away.push(pair(lab, &format!("away-{i}"), "away")?);
@@ -74,7 +67,7 @@ fn with_builder(lab: &mut Lab) -> Result<String, String> {
     }
     lab.nmcli_con("up", HOME_UUID)?;
     lab.expect_up(T, "back home (builder)")?;
-    expect_builders_off(false, T)?;
+    lab.expect_builders_off(false, T)?;
     let (back, on) = lab.build_telling_where("back", &[]);
     built(&back, on, BuiltOn::Pi, "back home")?;
 
@@ -101,7 +94,7 @@ fn vanish(lab: &Lab, fault: Fault) -> Result<String, String> {
     let start = Instant::now();
     let healing = fault.inflict(lab)?;
     let (window, off_after) = std::thread::scope(|s| {
-        let watcher = s.spawn(|| expect_builders_off(true, T).map(|()| start.elapsed()));
+        let watcher = s.spawn(|| lab.expect_builders_off(true, T).map(|()| start.elapsed()));
         let mut window = Vec::new();
         let mut i = 0;
         while start.elapsed() < WINDOW {
@@ -147,7 +140,7 @@ fn vanish(lab: &Lab, fault: Fault) -> Result<String, String> {
             secs(worst_after)
         ));
     }
-    expect_builders_off(false, Duration::from_secs(30))
+    lab.expect_builders_off(false, Duration::from_secs(30))
         .map_err(|e| format!("the Pi back after the {what}: {e}"))?;
     let (back, on) = lab.build_telling_where("back", &[]);
     built(&back, on, BuiltOn::Pi, &format!("back after the {what}"))?;
@@ -192,29 +185,10 @@ fn built(build: &Timed, on: Option<BuiltOn>, wanted: BuiltOn, when: &str) -> Res
     }
 }
 
-/// Waits until reachd's fragment switches remote builds off (`off`) or leaves them to root.
-fn expect_builders_off(off: bool, within: Duration) -> Result<(), String> {
-    let path = fragment_path();
-    let what = format!(
-        "{} {} `builders =`",
-        path.display(),
-        if off { "with" } else { "without" }
-    );
-    wait_until(within, &what, || {
-        let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
-        let has = text.lines().any(|l| l == "builders =");
-        Ok((has == off).then_some(()))
-    })
-    .map(drop)
-}
-
 /// The lab's own configuration again (no builder) and no machine listed.
 fn restore(lab: &mut Lab) -> Result<(), String> {
     lab.pi_port(true)?;
-    lab.list_pi_builder(false)?;
-    let u = lab.user();
-    u.write_reachd_config(&reachd_config())?;
-    u.systemctl(&["reload", REACHD])?;
-    expect_builders_off(false, T)?;
+    lab.use_pi_builder(false)?;
+    lab.expect_builders_off(false, T)?;
     baseline(lab)
 }

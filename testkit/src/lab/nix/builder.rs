@@ -10,12 +10,16 @@
 
 use std::fs;
 use std::io::ErrorKind;
+use std::time::Duration;
 
 use super::builds::{nonce, Timed};
 use super::pi::PI_MARKER;
 use super::places::{laptop_etc, laptop_store_root, pi_socket};
 use super::tools::write;
+use crate::lab::expect::REACHD;
+use crate::lab::user::{fragment_path, reachd_config};
 use crate::lab::{dir, io_err, Lab, PI_ADDR};
+use crate::process::wait_until;
 
 /// The Pi's store URI as root lists it: ssh-ng to root@ the Pi, whose `nix-daemon --stdio`
 /// (in the Pi's mount namespace, where sshd runs) passes the builds to the Pi's daemon.
@@ -49,7 +53,7 @@ pub fn root_ssh_options() -> String {
 }
 
 /// reachd's `[host.builder]` for the Pi, to append to the lab's host.
-pub fn builder_table() -> String {
+fn builder_table() -> String {
     format!("\n[host.builder]\nuri = \"{}\"\n", builder_uri())
 }
 
@@ -61,6 +65,36 @@ pub enum BuiltOn {
 }
 
 impl Lab {
+    /// Root lists the Pi and reachd's configuration has it as `[host.builder]` (`on`), or
+    /// neither (the lab's own set-up); reachd reloads its configuration.
+    pub fn use_pi_builder(&self, on: bool) -> Result<(), String> {
+        self.list_pi_builder(on)?;
+        let config = match on {
+            true => format!("{}{}", reachd_config(), builder_table()),
+            false => reachd_config(),
+        };
+        let user = self.user();
+        user.write_reachd_config(&config)?;
+        user.systemctl(&["reload", REACHD]).map(drop)
+    }
+
+    /// Waits until reachd's fragment switches remote builds off (`off`) or leaves them to
+    /// root's list.
+    pub fn expect_builders_off(&self, off: bool, within: Duration) -> Result<(), String> {
+        let path = fragment_path();
+        let what = format!(
+            "{} {} `builders =`",
+            path.display(),
+            if off { "with" } else { "without" }
+        );
+        wait_until(within, &what, || {
+            let text = fs::read_to_string(&path).map_err(|e| e.to_string())?;
+            let has = text.lines().any(|l| l == "builders =");
+            Ok((has == off).then_some(()))
+        })
+        .map(drop)
+    }
+
     /// Root lists the Pi as the laptop daemon's remote builder (or, `false`, lists none).
     pub fn list_pi_builder(&self, listed: bool) -> Result<(), String> {
         let machines = laptop_etc().join("machines");

@@ -49,7 +49,7 @@ mod tools;
 mod upload;
 pub mod vanish;
 
-pub use self::builder::{builder_table, pi_machine_line, BuiltOn, CONNECT_TIMEOUT};
+pub use self::builder::{pi_machine_line, BuiltOn, CONNECT_TIMEOUT};
 pub use self::builds::{derivation_expr, extra_wait, nonce, Caches, Spread, Timed, BUILD_TIMEOUT};
 pub use self::fragment::Fragment;
 pub use self::install::{LaptopNix, CURRENT_NIX_VAR};
