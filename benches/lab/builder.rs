@@ -19,6 +19,8 @@ const BATCH: usize = 8;
 /// Batches per set-up.
 const RUNS: usize = 3;
 const BATCH_TIMEOUT: Duration = Duration::from_secs(300);
+/// The arguments of a batch that asks no builder.
+const NO_BUILDERS: [&str; 2] = ["--builders", ""];
 
 /// What the part measured: (set-up, the batch's wall times).
 pub struct BuilderReport {
@@ -39,14 +41,14 @@ pub fn run(lab: &mut Lab) -> Result<BuilderReport, String> {
     let mut rows = Vec::new();
     eprintln!("bench: builder: {RUNS} batches of {BATCH} at home, with the Pi and without");
     rows.push(("home, the Pi building", batches(lab, &[], false)?));
-    rows.push(("home, no builder", batches(lab, &["--builders", ""], false)?));
+    rows.push(("home, no builder", batches(lab, &NO_BUILDERS, false)?));
 
     lab.nmcli_con("down", HOME_UUID)?;
     lab.nmcli_con("up", CAFE_UUID)?;
     lab.expect_builders_off(true, T)?;
     eprintln!("bench: builder: {RUNS} batches of {BATCH} in the café, three set-ups");
     rows.push(("café, reachd's switch", batches(lab, &[], false)?));
-    rows.push(("café, no builder", batches(lab, &["--builders", ""], false)?));
+    rows.push(("café, no builder", batches(lab, &NO_BUILDERS, false)?));
     rows.push(("café, root's list, no reachd", batches(lab, &[], true)?));
     lab.nmcli_con("down", CAFE_UUID)?;
     lab.nmcli_con("up", HOME_UUID)?;
