@@ -233,13 +233,14 @@ fn uses_nix(config: &Config) -> bool {
         .any(|h| h.nix.is_some() || h.builder.is_some())
 }
 
-/// Whether a host is a remote builder: remote builds are then off while none is reachable.
+/// Whether a host is a remote builder: remote builds are then off while none is usable.
 fn has_builders(config: &Config) -> bool {
     config.hosts.iter().any(|h| h.builder.is_some())
 }
 
 /// Empties the nix.conf fragment (Nix is pointed at nothing until a cache answers, remote builds
-/// off until a builder is reachable; one left by a crash goes now) and binds each served cache's port, by host name.
+/// off until a builder is usable; one left by a crash goes now) and binds each served cache's
+/// port, by host name.
 async fn start_nix(
     config: &Config,
     runtime_dir: &Path,
@@ -507,7 +508,7 @@ impl Agent {
     }
 
     /// Writes the nix.conf fragment with the caches in use now, and remote builds off while no
-    /// builder is reachable, if that changed. When the write fails, returns when to try again.
+    /// builder is usable, if that changed. When the write fails, returns when to try again.
     fn point_nix(&mut self) -> Option<Instant> {
         let fragment = self.fragment.as_mut()?;
         let in_use: Vec<String> = self
