@@ -10,7 +10,8 @@
 //! # Layout
 //!
 //! ```text
-//! src/config/          the TOML file, validated, located errors (host_nix.rs: `[host.nix]`)
+//! src/config/          the TOML file, validated, located errors (host_nix.rs: `[host.nix]`;
+//!                      host_builder.rs: `[host.builder]`)
 //! src/reconcile/       every decision: pure functions, clock passed in
 //!   reach.rs             is the host reachable, and when to check it
 //!   target.rs            what to do about its target (start, stop, new address, nothing)
@@ -34,7 +35,7 @@
 //!                      nix-daemon (daemon.rs: the worker protocol; nar.rs: where a streamed NAR
 //!                      ends; pool.rs: idle connections; server.rs: the HTTP side; hash.rs: the
 //!                      NAR hash), the cache checks (health.rs) and the nix.conf fragment
-//!                      (fragment.rs)
+//!                      (fragment.rs: the caches in use, remote builds off while no builder is)
 //! src/upload/          the Nix wing that uploads: the spool (spool.rs), the post-build hook's
 //!                      side (hook.rs, run by src/bin/reachd-nix-upload.rs), one batch of
 //!                      `nix copy` (batch.rs) with the Nix found where installers put it
@@ -46,8 +47,10 @@
 //! src/doctor/          `reachd doctor`: one small check per piece (session.rs: the buses,
 //!                      targets; host.rs: the live check; files.rs: hooks root runs;
 //!                      nix_setup.rs and nix_conf.rs: Nix's files read as Nix reads them;
-//!                      nix_bin.rs: the `nix` uploads run), printed in mod.rs
+//!                      builders.rs: root's remote builders; nix_bin.rs: the `nix` uploads
+//!                      run), printed in mod.rs
 //! src/client.rs        the CLI's reading of the agent (one GetAll per host)
+//! src/status_text.rs   `reachd status` as a person reads it: the table, one host, a change
 //! src/manual/          the man pages: the CLI's, with EXIT STATUS and FILES, and reachd.toml(5)
 //!                      and reachd-nix-upload(8) kept as roff there
 //! src/main.rs          the CLI: one run() -> Result<ExitCode>, one printer
