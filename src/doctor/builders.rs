@@ -2,10 +2,13 @@
 //! host's store URI, since reachd only switches remote builds off while the host is away and
 //! never adds a machine (docs/remote-builder.md). The list is read as Nix reads it: entries
 //! separated by newlines and `;`, `#` comments, `@FILE` read (a missing file lists nothing),
-//! the store URI first on each line, `ssh://` added to one with no scheme.
+//! the store URI first on each line, `ssh://` added to one with no scheme. And root's ssh should
+//! give the builder a connect timeout, which bounds the one build in flight when it vanishes.
 
 use std::fs;
 use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use super::nix_setup::SystemConf;
 use super::Finding;
@@ -48,6 +51,79 @@ pub(super) fn listed(host: &str, uri: &str, system: &SystemConf) -> Finding {
         format!("{host}: {uri} is not among the nix-daemon's remote builders (builders = {setting}; {listed}): builds never go to the host"),
         fix,
     )
+}
+
+/// The system's ssh configuration, which root's ssh reads too.
+const SYSTEM_SSH_CONFIG: &str = "/etc/ssh/ssh_config";
+/// How long `ssh -G` (which only reads its configuration) may take.
+const SSH_G_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether the system's ssh configuration gives the builder's host a `ConnectTimeout`: without
+/// one, a build started as the host vanishes waits for the kernel's TCP timeout. Root's own
+/// `~/.ssh/config` and the nix-daemon's `NIX_SSHOPTS` may set it too; a user cannot read them.
+pub(super) fn connect_timeout(host: &str, uri: &str) -> Finding {
+    let target = ssh_target(uri);
+    let config = match ssh_config_for(&target) {
+        Ok(config) => config,
+        Err(why) => {
+            return Finding::warn(
+                format!("{host}: cannot ask ssh how root reaches {target} ({why})"),
+                "install openssh-client, which the nix-daemon's build hook runs",
+            )
+        }
+    };
+    match timeout_in(&config) {
+        Some(seconds) => Finding::ok(format!(
+            "{host}: ssh gives {target} a connect timeout of {seconds} s ({SYSTEM_SSH_CONFIG})"
+        )),
+        None => Finding::warn(
+            format!("{host}: {SYSTEM_SSH_CONFIG} gives {target} no ConnectTimeout: unless root's ~/.ssh/config or the nix-daemon's NIX_SSHOPTS does, a build started as the host vanishes waits for the TCP timeout (about 2 min)"),
+            format!("as root, put `Host {}` and `ConnectTimeout 1` in /etc/ssh/ssh_config.d/nix-builder.conf (NixOS: `programs.ssh.extraConfig`)", target.rsplit('@').next().unwrap_or(&target)),
+        ),
+    }
+}
+
+/// `user@host` of an `ssh://` or `ssh-ng://` store URI (its parameters and port dropped).
+fn ssh_target(uri: &str) -> String {
+    let rest = uri.split_once("://").map_or(uri, |(_, rest)| rest);
+    let authority = rest.split(['?', '/']).next().unwrap_or(rest);
+    match authority.rsplit_once(':') {
+        Some((target, port)) if port.bytes().all(|b| b.is_ascii_digit()) => target.into(),
+        _ => authority.into(),
+    }
+}
+
+/// What `ssh -G` makes of the system's configuration for `target`.
+fn ssh_config_for(target: &str) -> Result<String, String> {
+    let mut child = Command::new("ssh")
+        .args(["-G", "-F", SYSTEM_SSH_CONFIG, "--", target])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("`ssh -G` cannot be run: {e}"))?;
+    let started = Instant::now();
+    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if started.elapsed() > SSH_G_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("`ssh -G` did not answer within {SSH_G_TIMEOUT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let output = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !output.status.success() {
+        return Err(format!("`ssh -G` failed ({})", output.status));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The connect timeout in `ssh -G` output, in seconds; `None` when there is none.
+fn timeout_in(config: &str) -> Option<u64> {
+    config
+        .lines()
+        .find_map(|line| line.strip_prefix("connecttimeout "))
+        .and_then(|value| value.trim().parse().ok())
 }
 
 /// The store URIs the `builders` value `text` names, as Nix expands it.
@@ -105,6 +181,21 @@ mod tests {
             store_uris(&text, 0),
             ["ssh://a@pi1", "ssh://nas.local", "ssh-ng://b@pi2"]
         );
+    }
+
+    #[test]
+    fn ssh_is_asked_about_the_uri_s_login_and_host() {
+        assert_eq!(
+            ssh_target("ssh-ng://nix-builder@rpi.local?remote-store=unix%3A%2F%2Fx"),
+            "nix-builder@rpi.local"
+        );
+        assert_eq!(ssh_target("ssh://rpi.local:2222"), "rpi.local");
+        assert_eq!(
+            timeout_in("user root\nconnecttimeout 1\nport 22\n"),
+            Some(1)
+        );
+        assert_eq!(timeout_in("user root\nconnecttimeout none\n"), None);
+        assert_eq!(timeout_in("port 22\n"), None);
     }
 
     #[test]

@@ -105,6 +105,7 @@ pub fn check(
         }
         if let Some(uri) = &host.builder {
             emit(builders::listed(&host.name, uri, &system));
+            emit(builders::connect_timeout(&host.name, uri));
         }
     }
     if config.hosts.iter().any(|h| h.upload.is_some()) {
