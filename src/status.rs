@@ -309,14 +309,14 @@ async fn emit(emitter: &SignalEmitter<'_>, changed: HashMap<&str, Value<'_>>) ->
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn status() -> HostStatus {
+impl HostStatus {
+    /// Host `name` (`NAME.local`, `NAME-accessible.target`) as the agent first publishes it:
+    /// nothing known, nothing sent. For tests, which set what they need on top.
+    pub(crate) fn starting(name: &str) -> HostStatus {
         HostStatus {
-            name: "my-pi".into(),
-            hostname: "rpi.local".into(),
-            target: "rpi-accessible.target".into(),
+            name: name.into(),
+            hostname: format!("{name}.local"),
+            target: format!("{name}-accessible.target"),
             reachable: false,
             state: "unknown".into(),
             address: String::new(),
@@ -333,6 +333,15 @@ mod tests {
             builder_in_use: false,
             builder_reason: String::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> HostStatus {
+        HostStatus::starting("my-pi")
     }
 
     #[test]

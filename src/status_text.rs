@@ -188,9 +188,6 @@ mod tests {
 
     fn pi() -> HostStatus {
         HostStatus {
-            name: "rpi".into(),
-            hostname: "rpi.local".into(),
-            target: "rpi-accessible.target".into(),
             reachable: true,
             state: "reachable".into(),
             address: "192.0.2.10".into(),
@@ -203,32 +200,17 @@ mod tests {
             nix_reason: "in use".into(),
             uploads_pending: 3,
             last_upload: "2 builds done, 5 paths copied".into(),
-            upload_error: String::new(),
-            builder_in_use: false,
-            builder_reason: String::new(),
+            ..HostStatus::starting("rpi")
         }
     }
 
     fn nas() -> HostStatus {
         HostStatus {
-            name: "nas".into(),
-            hostname: "nas.local".into(),
-            target: "nas-accessible.target".into(),
-            reachable: false,
             state: "unreachable".into(),
-            address: String::new(),
             reason: "network disconnected".into(),
             since: NOW - 90 * MINUTE,
             target_state: "inactive".into(),
-            last_job: String::new(),
-            jobs_sent: 0,
-            nix_in_use: false,
-            nix_reason: String::new(),
-            uploads_pending: 0,
-            last_upload: String::new(),
-            upload_error: String::new(),
-            builder_in_use: false,
-            builder_reason: String::new(),
+            ..HostStatus::starting("nas")
         }
     }
 
