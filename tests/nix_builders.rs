@@ -21,7 +21,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reachd::cache::fragment::Fragment;
-use reachd_testkit::nix::require_root_and_nix;
+use reachd_testkit::nix::{require_root_and_nix, wait_for_daemon};
 use reachd_testkit::process::{Daemon, Output, Spawn};
 use tempfile::TempDir;
 
@@ -149,16 +149,7 @@ impl Rig {
             .arg(format!("local?root={}", t.join("store").display()))
             .start("nix-daemon (builders)", &log, None)
             .expect("start nix-daemon");
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "nix-daemon did not listen on {} within 20 s: {}",
-                socket.display(),
-                fs::read_to_string(&log).unwrap_or_default()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_daemon(&socket, &log, Duration::from_secs(20));
         Rig {
             dir,
             sshd,

@@ -23,7 +23,7 @@ use reachd::cache::daemon::{self as nix_daemon, DaemonError};
 use reachd::cache::hearing::Hearing;
 use reachd::cache::pool::connect_heard;
 use reachd::cache::server::{self as cache, CacheSettings};
-use reachd_testkit::nix::require_root_and_nix;
+use reachd_testkit::nix::{require_root_and_nix, wait_for_daemon};
 use reachd_testkit::process::{Daemon, Output, Spawn};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -189,16 +189,7 @@ impl Lab {
             .args(["--option", "store", &format!("local?root={pi}")])
             .start("nix-daemon (pi)", &t.join("pi-daemon.log"), None)
             .expect("start nix-daemon");
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "nix-daemon did not listen on {} within 20 s: {}",
-                socket.display(),
-                fs::read_to_string(t.join("pi-daemon.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_daemon(&socket, &t.join("pi-daemon.log"), Duration::from_secs(20));
         Lab {
             dir,
             pi_key: pi_key.trim().to_string(),

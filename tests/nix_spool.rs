@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use reachd::store_path::StorePath;
 use reachd::upload::batch::{upload_batch, BatchReport, Failure, Limits, Nix, Scope};
 use reachd::upload::spool::{Retry, Spool};
-use reachd_testkit::nix::require_root_and_nix;
+use reachd_testkit::nix::{require_root_and_nix, wait_for_daemon};
 use reachd_testkit::process::{Daemon, Spawn};
 
 const HOOK: &str = env!("CARGO_BIN_EXE_reachd-nix-upload");
@@ -148,6 +148,7 @@ impl Stores {
     fn start_pi(&mut self, store: &str) {
         self.pi = None;
         let socket = self.path("pi.sock");
+        let log = self.path(&format!("{store}.log"));
         let _ = fs::remove_file(&socket);
         let daemon = Spawn::new("nix-daemon")
             .env_clear()
@@ -157,13 +158,9 @@ impl Stores {
             .arg("--option")
             .arg("store")
             .arg(format!("local?root={}", self.path(store).display()))
-            .start("pi nix-daemon", &self.path(&format!("{store}.log")), None)
+            .start("pi nix-daemon", &log, None)
             .expect("start nix-daemon");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "nix-daemon made no socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_daemon(&socket, &log, Duration::from_secs(10));
         self.pi = Some(daemon);
     }
 

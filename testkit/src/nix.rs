@@ -4,7 +4,10 @@
 //! and the evaluation of the repository's Nix files with `nix-instantiate` alone
 //! (tests/nix_files.rs, tests/install.rs), which needs neither root nor nixpkgs.
 
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -19,6 +22,21 @@ pub fn require_root_and_nix(why: &str) {
             which(program).is_some(),
             "`{program}` is missing: these tests need real Nix: apt-get install nix-bin"
         );
+    }
+}
+
+/// Waits until a nix-daemon started by a test accepts connections on `socket`; fails the test
+/// after `within`, with the daemon's `log`.
+pub fn wait_for_daemon(socket: &Path, log: &Path, within: Duration) {
+    let start = Instant::now();
+    while UnixStream::connect(socket).is_err() {
+        assert!(
+            start.elapsed() < within,
+            "nix-daemon did not listen on {} within {within:?}: {}",
+            socket.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
