@@ -17,9 +17,6 @@ use crate::reconcile::{
 };
 use crate::status::{self, HostStatus};
 
-/// [`Host::builder_reason`] of a builder in use.
-const BUILDER_IN_USE: &str = "in use";
-
 /// Everything the agent holds about one host.
 pub(super) struct Host {
     pub id: HostId,
@@ -60,17 +57,27 @@ impl Host {
     /// gone silent: while one is, root's remote builders stay on. The cache hears a vanished
     /// host within half a second of Nix asking it, long before the next check would.
     pub fn builder_in_use(&self) -> bool {
-        self.builder_reason() == BUILDER_IN_USE
+        self.config.builder.is_some() && self.builder_unusable().is_none()
     }
 
     /// Why the host's remote builder is used or not; empty for a host that is none.
     fn builder_reason(&self) -> String {
-        let silent = self.nix.as_ref().is_some_and(NixGate::went_silent);
-        match (&self.config.builder, self.tracker.reach) {
+        match (&self.config.builder, self.builder_unusable()) {
             (None, _) => String::new(),
-            (Some(_), Reach::Reachable) if silent => "the host's nix-daemon went silent".into(),
-            (Some(_), Reach::Reachable) => BUILDER_IN_USE.into(),
-            (Some(_), reach) => format!("host {}", reach.as_str()),
+            (Some(_), None) => "in use".into(),
+            (Some(_), Some(why)) => why,
+        }
+    }
+
+    /// Why the host could not build now, if it could not: not reachable, or its nix-daemon
+    /// heard going silent.
+    fn builder_unusable(&self) -> Option<String> {
+        match self.tracker.reach {
+            Reach::Reachable if self.nix.as_ref().is_some_and(NixGate::went_silent) => {
+                Some("the host's nix-daemon went silent".into())
+            }
+            Reach::Reachable => None,
+            reach => Some(format!("host {}", reach.as_str())),
         }
     }
 
